@@ -1,1 +1,814 @@
-"""placeholder."""
+"""Translation engines: translate a batch of text segments behind one small interface.
+
+This layer knows nothing of the app, the database or document formats. A caller
+builds an engine with :func:`make_engine` and awaits ``engine.translate(texts,
+source, target)``, which returns one translation per text, in order.
+
+Engines:
+
+* ``pseudo`` - pseudo-localization for testing software localization (offline).
+* ``argos`` - Argos Translate, offline, when ``argostranslate`` and a model are installed.
+* ``libretranslate`` - a LibreTranslate server (``POST {url}/translate``).
+* ``openai`` - an OpenAI-compatible chat API (``POST {base}/chat/completions``).
+
+HTTP engines protect placeholders, inline tags, entities and URLs with tokens
+(:func:`protect_placeholders`), send segments in batches (:func:`batch_segments`),
+retry rate limits, server errors, timeouts and malformed answers with backoff,
+and raise :class:`TransientEngineError` once their retries are spent or
+:class:`EngineError` for failures that retrying cannot fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import functools
+import json
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
+
+import aiohttp
+from yarl import URL
+
+__all__ = [
+    "ENGINE_NAMES",
+    "Engine",
+    "EngineError",
+    "EngineSettings",
+    "EngineStatus",
+    "TransientEngineError",
+    "UnknownEngine",
+    "batch_segments",
+    "engine_statuses",
+    "make_engine",
+    "protect_placeholders",
+    "pseudo_localize",
+    "restore_placeholders",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Engines this module builds; ``external`` is handled by the server, not here.
+ENGINE_NAMES: tuple[str, ...] = ("pseudo", "argos", "libretranslate", "openai")
+
+_T = TypeVar("_T")
+
+# A Retry-After of an hour (a daily quota) should fail the batch and let the task-level
+# retry take over, not pin a worker; we wait at most this long between attempts.
+_MAX_RETRY_WAIT_SECONDS = 60.0
+# Above this many characters pseudo-localization moves to a thread: the regex pass
+# over a whole book would otherwise stall the event loop (and every SSE stream) for
+# tens of milliseconds.
+_PSEUDO_THREAD_THRESHOLD = 50_000
+_PSEUDO_EXPANSION = 0.3
+_ERROR_DETAIL_MAX = 300
+
+_LIBRE_LABEL = "LibreTranslate"
+_OPENAI_LABEL = "OpenAI-compatible API"
+_ARGOS_LABEL = "Argos Translate"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class EngineError(Exception):
+    """A permanent engine failure; ``str()`` is a sentence a person can act on.
+
+    Example: ``LibreTranslate rejected the API key (HTTP 403): Invalid API key.``
+    """
+
+
+class TransientEngineError(EngineError):
+    """A failure worth retrying later: rate limited, a 5xx, a timeout, a garbled answer.
+
+    Engines raise it once their own retries are exhausted. ``retry_after`` is the
+    delay (seconds) the service last asked for, if it said.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnknownEngine(ValueError):
+    """The engine name is not one of :data:`ENGINE_NAMES`."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Configuration for every engine; the server builds it once from its config."""
+
+    libretranslate_url: str | None = None
+    libretranslate_api_key: str | None = None
+    #: Base URL as the OpenAI SDK takes it, e.g. ``http://127.0.0.1:9999/v1``.
+    openai_base_url: str | None = None
+    #: Optional: local OpenAI-compatible servers (llama.cpp, Ollama, vLLM) need none.
+    openai_api_key: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    #: Total seconds for one HTTP request, connect to last byte.
+    request_timeout: float = 60.0
+    #: Extra attempts per batch for 429, 5xx, timeouts and malformed answers.
+    max_retries: int = 4
+    #: Backoff is ``retry_base_seconds * 2**attempt``; a Retry-After header wins.
+    retry_base_seconds: float = 1.0
+    batch_max_chars: int = 4000
+    batch_max_items: int = 25
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """Whether an engine can be used with the current settings, and if not, why."""
+
+    name: str
+    available: bool
+    #: Why it is not available, as a sentence; ``None`` when available.
+    reason: str | None
+    #: Language pairs ``(source, target)`` an offline engine has installed (argos only).
+    pairs: tuple[tuple[str, str], ...] = ()
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every engine offers."""
+
+    name: str
+    #: True for engines that cost money per request; informational.
+    paid: bool
+
+    async def translate(self, texts: Sequence[str], source: str, target: str) -> list[str]:
+        """Translate ``texts`` from ``source`` (or ``"auto"``) to ``target``.
+
+        Returns exactly one string per text, in order.
+        """
+        ...
+
+
+# --------------------------------------------------------------------------- placeholders
+
+# Token shape for protected spans: ``[X0X]``. Weblate's machine-translation layer uses
+# the same shape (weblate/machinery/base.py, ``format_replacement``) for LibreTranslate,
+# DeepL and LLM backends: it is plain ASCII, so SentencePiece models (Argos, which powers
+# LibreTranslate) copy it instead of emitting <unk>, which fancy brackets such as ``⟦0⟧``
+# risk; it is not a word in any language, so nothing translates it; and LLMs keep it when
+# told to. Restoring tolerates the case and spacing changes MT engines make.
+_TOKEN_FORMAT = "[X{}X]"
+_TOKEN_RE = re.compile(r"\[\s*X\s*(\d+)\s*X\s*\]", re.IGNORECASE)
+
+_PLACEHOLDER_RE = re.compile(
+    "|".join(
+        [
+            # Our own token shape, so a literal "[X0X]" in a document is protected too
+            # and can never be confused with a token we made.
+            r"(?i:\[\s*X\s*\d+\s*X\s*\])",
+            # URLs, without the sentence punctuation that follows them.
+            r"(?:https?|ftp)://[^\s<>\"']*[^\s<>\"'.,;:!?)\]}]",
+            r"\{\{.*?\}\}",  # {{ jinja }}, {{handlebars}}
+            r"\$\{[^{}]*\}",  # ${js}
+            r"\{[^{}\s]*\}",  # {name} {0} {0:.2f} {}
+            # printf: %s %d %5.2f %1$s %(name)s %%; no space flag, or "50% done" would match.
+            r"%(?:\([^()\s]+\))?[-+#0]*(?:\d+\$)?(?:\d+|\*)?(?:\.\d+)?[sdifuxXoeEgGcr%]",
+            r"<!--.*?-->",
+            r"</?[A-Za-z][\w:.-]*(?:\s[^<>]*)?/?>",  # <b>, </b>, <br/>, <a href="...">
+            r"&(?:[A-Za-z][A-Za-z0-9]{1,31}|#\d{1,7}|#[xX][0-9A-Fa-f]{1,6});",
+            # Private-use characters: markers other layers put around protected spans.
+            "[\ue000-\uf8ff]+",
+        ]
+    ),
+    re.DOTALL,
+)
+
+
+def protect_placeholders(text: str) -> tuple[str, list[str]]:
+    """Replace placeholders, inline tags, entities, URLs and private-use markers with tokens.
+
+    Returns the protected text, with tokens ``[X0X]``, ``[X1X]``, ... in order, and the
+    original spans, so that ``restore_placeholders(*protect_placeholders(t)) == t``.
+    """
+    originals: list[str] = []
+
+    def token(match: re.Match[str]) -> str:
+        originals.append(match.group())
+        return _TOKEN_FORMAT.format(len(originals) - 1)
+
+    return _PLACEHOLDER_RE.sub(token, text), originals
+
+
+def restore_placeholders(text: str, originals: list[str]) -> str:
+    """Put the original spans back in place of the tokens of a translated text.
+
+    Raises :class:`TransientEngineError` (an :class:`EngineError`) when a token went
+    missing, was duplicated or was invented: engines treat that as a garbled answer
+    and retry the batch.
+    """
+    seen: list[int] = []
+
+    def original(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        seen.append(index)
+        return originals[index] if index < len(originals) else match.group()
+
+    restored = _TOKEN_RE.sub(original, text)
+    if sorted(seen) != list(range(len(originals))):
+        raise TransientEngineError(_token_problem(seen, originals))
+    return restored
+
+
+def _token_problem(seen: list[int], originals: list[str]) -> str:
+    """Say, in a sentence, what went wrong with the tokens of one translation."""
+    missing = [originals[i] for i in range(len(originals)) if i not in seen]
+    if missing:
+        return f"The translation lost the placeholder {missing[0]!r}."
+    invented = [i for i in seen if i >= len(originals)]
+    if invented:
+        return f"The translation contains a placeholder token [X{invented[0]}X] that was not sent."
+    repeated = next(i for i in seen if seen.count(i) > 1)
+    return f"The translation repeats the placeholder {originals[repeated]!r}."
+
+
+def _worth_sending(protected: str) -> bool:
+    """Whether a protected segment has any words; "{0}", "42" or "---" need no engine."""
+    return any(ch.isalpha() for ch in _TOKEN_RE.sub("", protected))
+
+
+# --------------------------------------------------------------------------- pseudo
+
+_ACCENTED = str.maketrans(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "áƀçðéƒĝĥíĵķļɱñóþǫŕšţúṽŵẋýžÁƁÇÐÉƑĜĤÍĴĶĻṀÑÓÞǪŔŠŢÚṼŴẊÝŽ",
+)
+# A middle dot pads: "~" would be strikethrough in Markdown, "!" reads as real punctuation.
+_PSEUDO_PAD = "·"
+
+
+def pseudo_localize(text: str) -> str:
+    """Pseudo-localize ``text``: accented look-alikes, ~30 % padding, ``[`` ``]`` around.
+
+    Placeholders, inline tags, entities, URLs and private-use characters are kept
+    verbatim, as is leading and trailing whitespace; blank text is returned as is.
+    Deterministic: the same text always gives the same result.
+    """
+    core = text.strip()
+    if not core:
+        return text
+    start = len(text) - len(text.lstrip())
+    lead, trail = text[:start], text[start + len(core) :]
+    parts: list[str] = []
+    pos = 0
+    for match in _PLACEHOLDER_RE.finditer(core):
+        parts.append(core[pos : match.start()].translate(_ACCENTED))
+        parts.append(match.group())
+        pos = match.end()
+    parts.append(core[pos:].translate(_ACCENTED))
+    padding = _PSEUDO_PAD * math.ceil(len(core) * _PSEUDO_EXPANSION)
+    return f"{lead}[{''.join(parts)} {padding}]{trail}"
+
+
+def _pseudo_all(texts: list[str]) -> list[str]:
+    return [pseudo_localize(text) for text in texts]
+
+
+class _PseudoEngine:
+    """Pseudo-localization; offline, free, instant."""
+
+    name = "pseudo"
+    paid = False
+
+    async def translate(self, texts: Sequence[str], source: str, target: str) -> list[str]:
+        items = list(texts)
+        if sum(map(len, items)) > _PSEUDO_THREAD_THRESHOLD:
+            return await asyncio.to_thread(_pseudo_all, items)
+        return _pseudo_all(items)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def batch_segments(texts: Iterable[str], max_chars: int, max_items: int) -> Iterator[list[str]]:
+    """Group ``texts``, in order, into lists of at most ``max_items`` and ``max_chars``.
+
+    Nothing is dropped, split or reordered: a single text longer than ``max_chars``
+    travels alone in its own batch.
+    """
+    if max_chars < 1 or max_items < 1:
+        raise ValueError("max_chars and max_items must be at least 1")
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        if batch and (len(batch) >= max_items or size + len(text) > max_chars):
+            yield batch
+            batch, size = [], 0
+        batch.append(text)
+        size += len(text)
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta seconds or HTTP date), capped."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), _MAX_RETRY_WAIT_SECONDS)
+
+
+def _backoff_seconds(attempt: int, settings: EngineSettings, retry_after: float | None) -> float:
+    """The wait before attempt ``attempt + 1``; the service's Retry-After wins."""
+    if retry_after is not None:
+        return retry_after
+    return min(settings.retry_base_seconds * 2**attempt, _MAX_RETRY_WAIT_SECONDS)
+
+
+async def _with_retries(attempt: Callable[[], Awaitable[_T]], settings: EngineSettings) -> _T:
+    """Await ``attempt()`` until it stops raising TransientEngineError or retries run out."""
+    attempts = max(settings.max_retries, 0) + 1
+    for number in range(attempts):
+        try:
+            return await attempt()
+        except TransientEngineError as e:
+            if number + 1 >= attempts:
+                if attempts == 1:
+                    raise
+                raise TransientEngineError(
+                    f"{e} Gave up after {attempts} attempts.", retry_after=e.retry_after
+                ) from e
+            delay = _backoff_seconds(number, settings, e.retry_after)
+            logger.warning(
+                "%s Retrying in %.2f s (attempt %d of %d).", e, delay, number + 2, attempts
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- shared pipeline
+
+_SendBatch = Callable[[list[str]], Awaitable[list[str]]]
+
+
+async def _translate_protected(
+    texts: Sequence[str], send: _SendBatch, settings: EngineSettings, label: str
+) -> list[str]:
+    """Protect placeholders, send each distinct segment once in batches, restore.
+
+    Segments without words are returned untouched, and identical segments (after
+    protection) are sent once: both save money on paid engines. A batch whose answer
+    has the wrong count or lost a token is retried like a transport failure.
+    """
+    prepared = [protect_placeholders(text) for text in texts]
+    pending: dict[str, list[str]] = {}
+    for protected, originals in prepared:
+        if _worth_sending(protected):
+            pending.setdefault(protected, originals)
+
+    translated: dict[str, str] = {}
+    for batch in batch_segments(pending, settings.batch_max_chars, settings.batch_max_items):
+
+        async def attempt(batch: list[str] = batch) -> list[str]:
+            answer = await send(batch)
+            if len(answer) != len(batch):
+                raise TransientEngineError(
+                    f"{label} returned {len(answer)} segments for {len(batch)}."
+                )
+            for protected, translation in zip(batch, answer, strict=True):
+                restore_placeholders(translation, pending[protected])
+            return answer
+
+        logger.debug("%s: sending %d segments", label, len(batch))
+        translated.update(zip(batch, await _with_retries(attempt, settings), strict=True))
+
+    return [
+        restore_placeholders(translated[protected], originals) if protected in translated else text
+        for text, (protected, originals) in zip(texts, prepared, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------- HTTP helpers
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+async def _post_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    payload: dict[str, Any],
+    headers: Mapping[str, str],
+    settings: EngineSettings,
+    label: str,
+) -> _Reply:
+    """POST JSON and read the whole answer; transport failures become transient errors."""
+    timeout = aiohttp.ClientTimeout(total=settings.request_timeout)
+    try:
+        async with session.post(url, json=payload, headers=headers, timeout=timeout) as resp:
+            return _Reply(resp.status, resp.headers, await resp.read())
+    except aiohttp.InvalidURL as e:
+        raise EngineError(f"{label} URL {url!r} is not a valid URL.") from e
+    except TimeoutError as e:
+        raise TransientEngineError(
+            f"{label} did not answer within {settings.request_timeout:g} seconds."
+        ) from e
+    except aiohttp.ClientError as e:
+        raise TransientEngineError(f"Could not reach {label}: {e or type(e).__name__}.") from e
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _error_detail(body: bytes) -> str:
+    """The service's own error message from a JSON or text body, shortened."""
+    data = _json_or_none(body)
+    detail: Any = None
+    if isinstance(data, dict):
+        detail = data.get("error") or data.get("message") or data.get("detail")
+        if isinstance(detail, dict):
+            detail = detail.get("message")
+    if not isinstance(detail, str):
+        detail = body.decode("utf-8", "replace")
+    detail = " ".join(detail.split())
+    if len(detail) > _ERROR_DETAIL_MAX:
+        detail = detail[: _ERROR_DETAIL_MAX - 1] + "…"
+    return detail
+
+
+def _sentence(head: str, detail: str = "") -> str:
+    """``head: detail.`` as one sentence, whatever punctuation the detail brings."""
+    text = f"{head}: {detail}" if detail else head
+    return text if text.endswith((".", "!", "?", "…")) else text + "."
+
+
+def _raise_for_retryable(reply: _Reply, label: str) -> None:
+    """Raise TransientEngineError for 408, 429 and 5xx answers."""
+    if reply.status not in (408, 429) and reply.status < 500:
+        return
+    what = "rate-limited the request" if reply.status == 429 else "failed"
+    raise TransientEngineError(
+        _sentence(f"{label} {what} (HTTP {reply.status})", _error_detail(reply.body)),
+        retry_after=_parse_retry_after(reply.headers.get("Retry-After")),
+    )
+
+
+def _json_answer(reply: _Reply, label: str) -> Any:
+    data = _json_or_none(reply.body)
+    if data is None:
+        raise TransientEngineError(f"{label} answered with something that is not JSON.")
+    return data
+
+
+def _required_url(value: str | None, variable: str) -> str:
+    if not value:
+        raise EngineError(f"Set {variable}.")
+    return value.rstrip("/")
+
+
+# --------------------------------------------------------------------------- LibreTranslate
+
+
+class _LibreTranslateEngine:
+    """A LibreTranslate server; ``q`` is sent as an array, one request per batch."""
+
+    name = "libretranslate"
+    paid = True
+
+    def __init__(self, settings: EngineSettings, session: aiohttp.ClientSession) -> None:
+        self._settings = settings
+        self._session = session
+        base = _required_url(settings.libretranslate_url, "LIBRETRANSLATE_URL")
+        self._url = f"{base}/translate"
+
+    async def translate(self, texts: Sequence[str], source: str, target: str) -> list[str]:
+        send = functools.partial(self._send, source=source or "auto", target=target)
+        return await _translate_protected(texts, send, self._settings, _LIBRE_LABEL)
+
+    async def _send(self, batch: list[str], source: str, target: str) -> list[str]:
+        payload: dict[str, Any] = {"q": batch, "source": source, "target": target}
+        payload["format"] = "text"
+        if self._settings.libretranslate_api_key:
+            payload["api_key"] = self._settings.libretranslate_api_key
+        reply = await _post_json(
+            self._session, self._url, payload, {}, self._settings, _LIBRE_LABEL
+        )
+        _raise_for_retryable(reply, _LIBRE_LABEL)
+        if reply.status >= 300:
+            raise EngineError(_libre_rejection(reply))
+        data = _json_answer(reply, _LIBRE_LABEL)
+        out = data.get("translatedText") if isinstance(data, dict) else None
+        if isinstance(out, str) and len(batch) == 1:  # servers that unwrap a 1-item q
+            out = [out]
+        if not isinstance(out, list) or not all(isinstance(item, str) for item in out):
+            raise TransientEngineError(f"{_LIBRE_LABEL} answered without a list of translations.")
+        return out
+
+
+def _libre_rejection(reply: _Reply) -> str:
+    detail = _error_detail(reply.body)
+    if reply.status == 403:
+        head = f"{_LIBRE_LABEL} rejected the API key (HTTP 403)"
+    elif reply.status == 400:
+        head = f"{_LIBRE_LABEL} rejected the request (HTTP 400)"
+    else:
+        head = f"{_LIBRE_LABEL} answered HTTP {reply.status}; check LIBRETRANSLATE_URL"
+    return _sentence(head, detail)
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible
+
+# Protocol: the user message is JSON {"source", "target", "segments": {"1": text, ...}}
+# and the answer must be JSON {"segments": {"1": translation, ...}} (response_format
+# json_object). Numbered keys rather than a bare array: the model keeps alignment
+# better when each segment has a visible number, and a merged or dropped segment shows
+# up as a missing number instead of silently shifting every later translation.
+# No temperature is sent: reasoning models reject any value but the default.
+_OPENAI_SYSTEM_PROMPT = """\
+You are a professional translator. The user sends a JSON object with "source" (a \
+language code, or "auto": detect it), "target" (a language code) and "segments" (an \
+object mapping numbers to texts). Translate every segment into the target language.
+Answer with only a JSON object {"segments": {...}} that has exactly the same numbers \
+as keys, each mapped to the translation of the segment with that number. Never merge, \
+split, drop or add segments. Keep tokens such as [X0X] exactly as written, where they \
+belong in the translation. Keep line breaks and leading or trailing spaces. A segment \
+that needs no translation is returned unchanged."""
+
+
+class _OpenAIEngine:
+    """An OpenAI-compatible chat completions API (OpenAI, llama.cpp, Ollama, vLLM, ...)."""
+
+    name = "openai"
+    paid = True
+
+    def __init__(self, settings: EngineSettings, session: aiohttp.ClientSession) -> None:
+        self._settings = settings
+        self._session = session
+        base = _required_url(settings.openai_base_url, "OPENAI_BASE_URL")
+        self._url = f"{base}/chat/completions"
+        self._headers = (
+            {"Authorization": f"Bearer {settings.openai_api_key}"}
+            if settings.openai_api_key
+            else {}
+        )
+
+    async def translate(self, texts: Sequence[str], source: str, target: str) -> list[str]:
+        send = functools.partial(self._send, source=source or "auto", target=target)
+        return await _translate_protected(texts, send, self._settings, _OPENAI_LABEL)
+
+    async def _send(self, batch: list[str], source: str, target: str) -> list[str]:
+        numbered = {str(number): text for number, text in enumerate(batch, 1)}
+        request = {"source": source, "target": target, "segments": numbered}
+        payload = {
+            "model": self._settings.openai_model,
+            "messages": [
+                {"role": "system", "content": _OPENAI_SYSTEM_PROMPT},
+                {"role": "user", "content": json.dumps(request, ensure_ascii=False)},
+            ],
+            "response_format": {"type": "json_object"},
+        }
+        reply = await _post_json(
+            self._session, self._url, payload, self._headers, self._settings, _OPENAI_LABEL
+        )
+        if reply.status == 429 and _is_quota_exhausted(reply.body):
+            raise EngineError(
+                _sentence(
+                    f"{_OPENAI_LABEL} says the account has no quota left (HTTP 429)",
+                    _error_detail(reply.body),
+                )
+            )
+        _raise_for_retryable(reply, _OPENAI_LABEL)
+        if reply.status >= 300:
+            raise EngineError(_openai_rejection(reply))
+        return _parse_segments(_chat_content(_json_answer(reply, _OPENAI_LABEL)), len(batch))
+
+
+def _is_quota_exhausted(body: bytes) -> bool:
+    """OpenAI answers 429 also for an empty balance, which no retry will fix."""
+    data = _json_or_none(body)
+    error = data.get("error") if isinstance(data, dict) else None
+    return isinstance(error, dict) and "insufficient_quota" in (
+        error.get("code"),
+        error.get("type"),
+    )
+
+
+def _openai_rejection(reply: _Reply) -> str:
+    detail = _error_detail(reply.body)
+    if reply.status == 401:
+        head = f"{_OPENAI_LABEL} rejected the key (HTTP 401); check OPENAI_API_KEY"
+    elif reply.status == 403:
+        head = f"{_OPENAI_LABEL} refused access (HTTP 403)"
+    elif reply.status == 404:
+        head = (
+            f"{_OPENAI_LABEL} has no such endpoint or model (HTTP 404); check OPENAI_BASE_URL "
+            "(it usually ends in /v1) and OPENAI_MODEL"
+        )
+    else:
+        head = f"{_OPENAI_LABEL} rejected the request (HTTP {reply.status})"
+    return _sentence(head, detail)
+
+
+def _chat_content(data: Any) -> str:
+    """``choices[0].message.content`` of a chat completion, or a transient error."""
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        raise TransientEngineError(f"{_OPENAI_LABEL} answered without a message.")
+    return content
+
+
+_FENCE_RE = re.compile(r"^\s*```[\w-]*\s*\n(.*)\n\s*```\s*$", re.DOTALL)
+
+
+def _parse_segments(content: str, expected: int) -> list[str]:
+    """The translations from the model's JSON, in order; garbled answers are transient."""
+    fenced = _FENCE_RE.match(content)  # local models wrap JSON in ``` despite being told
+    data = _json_or_none((fenced.group(1) if fenced else content).encode())
+    segments = data.get("segments") if isinstance(data, dict) else data
+    if isinstance(segments, dict):
+        numbers = {str(number) for number in range(1, expected + 1)}
+        if set(segments) != numbers:
+            raise TransientEngineError(
+                f"{_OPENAI_LABEL} returned {len(segments)} segments for {expected}"
+                + (" with other numbers." if len(segments) == expected else ".")
+            )
+        segments = [segments[str(number)] for number in range(1, expected + 1)]
+    if not isinstance(segments, list) or not all(isinstance(s, str) for s in segments):
+        raise TransientEngineError(
+            f"{_OPENAI_LABEL} did not answer with a JSON object of translated segments."
+        )
+    return segments
+
+
+# --------------------------------------------------------------------------- Argos
+
+
+@functools.cache
+def _argos() -> ModuleType | None:
+    """The ``argostranslate`` package, or None; imported once, it loads native libraries."""
+    try:
+        import argostranslate.package
+        import argostranslate.translate
+    except (ImportError, OSError) as e:
+        logger.debug("argostranslate is not usable: %s", e)
+        return None
+    return argostranslate
+
+
+def _argos_pairs(argos: ModuleType) -> tuple[tuple[str, str], ...]:
+    packages = argos.package.get_installed_packages()
+    return tuple(sorted({(p.from_code, p.to_code) for p in packages}))
+
+
+class _ArgosEngine:
+    """Offline Argos Translate; CPU-bound, so each batch runs in a thread."""
+
+    name = "argos"
+    paid = False
+
+    def __init__(self, settings: EngineSettings, argos: ModuleType) -> None:
+        self._settings = settings
+        self._argos = argos
+
+    async def translate(self, texts: Sequence[str], source: str, target: str) -> list[str]:
+        translation = await asyncio.to_thread(self._translation, source, target)
+
+        async def send(batch: list[str]) -> list[str]:
+            return await asyncio.to_thread(lambda: [translation.translate(t) for t in batch])
+
+        # The model is deterministic: a retry would give the same garbled answer.
+        settings = replace(self._settings, max_retries=0)
+        try:
+            return await _translate_protected(texts, send, settings, _ARGOS_LABEL)
+        except TransientEngineError as e:
+            raise EngineError(str(e)) from e
+
+    def _translation(self, source: str, target: str) -> Any:
+        """The installed (possibly pivoted through English) translation for the pair."""
+        languages = {lang.code: lang for lang in self._argos.translate.get_installed_languages()}
+        if source in ("", "auto"):
+            source = self._only_source_for(target)
+        src, dst = languages.get(source), languages.get(target)
+        translation = src.get_translation(dst) if src is not None and dst is not None else None
+        if translation is None:
+            raise EngineError(
+                f"{_ARGOS_LABEL} has no model for {source} to {target}; install one with "
+                f"argospm install translate-{source}_{target}."
+            )
+        return translation
+
+    def _only_source_for(self, target: str) -> str:
+        """Argos cannot detect languages; guess only when one installed source fits."""
+        sources = sorted({s for s, t in _argos_pairs(self._argos) if t == target})
+        if len(sources) != 1:
+            raise EngineError(
+                f"{_ARGOS_LABEL} cannot detect the source language; give sourceLang "
+                f"(installed sources for {target}: {', '.join(sources) or 'none'})."
+            )
+        return sources[0]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _pseudo_status(settings: EngineSettings) -> EngineStatus:
+    return EngineStatus("pseudo", True, None)
+
+
+def _argos_status(settings: EngineSettings) -> EngineStatus:
+    argos = _argos()
+    if argos is None:
+        return EngineStatus("argos", False, "Install the argos extra: pip install 'zhiyi[argos]'.")
+    pairs = _argos_pairs(argos)
+    if not pairs:
+        return EngineStatus(
+            "argos",
+            False,
+            "Argos Translate has no language model installed; install one, "
+            "e.g. argospm install translate-en_de.",
+        )
+    return EngineStatus("argos", True, None, pairs)
+
+
+def _libretranslate_status(settings: EngineSettings) -> EngineStatus:
+    if not settings.libretranslate_url:
+        return EngineStatus(
+            "libretranslate", False, "Set LIBRETRANSLATE_URL to a LibreTranslate server."
+        )
+    return EngineStatus("libretranslate", True, None)
+
+
+def _openai_status(settings: EngineSettings) -> EngineStatus:
+    # The base URL is required and the key optional: local OpenAI-compatible servers
+    # (llama.cpp, Ollama, vLLM) take none. OpenAI itself always needs one.
+    if not settings.openai_base_url:
+        return EngineStatus(
+            "openai",
+            False,
+            "Set OPENAI_BASE_URL to an OpenAI-compatible API (e.g. https://api.openai.com/v1),"
+            " and OPENAI_API_KEY if it needs a key.",
+        )
+    if not settings.openai_api_key and URL(settings.openai_base_url).host == "api.openai.com":
+        return EngineStatus("openai", False, "Set OPENAI_API_KEY: api.openai.com needs a key.")
+    return EngineStatus("openai", True, None)
+
+
+_STATUSES: dict[str, Callable[[EngineSettings], EngineStatus]] = {
+    "pseudo": _pseudo_status,
+    "argos": _argos_status,
+    "libretranslate": _libretranslate_status,
+    "openai": _openai_status,
+}
+
+
+def engine_statuses(settings: EngineSettings) -> list[EngineStatus]:
+    """Every engine of :data:`ENGINE_NAMES`, in that order, with whether it can be used."""
+    return [_STATUSES[name](settings) for name in ENGINE_NAMES]
+
+
+def make_engine(name: str, settings: EngineSettings, session: aiohttp.ClientSession) -> Engine:
+    """Build the engine called ``name``; HTTP engines use ``session`` for every request.
+
+    Raises :class:`UnknownEngine` for a name not in :data:`ENGINE_NAMES` and
+    :class:`EngineError` (with the reason) for an engine that is not configured.
+    """
+    if name not in _STATUSES:
+        raise UnknownEngine(f"Unknown engine {name!r}; the engines are {', '.join(ENGINE_NAMES)}.")
+    status = _STATUSES[name](settings)
+    if not status.available:
+        raise EngineError(f"The {name} engine is not available. {status.reason}")
+    if name == "pseudo":
+        return _PseudoEngine()
+    if name == "argos":
+        return _ArgosEngine(settings, cast(ModuleType, _argos()))  # available: it imported
+    if name == "libretranslate":
+        return _LibreTranslateEngine(settings, session)
+    return _OpenAIEngine(settings, session)
