@@ -1,1 +1,464 @@
-"""placeholder."""
+"""The processors: what each task type does, and the registry that names them.
+
+A processor is a coroutine ``async def fn(ctx: TaskContext) -> Path | AwaitExternal``.
+It reads ``ctx.input_path``, reports ``await ctx.progress(percent, message)``,
+may keep a small checkpoint, and returns the result file it wrote under
+``ctx.result_dir``. It knows nothing of the app, the database or HTTP routes:
+the runner (worker.py) builds the context and records what happens.
+
+Embedding apps register their own types on a :class:`Registry`::
+
+    registry = default_registry().copy()
+
+    @registry.processor("shout", extensions=(".txt",), description="Upper-cases a text")
+    async def shout(ctx: TaskContext) -> Path: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import engines
+import formats
+
+__all__ = [
+    "AwaitExternal",
+    "ExternalSubmitter",
+    "ParamSpec",
+    "PermanentError",
+    "Processor",
+    "Quote",
+    "Registry",
+    "TaskContext",
+    "TaskType",
+    "TransientError",
+    "default_registry",
+    "processor",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TransientError(Exception):
+    """A failure worth another attempt later (a service was down, rate limited...)."""
+
+
+class PermanentError(Exception):
+    """A failure another attempt will not fix; fails the task at once."""
+
+    def __init__(self, message: str, code: str = "processor_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class AwaitExternal:
+    """Returned by a processor that handed the work to an external service."""
+
+    external_task_id: str
+
+
+class ExternalSubmitter(Protocol):
+    """Sends a task's document to the external service; returns its external task id."""
+
+    async def __call__(
+        self, input_path: Path, file_name: str, task_type: str, params: dict[str, Any]
+    ) -> str: ...
+
+
+ProgressFn = Callable[[float, str, str | None], Awaitable[None]]
+CheckpointFn = Callable[[Any], Awaitable[None]]
+EngineFactory = Callable[[str], engines.Engine]
+
+
+@dataclass
+class TaskContext:
+    """Everything a processor may use for one attempt of one task."""
+
+    task_id: int
+    user_id: str
+    task_type: str
+    params: dict[str, Any]
+    input_path: Path
+    file_name: str
+    result_dir: Path
+    work_dir: Path
+    #: the checkpoint saved by an earlier attempt of this run, or None
+    checkpoint: Any
+    attempt: int
+    _progress: ProgressFn
+    _save_checkpoint: CheckpointFn
+    _engine: EngineFactory
+    _submit_external: ExternalSubmitter | None = None
+
+    async def progress(self, percent: float, message: str, *, stage: str | None = None) -> None:
+        """Report progress; cheap to call often (the runner coalesces writes)."""
+        await self._progress(percent, message, stage)
+
+    async def save_checkpoint(self, data: Any) -> None:
+        """Keep a small JSON value that a resumed attempt receives as ``ctx.checkpoint``."""
+        self.checkpoint = data
+        await self._save_checkpoint(data)
+
+    def engine(self, name: str) -> engines.Engine:
+        return self._engine(name)
+
+    async def submit_external(self) -> AwaitExternal:
+        """Hand this task to the external service; return the value to return."""
+        if self._submit_external is None:
+            raise PermanentError(
+                "No external service is configured (set EXTERNAL_SERVICE_URL).",
+                "external_error",
+            )
+        external_id = await self._submit_external(
+            self.input_path, self.file_name, self.task_type, self.params
+        )
+        return AwaitExternal(external_id)
+
+    def result_path(self, name: str) -> Path:
+        self.result_dir.mkdir(parents=True, exist_ok=True)
+        return self.result_dir / name
+
+
+Processor = Callable[[TaskContext], Awaitable["Path | AwaitExternal"]]
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What a document weighs, for the cost rule of a task type."""
+
+    file_size: int
+    stats: formats.DocumentStats | None
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a task type, as ``/api/task-types`` shows it."""
+
+    type: str = "string"
+    required: bool = False
+    default: Any = None
+    description: str = ""
+    choices: tuple[str, ...] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"type": self.type, "required": self.required,
+                                "description": self.description}
+        if self.default is not None:
+            data["default"] = self.default
+        if self.choices:
+            data["choices"] = list(self.choices)
+        return data
+
+
+CostRule = Callable[[Quote, dict[str, Any]], int]
+
+
+def per_thousand_chars(rate: int) -> CostRule:
+    """Characters / 1000 rounded up, times ``rate``, at least 1."""
+
+    def cost(quote: Quote, params: dict[str, Any]) -> int:
+        characters = quote.stats.characters if quote.stats else quote.file_size
+        return max(1, math.ceil(characters / 1000) * rate)
+
+    return cost
+
+
+def flat(amount: int) -> CostRule:
+    def cost(quote: Quote, params: dict[str, Any]) -> int:
+        return amount
+
+    return cost
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """A registered task type."""
+
+    name: str
+    processor: Processor | None
+    description: str
+    extensions: tuple[str, ...]
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    cost: CostRule = field(default_factory=lambda: flat(1))
+    cost_description: str = "1 credit"
+    #: handled entirely by the external service (no local processor)
+    external: bool = False
+    #: the document is parsed at create (cost from its text; bad files refused)
+    parses_document: bool = True
+
+
+class Registry:
+    """Task types by name."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, TaskType] = {}
+
+    def copy(self) -> Registry:
+        clone = Registry()
+        clone._types = dict(self._types)
+        return clone
+
+    def register(self, task_type: TaskType) -> None:
+        if task_type.name in self._types:
+            raise ValueError(f"task type {task_type.name!r} is already registered")
+        fn = task_type.processor
+        if fn is not None and not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"processor for {task_type.name!r} must be an async function")
+        self._types[task_type.name] = task_type
+
+    def processor(
+        self,
+        name: str,
+        *,
+        extensions: tuple[str, ...],
+        description: str = "",
+        params: dict[str, ParamSpec] | None = None,
+        cost: CostRule | None = None,
+        cost_description: str = "1 credit",
+        parses_document: bool = True,
+    ) -> Callable[[Processor], Processor]:
+        """Decorator registering ``fn`` as the processor of task type ``name``."""
+
+        def decorate(fn: Processor) -> Processor:
+            self.register(TaskType(
+                name=name, processor=fn, description=description or (fn.__doc__ or "").strip(),
+                extensions=tuple(e.lower() for e in extensions), params=params or {},
+                cost=cost or flat(1), cost_description=cost_description,
+                parses_document=parses_document,
+            ))
+            return fn
+
+        return decorate
+
+    def external(self, name: str, *, extensions: tuple[str, ...], description: str = "",
+                 params: dict[str, ParamSpec] | None = None, cost: CostRule | None = None,
+                 cost_description: str = "1 credit") -> None:
+        """Route task type ``name`` wholly to the external service."""
+        self.register(TaskType(
+            name=name, processor=None, description=description,
+            extensions=tuple(e.lower() for e in extensions), params=params or {},
+            cost=cost or flat(1), cost_description=cost_description, external=True,
+            parses_document=False,
+        ))
+
+    def get(self, name: str) -> TaskType | None:
+        return self._types.get(name)
+
+    def __iter__(self) -> Iterator[TaskType]:
+        return iter(self._types.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._types
+
+
+_DEFAULT = Registry()
+
+
+def default_registry() -> Registry:
+    """The registry holding the built-in task types."""
+    return _DEFAULT
+
+
+processor = _DEFAULT.processor
+
+DOCUMENT_EXTENSIONS = (".txt", ".md", ".srt", ".html", ".htm", ".docx", ".pdf")
+TRANSLATE_RATE = 1
+EXTRACT_RATE_CHARS = 10_000
+
+TRANSLATE_PARAMS = {
+    "targetLang": ParamSpec(required=True, description="Language to translate into, e.g. zh"),
+    "sourceLang": ParamSpec(default="auto", description="Language of the document, or auto"),
+    "engine": ParamSpec(default="pseudo", description="Translation engine",
+                        choices=(*engines.ENGINE_NAMES, "external")),
+}
+
+
+def translate_cost(quote: Quote, params: dict[str, Any]) -> int:
+    return per_thousand_chars(TRANSLATE_RATE)(quote, params)
+
+
+def extract_cost(quote: Quote, params: dict[str, Any]) -> int:
+    characters = quote.stats.characters if quote.stats else quote.file_size
+    return max(1, math.ceil(characters / EXTRACT_RATE_CHARS))
+
+
+async def _open(ctx: TaskContext) -> formats.Document:
+    await ctx.progress(0, "reading the document", stage="parsing")
+    try:
+        return await asyncio.to_thread(formats.open_document, ctx.input_path)
+    except formats.BadDocument as e:
+        raise PermanentError(str(e), "bad_document") from e
+
+
+@processor("analyze", extensions=DOCUMENT_EXTENSIONS, cost=flat(1),
+           cost_description="1 credit",
+           description="A JSON report: characters, words, segments, language, credit quotes")
+async def analyze(ctx: TaskContext) -> Path:
+    """A JSON report on the document and what each task type would cost."""
+    doc = await _open(ctx)
+    stats = await asyncio.to_thread(formats.document_stats, doc)
+    quote = Quote(ctx.input_path.stat().st_size, stats)
+    costs = {t.name: t.cost(quote, {}) for t in _DEFAULT if not t.external}
+    report = {
+        "characters": stats.characters,
+        "words": stats.words,
+        "segments": stats.segments,
+        "language": stats.language,
+        "quote": costs,
+        "quotePerEngine": {name: costs["translate"]
+                           for name in (*engines.ENGINE_NAMES, "external")},
+    }
+    out = ctx.result_path(Path(ctx.file_name).stem + ".analysis.json")
+    out.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    await ctx.progress(100, "analysed", stage="writing")
+    return out
+
+
+@processor("extract", extensions=DOCUMENT_EXTENSIONS, cost=extract_cost,
+           cost_description="1 credit per 10,000 characters, at least 1",
+           description="The document's plain text (UTF-8)")
+async def extract(ctx: TaskContext) -> Path:
+    """The document's plain text."""
+    doc = await _open(ctx)
+    out = ctx.result_path(Path(ctx.file_name).stem + ".txt")
+    await ctx.progress(10, "extracting text", stage="extracting")
+    await asyncio.to_thread(_write_chunks, out, doc.plain_text())
+    await ctx.progress(100, "extracted", stage="writing")
+    return out
+
+
+def _write_chunks(out: Path, chunks: Iterator[str]) -> None:
+    with out.open("w", encoding="utf-8", newline="") as f:
+        for chunk in chunks:
+            f.write(chunk)
+
+
+@processor("translate", extensions=DOCUMENT_EXTENSIONS, params=TRANSLATE_PARAMS,
+           cost=translate_cost, cost_description="1 credit per 1,000 characters, at least 1",
+           description="Translates the document segment by segment, keeping its format")
+async def translate(ctx: TaskContext) -> Path | AwaitExternal:
+    """Translate segment by segment; resumes from the segments already done."""
+    engine_name = ctx.params.get("engine") or "pseudo"
+    if engine_name == "external":
+        await ctx.progress(0, "sending to the external service", stage="submitting")
+        return await ctx.submit_external()
+    doc = await _open(ctx)
+    engine = ctx.engine(engine_name)
+    return await SegmentTranslation(ctx, doc, engine).run()
+
+
+class SegmentTranslation:
+    """One translate attempt: batches to the engine, a journal of done segments, render.
+
+    Translations are appended to a journal file in the task's work directory
+    (one JSON string per line, flushed per batch) and the count is the
+    checkpoint, so a resumed attempt sends no segment twice and holds nothing
+    but the current batch in memory.
+    """
+
+    def __init__(self, ctx: TaskContext, doc: formats.Document, engine: engines.Engine) -> None:
+        self.ctx = ctx
+        self.doc = doc
+        self.engine = engine
+        self.journal = ctx.work_dir / "translated.jsonl"
+        self.source = ctx.params.get("sourceLang") or "auto"
+        self.target = str(ctx.params["targetLang"])
+
+    async def run(self) -> Path:
+        total = await asyncio.to_thread(_count, self.doc.segments())
+        done = await asyncio.to_thread(self._journal_length)
+        if done:
+            logger.info("task %s resumes at segment %d of %d", self.ctx.task_id, done, total)
+        await self._report(done, total)
+        segments = self.doc.segments()
+        await asyncio.to_thread(_skip, segments, done)
+        while done < total:
+            batch = await asyncio.to_thread(_next_batch, segments)
+            if not batch:
+                break
+            translated = await self._translate(batch)
+            await asyncio.to_thread(self._append, translated)
+            done += len(batch)
+            await self.ctx.save_checkpoint({"segmentsDone": done, "segmentsTotal": total})
+            await self._report(done, total)
+        await self.ctx.progress(99, "writing the translated document", stage="writing")
+        out = self.ctx.result_path(self.doc.result_name(self.ctx.file_name))
+        await asyncio.to_thread(self.doc.render, self._read_journal(), out)
+        return out
+
+    async def _translate(self, batch: list[str]) -> list[str]:
+        try:
+            result = await self.engine.translate(batch, self.source, self.target)
+        except engines.TransientEngineError as e:
+            raise TransientError(str(e)) from e
+        except engines.EngineError as e:
+            raise PermanentError(str(e), "engine_error") from e
+        if len(result) != len(batch):
+            raise TransientError(
+                f"the engine returned {len(result)} segments for {len(batch)}")
+        return result
+
+    async def _report(self, done: int, total: int) -> None:
+        percent = 100 * done / total if total else 100
+        # Leave the last percent for writing the document.
+        await self.ctx.progress(min(percent, 98), f"segment {done} of {total}",
+                                stage="translating")
+
+    def _journal_length(self) -> int:
+        """Complete lines in the journal; a torn last line (crash mid-write) is cut off."""
+        if not self.journal.exists():
+            return 0
+        count, good_bytes = 0, 0
+        with self.journal.open("rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                count += 1
+                good_bytes += len(line)
+        with self.journal.open("r+b") as f:
+            f.truncate(good_bytes)
+        return count
+
+    def _append(self, translated: list[str]) -> None:
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        with self.journal.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in translated)
+            f.flush()
+
+    def _read_journal(self) -> Iterator[str]:
+        with self.journal.open(encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+BATCH_MAX_CHARS = 4000
+BATCH_MAX_ITEMS = 25
+
+
+def _count(items: Iterator[str]) -> int:
+    return sum(1 for _ in items)
+
+
+def _skip(items: Iterator[str], n: int) -> None:
+    for _ in range(n):
+        next(items, None)
+
+
+def _next_batch(segments: Iterator[str]) -> list[str]:
+    batch: list[str] = []
+    size = 0
+    for segment in segments:
+        batch.append(segment)
+        size += len(segment)
+        if len(batch) >= BATCH_MAX_ITEMS or size >= BATCH_MAX_CHARS:
+            break
+    return batch

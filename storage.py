@@ -1,1 +1,1039 @@
-"""placeholder."""
+"""The SQLite store: users, tokens, credits, tasks and their durable event log.
+
+One writer connection (WAL, ``BEGIN IMMEDIATE``, short transactions) and one
+reader connection. Every state change is one transaction that also appends its
+``task_events`` row; after the commit the event is handed to the listener (the
+SSE hub), so what clients are pushed is always what the database holds.
+
+This module knows nothing of HTTP or of processors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import json
+import logging
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Event",
+    "InsufficientCredits",
+    "InvalidTransition",
+    "LedgerEntry",
+    "NewTask",
+    "StoreError",
+    "Task",
+    "TaskNotFound",
+    "TaskStatus",
+    "TaskStore",
+    "TooManyActiveTasks",
+    "User",
+    "UserExists",
+    "UserNotFound",
+    "isoformat",
+    "parse_time",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_PATH_CANDIDATES = (
+    Path(__file__).with_name("schema.sql"),
+    Path(__file__).parent / "zhiyi_resources" / "schema.sql",
+)
+
+#: Steps that move an older database forward: version -> SQL run to reach it.
+#: Version 1 is the first released schema; schema.sql always is the newest.
+MIGRATIONS: dict[int, str] = {
+    2: """
+        ALTER TABLE api_tokens ADD COLUMN kind TEXT NOT NULL DEFAULT 'api';
+        ALTER TABLE processing_tasks ADD COLUMN stage TEXT;
+        ALTER TABLE processing_tasks ADD COLUMN eta_seconds REAL;
+        ALTER TABLE processing_tasks ADD COLUMN checkpoint TEXT;
+        ALTER TABLE processing_tasks ADD COLUMN external_deadline TEXT;
+        ALTER TABLE processing_tasks ADD COLUMN files_expired INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+class TaskStatus(enum.StrEnum):
+    """Where a task is in its life."""
+
+    #: waiting for a worker (new, retried, or re-queued after a crash)
+    PENDING = "pending"
+    #: a worker (or an external service) is working on it
+    PROCESSING = "processing"
+    #: done; the result can be downloaded
+    COMPLETED = "completed"
+    #: ended in an error; credits refunded
+    FAILED = "failed"
+    #: cancelled by its user; credits refunded
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+ACTIVE_STATUSES = (TaskStatus.PENDING, TaskStatus.PROCESSING)
+
+
+class StoreError(Exception):
+    """Base of the store's named errors."""
+
+
+class TaskNotFound(StoreError):
+    """No such task, or it belongs to another user."""
+
+
+class UserNotFound(StoreError):
+    """No such user."""
+
+
+class UserExists(StoreError):
+    """A user of that name already exists."""
+
+
+class InsufficientCredits(StoreError):
+    """The balance does not cover the cost."""
+
+    def __init__(self, needed: int, balance: int) -> None:
+        super().__init__(f"needs {needed} credits, balance is {balance}")
+        self.needed = needed
+        self.balance = balance
+
+
+class TooManyActiveTasks(StoreError):
+    """The user already has the maximum of pending and processing tasks."""
+
+
+class InvalidTransition(StoreError):
+    """The task's status does not allow this action."""
+
+    def __init__(self, status: str, action: str) -> None:
+        super().__init__(f"cannot {action} a task that is {status}")
+        self.status = status
+        self.action = action
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def isoformat(moment: datetime) -> str:
+    """ISO 8601 UTC with milliseconds and a Z, so strings sort as times do."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    credits: int
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One ``processing_tasks`` row."""
+
+    id: int
+    user_id: str
+    task_type: str
+    status: TaskStatus
+    progress: int
+    status_message: str
+    stage: str | None
+    eta_seconds: float | None
+    params: dict[str, Any]
+    file_name: str
+    file_size: int
+    file_path: str
+    result_name: str | None
+    credits_cost: int
+    credits_held: int
+    attempts: int
+    external_task_id: str | None
+    external_deadline: str | None
+    error_message: str | None
+    error_code: str | None
+    idempotency_key: str | None
+    checkpoint: Any
+    run_after: str | None
+    lease_owner: str | None
+    lease_until: str | None
+    files_expired: bool
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    completed_at: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Task:
+        values = dict(row)
+        values["status"] = TaskStatus(values["status"])
+        values["params"] = json.loads(values["params"])
+        values["checkpoint"] = json.loads(values["checkpoint"]) if values["checkpoint"] else None
+        values["files_expired"] = bool(values["files_expired"])
+        return cls(**{name: values[name] for name in TASK_FIELDS})
+
+
+TASK_FIELDS = tuple(Task.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One ``task_events`` row: what the SSE streams carry."""
+
+    id: int
+    task_id: int | None
+    user_id: str
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def is_final(self) -> bool:
+        status = self.data.get("status")
+        return self.type == "task_deleted" or status in FINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    id: int
+    user_id: str
+    amount: int
+    reason: str
+    task_id: int | None
+    balance_after: int
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """What the create endpoint hands the store."""
+
+    user_id: str
+    task_type: str
+    params: dict[str, Any]
+    file_name: str
+    file_size: int
+    file_path: str
+    credits_cost: int
+    idempotency_key: str | None = None
+    max_active: int = 100
+
+
+@dataclass(slots=True)
+class _Txn:
+    """A write transaction in progress: its connection and the events it appended."""
+
+    db: aiosqlite.Connection
+    now: str
+    events: list[Event] = field(default_factory=list)
+
+
+EventListener = Callable[[Event], None]
+
+
+def default_result_url(task_id: int) -> str:
+    return f"/api/tasks/{task_id}/result"
+
+
+class TaskStore:
+    """The whole database behind one object. Open with :meth:`open`."""
+
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._clock = clock
+        self._listeners: list[EventListener] = []
+        self._write_lock = asyncio.Lock()
+        #: how completed events name their result's URL (set by the server to its route)
+        self.result_url: Callable[[int], str] = default_result_url
+
+    # ---------------------------------------------------------------- lifetime
+    @classmethod
+    async def open(cls, path: Path | str, *, clock: Callable[[], datetime] = utcnow) -> TaskStore:
+        """Open (creating or migrating) the database file at ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await _connect(path)
+        try:
+            await _migrate(writer)
+            reader = await _connect(path)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, reader, clock=clock)
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
+
+    def add_listener(self, listener: EventListener) -> None:
+        """Call ``listener(event)`` after each commit, for every event it appended."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: EventListener) -> None:
+        self._listeners.remove(listener)
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[_Txn]:
+        """One short write transaction; its events are published after COMMIT."""
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            txn = _Txn(self._writer, isoformat(self._clock()))
+            try:
+                yield txn
+            except BaseException:
+                await self._writer.rollback()
+                raise
+            # Shielded: once the transaction body ran, a cancel must not lose the commit.
+            await asyncio.shield(self._writer.commit())
+        for event in txn.events:
+            for listener in self._listeners:
+                try:
+                    listener(event)
+                except Exception:
+                    logger.exception("event listener failed for event %s", event.id)
+
+    async def _fetchone(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
+        async with self._reader.execute(sql, tuple(args)) as cursor:
+            return await cursor.fetchone()
+
+    async def _fetchall(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self._reader.execute(sql, tuple(args)) as cursor:
+            return list(await cursor.fetchall())
+
+    async def ping(self) -> None:
+        await self._fetchone("SELECT 1")
+
+    # ------------------------------------------------------------------ users
+    async def add_user(self, user_id: str, credits: int = 0) -> User:
+        """Create a user; the starting credits are a ``grant`` ledger entry."""
+        async with self._write() as txn:
+            try:
+                await txn.db.execute(
+                    "INSERT INTO users (id, credits, created_at) VALUES (?, 0, ?)",
+                    (user_id, txn.now),
+                )
+            except sqlite3.IntegrityError as e:
+                raise UserExists(user_id) from e
+            if credits:
+                await _move_credits(txn, user_id, credits, "grant", None)
+        user = await self.get_user(user_id)
+        assert user is not None
+        return user
+
+    async def get_user(self, user_id: str) -> User | None:
+        row = await self._fetchone("SELECT * FROM users WHERE id = ?", (user_id,))
+        return User(**dict(row)) if row else None
+
+    async def list_users(self) -> list[User]:
+        return [User(**dict(r)) for r in await self._fetchall("SELECT * FROM users ORDER BY id")]
+
+    async def grant_credits(self, user_id: str, amount: int) -> int:
+        """Add (or with a negative amount take) credits; returns the new balance."""
+        async with self._write() as txn:
+            if not await _user_exists(txn.db, user_id):
+                raise UserNotFound(user_id)
+            balance = await _move_credits(txn, user_id, amount, "grant", None)
+            await _append_event(
+                txn, None, user_id, "notification",
+                {"level": "info", "message": f"{amount:+d} credits", "credits": balance},
+            )
+        return balance
+
+    async def issue_token(self, user_id: str, kind: str = "api") -> str:
+        """A new secret token for the user; only its hash is stored."""
+        token = ("zy_" if kind == "api" else "zs_") + secrets.token_urlsafe(32)
+        async with self._write() as txn:
+            if not await _user_exists(txn.db, user_id):
+                raise UserNotFound(user_id)
+            await txn.db.execute(
+                "INSERT INTO api_tokens (token_hash, user_id, kind, created_at) VALUES (?,?,?,?)",
+                (hash_token(token), user_id, kind, txn.now),
+            )
+        return token
+
+    async def user_for_token(self, token: str) -> str | None:
+        row = await self._fetchone(
+            "SELECT user_id FROM api_tokens WHERE token_hash = ?", (hash_token(token),)
+        )
+        return row["user_id"] if row else None
+
+    async def revoke_token(self, token: str) -> None:
+        async with self._write() as txn:
+            await txn.db.execute(
+                "DELETE FROM api_tokens WHERE token_hash = ?", (hash_token(token),)
+            )
+
+    # ----------------------------------------------------------------- ledger
+    async def get_ledger(
+        self, user_id: str, *, limit: int = 50, cursor: int | None = None
+    ) -> tuple[list[LedgerEntry], int | None]:
+        """Newest first; ``cursor`` is the last id of the previous page."""
+        rows = await self._fetchall(
+            "SELECT * FROM credit_ledger WHERE user_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (user_id, cursor if cursor is not None else 2**63 - 1, limit + 1),
+        )
+        entries = [LedgerEntry(**dict(r)) for r in rows[:limit]]
+        return entries, (entries[-1].id if len(rows) > limit else None)
+
+    async def balance_drift(self) -> dict[str, tuple[int, int]]:
+        """Users whose balance differs from their ledger sum: ``{user: (balance, sum)}``."""
+        rows = await self._fetchall(
+            """SELECT u.id, u.credits, COALESCE(SUM(l.amount), 0) AS total
+               FROM users u LEFT JOIN credit_ledger l ON l.user_id = u.id
+               GROUP BY u.id HAVING u.credits != total"""
+        )
+        return {r["id"]: (r["credits"], r["total"]) for r in rows}
+
+    # ------------------------------------------------------------------ tasks
+    async def create_processing_task(self, new: NewTask) -> tuple[Task, bool]:
+        """Insert a pending task and charge its cost, in one transaction.
+
+        Returns ``(task, created)``; with an ``idempotency_key`` already used
+        by this user, the earlier task and ``False`` (nothing stored or charged).
+        """
+        if new.idempotency_key:
+            earlier = await self.find_by_idempotency_key(new.user_id, new.idempotency_key)
+            if earlier:
+                return earlier, False
+        try:
+            return await self._insert_task(new), True
+        except _IdempotentRace:
+            earlier = await self.find_by_idempotency_key(new.user_id, new.idempotency_key or "")
+            assert earlier is not None
+            return earlier, False
+
+    async def _insert_task(self, new: NewTask) -> Task:
+        async with self._write() as txn:
+            active = await _scalar(
+                txn.db,
+                "SELECT COUNT(*) FROM processing_tasks WHERE user_id = ? AND status IN (?, ?)",
+                (new.user_id, *ACTIVE_STATUSES),
+            )
+            if active >= new.max_active:
+                raise TooManyActiveTasks(new.user_id)
+            try:
+                cursor = await txn.db.execute(
+                    """INSERT INTO processing_tasks (user_id, task_type, params, file_name,
+                       file_size, file_path, credits_cost, credits_held, idempotency_key,
+                       created_at, updated_at, status_message)
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?, 'waiting for a worker')""",
+                    (new.user_id, new.task_type, json.dumps(new.params), new.file_name,
+                     new.file_size, new.file_path, new.credits_cost, new.credits_cost,
+                     new.idempotency_key, txn.now, txn.now),
+                )
+            except sqlite3.IntegrityError as e:
+                if new.idempotency_key and "idempotency_key" in str(e):
+                    raise _IdempotentRace from e
+                raise
+            task_id = cursor.lastrowid
+            assert task_id is not None
+            await _charge(txn, new.user_id, new.credits_cost, task_id)
+            return await self._status_event(txn, task_id)
+
+    async def find_by_idempotency_key(self, user_id: str, key: str) -> Task | None:
+        row = await self._fetchone(
+            "SELECT * FROM processing_tasks WHERE user_id = ? AND idempotency_key = ?",
+            (user_id, key),
+        )
+        return Task.from_row(row) if row else None
+
+    async def get_task_by_id(self, task_id: int, user_id: str | None = None) -> Task:
+        """The task; scoped to ``user_id`` when given. Raises :class:`TaskNotFound`."""
+        row = await self._fetchone("SELECT * FROM processing_tasks WHERE id = ?", (task_id,))
+        if row is None or (user_id is not None and row["user_id"] != user_id):
+            raise TaskNotFound(task_id)
+        return Task.from_row(row)
+
+    async def get_task_by_external_id(self, external_task_id: str) -> Task:
+        row = await self._fetchone(
+            "SELECT * FROM processing_tasks WHERE external_task_id = ?", (external_task_id,)
+        )
+        if row is None:
+            raise TaskNotFound(external_task_id)
+        return Task.from_row(row)
+
+    async def get_user_tasks(
+        self,
+        user_id: str,
+        *,
+        status: TaskStatus | None = None,
+        limit: int = 50,
+        cursor: int | None = None,
+    ) -> tuple[list[Task], int | None]:
+        """Newest first; ``cursor`` is the last task id of the previous page."""
+        sql = "SELECT * FROM processing_tasks WHERE user_id = ? AND id < ?"
+        args: list[Any] = [user_id, cursor if cursor is not None else 2**63 - 1]
+        if status is not None:
+            sql += " AND status = ?"
+            args.append(status.value)
+        rows = await self._fetchall(sql + " ORDER BY id DESC LIMIT ?", [*args, limit + 1])
+        tasks = [Task.from_row(r) for r in rows[:limit]]
+        return tasks, (tasks[-1].id if len(rows) > limit else None)
+
+    async def count_tasks(self) -> list[tuple[str, str, int]]:
+        """``(task_type, status, count)`` for metrics."""
+        rows = await self._fetchall(
+            "SELECT task_type, status, COUNT(*) AS n FROM processing_tasks GROUP BY 1, 2"
+        )
+        return [(r["task_type"], r["status"], r["n"]) for r in rows]
+
+    # --------------------------------------------------------- worker actions
+    async def claim_next_task(self, owner: str, lease_seconds: float) -> Task | None:
+        """Take the oldest runnable pending task: ``processing``, one more attempt, a lease."""
+        async with self._write() as txn:
+            row = await (
+                await txn.db.execute(
+                    """SELECT id FROM processing_tasks
+                       WHERE status = 'pending' AND (run_after IS NULL OR run_after <= ?)
+                       ORDER BY id LIMIT 1""",
+                    (txn.now,),
+                )
+            ).fetchone()
+            if row is None:
+                return None
+            lease = isoformat(parse_time(txn.now) + timedelta(seconds=lease_seconds))
+            await txn.db.execute(
+                """UPDATE processing_tasks SET status = 'processing', attempts = attempts + 1,
+                   progress = 0, status_message = 'starting', stage = 'starting',
+                   eta_seconds = NULL, run_after = NULL, lease_owner = ?, lease_until = ?,
+                   started_at = COALESCE(started_at, ?), updated_at = ?
+                   WHERE id = ?""",
+                (owner, lease, txn.now, txn.now, row["id"]),
+            )
+            return await self._status_event(txn, row["id"])
+
+    async def next_run_after(self) -> datetime | None:
+        """When the earliest delayed pending task becomes runnable (for the worker's sleep)."""
+        row = await self._fetchone(
+            "SELECT MIN(run_after) AS t FROM processing_tasks WHERE status = 'pending'"
+        )
+        return parse_time(row["t"]) if row and row["t"] else None
+
+    async def renew_lease(self, task_id: int, attempt: int, lease_seconds: float) -> bool:
+        async with self._write() as txn:
+            lease = isoformat(parse_time(txn.now) + timedelta(seconds=lease_seconds))
+            cursor = await txn.db.execute(
+                """UPDATE processing_tasks SET lease_until = ?
+                   WHERE id = ? AND attempts = ? AND status = 'processing'""",
+                (lease, task_id, attempt),
+            )
+            return cursor.rowcount == 1
+
+    async def update_task_status(
+        self,
+        task_id: int,
+        attempt: int,
+        *,
+        progress: int,
+        message: str,
+        stage: str | None = None,
+        eta_seconds: float | None = None,
+    ) -> Task | None:
+        """Record progress of the running attempt; ``None`` if the task moved on.
+
+        Progress never goes backwards within an attempt: a lower value keeps
+        the higher one already stored.
+        """
+        progress = max(0, min(100, int(progress)))
+        async with self._write() as txn:
+            cursor = await txn.db.execute(
+                """UPDATE processing_tasks SET progress = MAX(progress, ?), status_message = ?,
+                   stage = COALESCE(?, stage), eta_seconds = ?, updated_at = ?
+                   WHERE id = ? AND attempts = ? AND status = 'processing'""",
+                (progress, message, stage, eta_seconds, txn.now, task_id, attempt),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return await self._status_event(txn, task_id)
+
+    async def save_checkpoint(self, task_id: int, attempt: int, checkpoint: Any) -> bool:
+        async with self._write() as txn:
+            cursor = await txn.db.execute(
+                """UPDATE processing_tasks SET checkpoint = ?
+                   WHERE id = ? AND attempts = ? AND status = 'processing'""",
+                (json.dumps(checkpoint), task_id, attempt),
+            )
+            return cursor.rowcount == 1
+
+    async def set_external(
+        self, task_id: int, attempt: int, external_task_id: str, deadline: datetime
+    ) -> Task | None:
+        """The task now waits for an external service: no lease, a deadline instead."""
+        async with self._write() as txn:
+            cursor = await txn.db.execute(
+                """UPDATE processing_tasks SET external_task_id = ?, external_deadline = ?,
+                   lease_owner = NULL, lease_until = NULL, stage = 'waiting',
+                   status_message = 'sent to the external service', updated_at = ?
+                   WHERE id = ? AND attempts = ? AND status = 'processing'""",
+                (external_task_id, isoformat(deadline), txn.now, task_id, attempt),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return await self._status_event(txn, task_id)
+
+    async def update_external_progress(
+        self, task_id: int, progress: int, message: str
+    ) -> Task | None:
+        """A ``processing`` callback from the external service."""
+        async with self._write() as txn:
+            cursor = await txn.db.execute(
+                """UPDATE processing_tasks SET progress = MAX(progress, ?), status_message = ?,
+                   updated_at = ? WHERE id = ? AND status = 'processing'""",
+                (max(0, min(100, int(progress))), message, txn.now, task_id),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return await self._status_event(txn, task_id)
+
+    async def complete_task(
+        self, task_id: int, result_name: str, *, attempt: int | None = None
+    ) -> Task | None:
+        """Mark the task completed with its result; ``None`` if it was no longer running."""
+        async with self._write() as txn:
+            cursor = await txn.db.execute(
+                f"""UPDATE processing_tasks SET status = 'completed', progress = 100,
+                   status_message = 'completed', stage = 'done', eta_seconds = 0,
+                   result_name = ?, lease_owner = NULL, lease_until = NULL,
+                   external_deadline = NULL, completed_at = ?, updated_at = ?
+                   WHERE id = ? AND status = 'processing' {_attempt_clause(attempt)}""",
+                (result_name, txn.now, txn.now, task_id, *_attempt_args(attempt)),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return await self._status_event(txn, task_id)
+
+    async def fail_task(
+        self,
+        task_id: int,
+        message: str,
+        code: str = "processor_error",
+        *,
+        attempt: int | None = None,
+    ) -> Task | None:
+        """Fail a running (or pending) task and refund its credits exactly once."""
+        async with self._write() as txn:
+            cursor = await txn.db.execute(
+                f"""UPDATE processing_tasks SET status = 'failed', error_message = ?,
+                   error_code = ?, status_message = ?, eta_seconds = NULL, lease_owner = NULL,
+                   lease_until = NULL, external_deadline = NULL, completed_at = ?, updated_at = ?
+                   WHERE id = ? AND status IN ('pending', 'processing')
+                   {_attempt_clause(attempt)}""",
+                (message, code, message, txn.now, txn.now, task_id, *_attempt_args(attempt)),
+            )
+            if cursor.rowcount != 1:
+                return None
+            await _refund(txn, task_id)
+            return await self._status_event(txn, task_id)
+
+    async def schedule_retry(
+        self, task_id: int, attempt: int, delay_seconds: float, message: str
+    ) -> Task | None:
+        """After a transient error: back to ``pending`` until ``now + delay`` (no new charge)."""
+        async with self._write() as txn:
+            run_after = isoformat(parse_time(txn.now) + timedelta(seconds=delay_seconds))
+            cursor = await txn.db.execute(
+                """UPDATE processing_tasks SET status = 'pending', run_after = ?,
+                   status_message = ?, stage = 'waiting', eta_seconds = NULL,
+                   lease_owner = NULL, lease_until = NULL, updated_at = ?
+                   WHERE id = ? AND attempts = ? AND status = 'processing'""",
+                (run_after, message, txn.now, task_id, attempt),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return await self._status_event(txn, task_id)
+
+    async def requeue_orphans(self, max_attempts: int, *, expired_only: bool) -> list[Task]:
+        """Tasks left ``processing`` by a dead worker: re-queue, or fail once out of attempts.
+
+        Tasks waiting for an external service (no lease) keep waiting. With
+        ``expired_only`` only tasks whose lease has run out are touched (the
+        periodic reconciler); at start every leased task is an orphan.
+        """
+        async with self._write() as txn:
+            sql = """SELECT id, attempts FROM processing_tasks
+                     WHERE status = 'processing' AND external_task_id IS NULL"""
+            args: tuple[Any, ...] = ()
+            if expired_only:
+                sql += " AND lease_until < ?"
+                args = (txn.now,)
+            rows = list(await (await txn.db.execute(sql, args)).fetchall())
+            changed = []
+            for row in rows:
+                if row["attempts"] >= max_attempts:
+                    await txn.db.execute(
+                        """UPDATE processing_tasks SET status = 'failed',
+                           error_code = 'interrupted', error_message = ?, status_message = ?,
+                           lease_owner = NULL, lease_until = NULL, completed_at = ?, updated_at = ?
+                           WHERE id = ?""",
+                        (INTERRUPTED, INTERRUPTED, txn.now, txn.now, row["id"]),
+                    )
+                    await _refund(txn, row["id"])
+                else:
+                    await txn.db.execute(
+                        """UPDATE processing_tasks SET status = 'pending', run_after = NULL,
+                           status_message = 'interrupted; waiting to resume', stage = 'waiting',
+                           lease_owner = NULL, lease_until = NULL, updated_at = ? WHERE id = ?""",
+                        (txn.now, row["id"]),
+                    )
+                changed.append(await self._status_event(txn, row["id"]))
+            return changed
+
+    async def overdue_external_tasks(self) -> list[Task]:
+        rows = await self._fetchall(
+            """SELECT * FROM processing_tasks WHERE status = 'processing'
+               AND external_deadline IS NOT NULL AND external_deadline < ?""",
+            (isoformat(self._clock()),),
+        )
+        return [Task.from_row(r) for r in rows]
+
+    async def next_external_deadline(self) -> datetime | None:
+        row = await self._fetchone(
+            """SELECT MIN(external_deadline) AS t FROM processing_tasks
+               WHERE status = 'processing' AND external_deadline IS NOT NULL"""
+        )
+        return parse_time(row["t"]) if row and row["t"] else None
+
+    # ----------------------------------------------------------- user actions
+    async def cancel_task(self, task_id: int, user_id: str) -> Task:
+        """``pending``/``processing`` → ``cancelled`` with a refund; else InvalidTransition."""
+        async with self._write() as txn:
+            status = await _owned_status(txn.db, task_id, user_id)
+            if status.is_final:
+                raise InvalidTransition(status, "cancel")
+            await _cancel(txn, task_id)
+            return await self._status_event(txn, task_id)
+
+    async def retry_task(self, task_id: int, user_id: str) -> Task:
+        """``failed``/``cancelled`` → ``pending``, charged again, attempts start over."""
+        async with self._write() as txn:
+            status = await _owned_status(txn.db, task_id, user_id)
+            if status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+                raise InvalidTransition(status, "retry")
+            row = await (
+                await txn.db.execute(
+                    "SELECT credits_cost, files_expired FROM processing_tasks WHERE id = ?",
+                    (task_id,),
+                )
+            ).fetchone()
+            if row["files_expired"]:
+                raise InvalidTransition("expired", "retry")
+            await txn.db.execute(
+                """UPDATE processing_tasks SET status = 'pending', progress = 0, attempts = 0,
+                   status_message = 'waiting for a worker', stage = NULL, eta_seconds = NULL,
+                   error_message = NULL, error_code = NULL, external_task_id = NULL,
+                   external_deadline = NULL, run_after = NULL, completed_at = NULL,
+                   result_name = NULL, credits_held = ?, updated_at = ? WHERE id = ?""",
+                (row["credits_cost"], txn.now, task_id),
+            )
+            await _charge(txn, user_id, row["credits_cost"], task_id)
+            return await self._status_event(txn, task_id)
+
+    async def delete_task(self, task_id: int, user_id: str) -> Task:
+        """Cancel (with refund) if active, then delete the row; returns the task as it was."""
+        async with self._write() as txn:
+            status = await _owned_status(txn.db, task_id, user_id)
+            if not status.is_final:
+                await _cancel(txn, task_id)
+                await self._status_event(txn, task_id)
+            row = await (
+                await txn.db.execute("SELECT * FROM processing_tasks WHERE id = ?", (task_id,))
+            ).fetchone()
+            await txn.db.execute("DELETE FROM processing_tasks WHERE id = ?", (task_id,))
+            await _append_event(txn, task_id, user_id, "task_deleted", {"taskId": task_id})
+            return Task.from_row(row)
+
+    # ------------------------------------------------------------- retention
+    async def tasks_to_expire(self, ended_before: datetime) -> list[Task]:
+        rows = await self._fetchall(
+            """SELECT * FROM processing_tasks WHERE status IN ('completed', 'failed', 'cancelled')
+               AND files_expired = 0 AND COALESCE(completed_at, updated_at) < ?""",
+            (isoformat(ended_before),),
+        )
+        return [Task.from_row(r) for r in rows]
+
+    async def mark_files_expired(self, task_id: int) -> None:
+        async with self._write() as txn:
+            await txn.db.execute(
+                "UPDATE processing_tasks SET files_expired = 1, updated_at = ? WHERE id = ?",
+                (txn.now, task_id),
+            )
+
+    async def prune_events(self, before: datetime) -> int:
+        """Delete events older than ``before`` of tasks that have ended (or are gone).
+
+        Remembers the highest pruned id, so a client resuming from before it
+        is told to reset rather than silently missing events.
+        """
+        async with self._write() as txn:
+            stamp = isoformat(before)
+            top = await _scalar(
+                txn.db,
+                """SELECT MAX(id) FROM task_events e WHERE created_at < ? AND NOT EXISTS (
+                       SELECT 1 FROM processing_tasks t WHERE t.id = e.task_id
+                       AND t.status IN ('pending', 'processing'))""",
+                (stamp,),
+            )
+            if top is None:
+                return 0
+            cursor = await txn.db.execute(
+                """DELETE FROM task_events WHERE id <= ? AND created_at < ? AND NOT EXISTS (
+                       SELECT 1 FROM processing_tasks t WHERE t.id = task_events.task_id
+                       AND t.status IN ('pending', 'processing'))""",
+                (top, stamp),
+            )
+            await txn.db.execute(
+                """INSERT INTO meta (key, value) VALUES ('events_pruned_through', ?)
+                   ON CONFLICT (key) DO UPDATE SET
+                   value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))""",
+                (str(top),),
+            )
+            return cursor.rowcount
+
+    async def events_pruned_through(self) -> int:
+        row = await self._fetchone("SELECT value FROM meta WHERE key = 'events_pruned_through'")
+        return int(row["value"]) if row else 0
+
+    # ----------------------------------------------------------------- events
+    async def events_after(
+        self,
+        after_id: int,
+        *,
+        task_id: int | None = None,
+        user_id: str | None = None,
+        limit: int = 500,
+    ) -> list[Event]:
+        """Events with ``id > after_id`` of one task or one user, oldest first."""
+        column, value = ("task_id", task_id) if task_id is not None else ("user_id", user_id)
+        rows = await self._fetchall(
+            f"SELECT * FROM task_events WHERE {column} = ? AND id > ? ORDER BY id LIMIT ?",
+            (value, after_id, limit),
+        )
+        return [_event_from_row(r) for r in rows]
+
+    async def latest_event_id(
+        self, *, task_id: int | None = None, user_id: str | None = None
+    ) -> int:
+        column, value = ("task_id", task_id) if task_id is not None else ("user_id", user_id)
+        row = await self._fetchone(
+            f"SELECT MAX(id) AS m FROM task_events WHERE {column} = ?", (value,)
+        )
+        return row["m"] or 0 if row else 0
+
+    async def _status_event(self, txn: _Txn, task_id: int) -> Task:
+        """Append the task's current state as a ``status_update`` event; return the task."""
+        row = await (
+            await txn.db.execute("SELECT * FROM processing_tasks WHERE id = ?", (task_id,))
+        ).fetchone()
+        task = Task.from_row(row)
+        await _append_event(txn, task.id, task.user_id, "status_update", self.status_data(task))
+        return task
+
+    def status_data(self, task: Task) -> dict[str, Any]:
+        """The ``data`` of a task's ``status_update`` (the seed's shape, plus extras)."""
+        data: dict[str, Any] = {
+            "taskId": task.id,
+            "status": task.status.value,
+            "progress": task.progress,
+            "message": task.status_message,
+            "stage": task.stage,
+            "etaSeconds": task.eta_seconds,
+            "attempts": task.attempts,
+        }
+        if task.status is TaskStatus.COMPLETED:
+            data["resultUrl"] = self.result_url(task.id)
+        if task.status is TaskStatus.FAILED:
+            data["error"] = task.error_message
+            data["errorCode"] = task.error_code
+        return data
+
+
+INTERRUPTED = "interrupted too many times (the server stopped while it ran)"
+
+
+class _IdempotentRace(StoreError):
+    """Two creates with one key raced; the caller looks the winner up."""
+
+
+def _attempt_clause(attempt: int | None) -> str:
+    return "" if attempt is None else "AND attempts = ?"
+
+
+def _attempt_args(attempt: int | None) -> tuple[int, ...]:
+    return () if attempt is None else (attempt,)
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    # isolation_level=None: we issue BEGIN IMMEDIATE ourselves.
+    db = await aiosqlite.connect(path, isolation_level=None)
+    db.row_factory = aiosqlite.Row
+    await db.execute("PRAGMA journal_mode = WAL")
+    await db.execute("PRAGMA synchronous = NORMAL")
+    await db.execute("PRAGMA foreign_keys = ON")
+    await db.execute("PRAGMA busy_timeout = 5000")
+    return db
+
+
+def _schema_sql() -> str:
+    for candidate in SCHEMA_PATH_CANDIDATES:
+        if candidate.exists():
+            return candidate.read_text(encoding="utf-8")
+    raise FileNotFoundError("schema.sql is missing from the installation")
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Create a new database, or move an older one forward step by step."""
+    version = await _scalar(db, "PRAGMA user_version")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database is version {version}, newer than this Zhiyi ({SCHEMA_VERSION}); "
+            "upgrade Zhiyi"
+        )
+    has_tables = await _scalar(db, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'users'")
+    if version == SCHEMA_VERSION:
+        return
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        if not has_tables:
+            for statement in _split_sql(_schema_sql()):
+                await db.execute(statement)
+        else:
+            for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                logger.info("migrating the database to version %d", step)
+                for statement in _split_sql(MIGRATIONS[step]):
+                    await db.execute(statement)
+        await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        await db.rollback()
+        raise
+    await db.commit()
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a script, so they run inside our transaction (executescript commits)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    return statements
+
+
+async def _scalar(db: aiosqlite.Connection, sql: str, args: Iterable[Any] = ()) -> Any:
+    async with db.execute(sql, tuple(args)) as cursor:
+        row = await cursor.fetchone()
+        return row[0] if row else None
+
+
+async def _user_exists(db: aiosqlite.Connection, user_id: str) -> bool:
+    return bool(await _scalar(db, "SELECT 1 FROM users WHERE id = ?", (user_id,)))
+
+
+async def _owned_status(db: aiosqlite.Connection, task_id: int, user_id: str) -> TaskStatus:
+    row = await (
+        await db.execute("SELECT user_id, status FROM processing_tasks WHERE id = ?", (task_id,))
+    ).fetchone()
+    if row is None or row["user_id"] != user_id:
+        raise TaskNotFound(task_id)
+    return TaskStatus(row["status"])
+
+
+async def _move_credits(
+    txn: _Txn, user_id: str, amount: int, reason: str, task_id: int | None
+) -> int:
+    """Change a balance and write its ledger row; never below zero."""
+    cursor = await txn.db.execute(
+        "UPDATE users SET credits = credits + ? WHERE id = ? AND credits + ? >= 0",
+        (amount, user_id, amount),
+    )
+    balance = await _scalar(txn.db, "SELECT credits FROM users WHERE id = ?", (user_id,))
+    if cursor.rowcount != 1:
+        raise InsufficientCredits(-amount, balance or 0)
+    await txn.db.execute(
+        """INSERT INTO credit_ledger (user_id, amount, reason, task_id, balance_after, created_at)
+           VALUES (?,?,?,?,?,?)""",
+        (user_id, amount, reason, task_id, balance, txn.now),
+    )
+    return balance
+
+
+async def _charge(txn: _Txn, user_id: str, cost: int, task_id: int) -> None:
+    if cost:
+        await _move_credits(txn, user_id, -cost, "charge", task_id)
+
+
+async def _refund(txn: _Txn, task_id: int) -> None:
+    """Give back what the task holds, once: ``credits_held`` drops to zero here."""
+    row = await (
+        await txn.db.execute(
+            "SELECT user_id, credits_held FROM processing_tasks WHERE id = ?", (task_id,)
+        )
+    ).fetchone()
+    if row and row["credits_held"] > 0:
+        await txn.db.execute(
+            "UPDATE processing_tasks SET credits_held = 0 WHERE id = ?", (task_id,)
+        )
+        await _move_credits(txn, row["user_id"], row["credits_held"], "refund", task_id)
+
+
+async def _cancel(txn: _Txn, task_id: int) -> None:
+    await txn.db.execute(
+        """UPDATE processing_tasks SET status = 'cancelled', status_message = 'cancelled',
+           eta_seconds = NULL, lease_owner = NULL, lease_until = NULL,
+           external_deadline = NULL, completed_at = ?, updated_at = ? WHERE id = ?""",
+        (txn.now, txn.now, task_id),
+    )
+    await _refund(txn, task_id)
+
+
+async def _append_event(
+    txn: _Txn, task_id: int | None, user_id: str, type_: str, data: dict[str, Any]
+) -> Event:
+    cursor = await txn.db.execute(
+        "INSERT INTO task_events (task_id, user_id, type, data, created_at) VALUES (?,?,?,?,?)",
+        (task_id, user_id, type_, json.dumps(data, ensure_ascii=False), txn.now),
+    )
+    assert cursor.lastrowid is not None
+    event = Event(cursor.lastrowid, task_id, user_id, type_, data)
+    txn.events.append(event)
+    return event
+
+
+def _event_from_row(row: sqlite3.Row) -> Event:
+    return Event(row["id"], row["task_id"], row["user_id"], row["type"], json.loads(row["data"]))

@@ -1,1 +1,356 @@
-"""placeholder."""
+"""The task runner: workers that claim tasks from the database and run their processors.
+
+The ``processing_tasks`` table is the queue: workers claim the oldest runnable
+``pending`` row, so a task created while every worker was busy, or while the
+server was down, runs later. Each attempt holds a lease the pool renews; at
+start, tasks left ``processing`` by a dead process are re-queued (or failed
+and refunded once out of attempts), and a periodic reconciler repairs what a
+crash elsewhere left behind, enforces external deadlines and retention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import engines
+from processors import (
+    AwaitExternal,
+    ExternalSubmitter,
+    PermanentError,
+    Registry,
+    TaskContext,
+    TransientError,
+)
+from storage import Task, TaskStore
+
+__all__ = ["ProgressReporter", "WorkerPool", "WorkerSettings", "task_dirs"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    concurrency: int = 2
+    task_timeout: float = 3600.0
+    max_attempts: int = 3
+    retry_base_seconds: float = 2.0
+    lease_seconds: float = 60.0
+    reconcile_seconds: float = 30.0
+    poll_seconds: float = 1.0
+    retention_days: float = 30.0
+    external_timeout_seconds: float = 3600.0
+    #: minimum time between two progress writes of one task (the final state is always written)
+    progress_interval: float = 0.25
+
+
+def task_dirs(data_path: Path, task: Task) -> tuple[Path, Path, Path, Path]:
+    """(task dir, original dir, result dir, work dir) of a task under ``DATA_STORAGE_PATH``."""
+    base = data_path / task.file_path
+    return base, base / "original", base / "result", base / "work"
+
+
+class ProgressReporter:
+    """Coalesces a processor's progress calls into a bounded number of writes.
+
+    A write happens when the stage changes, or when the whole percent rose
+    and ``interval`` has passed since the last write; so a processor reporting
+    100,000 times writes at most ~100 rows plus one per stage. Progress never
+    goes backwards within an attempt; the last report is flushed at the end.
+    """
+
+    def __init__(self, store: TaskStore, task: Task, interval: float) -> None:
+        self.store = store
+        self.task = task
+        self.interval = interval
+        self.started = time.monotonic()
+        self.written_percent = -1
+        self.written_stage: str | None = None
+        self.written_at = 0.0
+        self.percent = 0.0
+        self.message = ""
+        self.stage: str | None = None
+        self.dirty = False
+
+    async def report(self, percent: float, message: str, stage: str | None) -> None:
+        self.percent = max(self.percent, min(100.0, float(percent)))
+        self.message = message
+        stage_changed = stage is not None and stage != self.stage
+        if stage is not None:
+            self.stage = stage
+        self.dirty = True
+        now = time.monotonic()
+        if stage_changed or (
+            int(self.percent) > self.written_percent and now - self.written_at >= self.interval
+        ):
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.dirty:
+            return
+        self.dirty = False
+        self.written_percent = int(self.percent)
+        self.written_stage = self.stage
+        self.written_at = time.monotonic()
+        await self.store.update_task_status(
+            self.task.id, self.task.attempts, progress=int(self.percent),
+            message=self.message, stage=self.stage, eta_seconds=self._eta(),
+        )
+
+    def _eta(self) -> float | None:
+        elapsed = time.monotonic() - self.started
+        if self.percent <= 0 or elapsed < 0.5:
+            return None
+        return round(elapsed * (100 - self.percent) / self.percent, 1)
+
+
+class WorkerPool:
+    """``concurrency`` workers, a lease keeper and a reconciler, owned by one app."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        registry: Registry,
+        settings: WorkerSettings,
+        data_path: Path,
+        *,
+        engine_factory: Callable[[str], engines.Engine],
+        submit_external: ExternalSubmitter | None = None,
+        observe: Callable[[str, Task, float], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self.data_path = data_path
+        self.engine_factory = engine_factory
+        self.submit_external = submit_external
+        self._observe = observe or (lambda outcome, task, seconds: None)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = asyncio.Event()
+        self._running: dict[int, tuple[Task, asyncio.Task[Any]]] = {}
+        self._cancel_requested: set[int] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    # -------------------------------------------------------------- lifetime
+    async def start(self) -> None:
+        """Recover what a previous process left, then start the loops."""
+        await self.recover()
+        for n in range(self.settings.concurrency):
+            self._loops.append(asyncio.create_task(self._worker(), name=f"zhiyi-worker-{n}"))
+        self._loops.append(asyncio.create_task(self._keep_leases(), name="zhiyi-leases"))
+        self._loops.append(asyncio.create_task(self._reconcile_loop(), name="zhiyi-reconcile"))
+
+    async def stop(self) -> None:
+        """Stop every loop; in-flight tasks stay ``processing`` for recovery at next start."""
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops.clear()
+
+    def wake(self) -> None:
+        """A task became runnable (created or retried)."""
+        self._wake.set()
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    def cancel_running(self, task_id: int) -> bool:
+        """Stop the processor of a task the database already says is cancelled."""
+        entry = self._running.get(task_id)
+        if entry is None:
+            return False
+        self._cancel_requested.add(task_id)
+        entry[1].cancel()
+        return True
+
+    async def recover(self) -> None:
+        """At start: every leased ``processing`` task is an orphan of a dead process."""
+        changed = await self.store.requeue_orphans(self.settings.max_attempts, expired_only=False)
+        for task in changed:
+            logger.warning("task %s of user %s was interrupted: now %s",
+                           task.id, task.user_id, task.status)
+        await self.fail_overdue_external()
+
+    # ----------------------------------------------------------------- loops
+    async def _worker(self) -> None:
+        while True:
+            task = await self.store.claim_next_task(self.owner, self.settings.lease_seconds)
+            if task is None:
+                await self._sleep_until_work()
+                continue
+            await self._run(task)
+
+    async def _sleep_until_work(self) -> None:
+        timeout = self.settings.poll_seconds
+        next_run = await self.store.next_run_after()
+        if next_run is not None:
+            timeout = min(timeout, max(0.0, (next_run - self.store.now()).total_seconds()))
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            for task, _job in list(self._running.values()):
+                await self.store.renew_lease(task.id, task.attempts, self.settings.lease_seconds)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reconcile_seconds)
+            try:
+                await self.reconcile()
+            except Exception:
+                logger.exception("reconciliation failed; trying again next round")
+
+    async def reconcile(self) -> None:
+        """Repair state: expired leases, overdue external tasks, ledger drift, retention."""
+        requeued = await self.store.requeue_orphans(self.settings.max_attempts, expired_only=True)
+        for task in requeued:
+            logger.warning("task %s lost its lease: now %s", task.id, task.status)
+        if requeued:
+            self.wake()
+        await self.fail_overdue_external()
+        for user, (balance, total) in (await self.store.balance_drift()).items():
+            logger.error("CREDIT DRIFT: user %s has balance %d but ledger sum %d",
+                         user, balance, total)
+        await self.apply_retention()
+
+    async def fail_overdue_external(self) -> None:
+        for task in await self.store.overdue_external_tasks():
+            logger.warning("task %s: no callback from the external service in time", task.id)
+            await self.store.fail_task(
+                task.id, "The external service did not report back in time.", "external_timeout")
+
+    async def apply_retention(self) -> None:
+        cutoff = self.store.now() - timedelta(days=self.settings.retention_days)
+        for task in await self.store.tasks_to_expire(cutoff):
+            base = task_dirs(self.data_path, task)[0]
+            await asyncio.to_thread(shutil.rmtree, base, True)
+            await self.store.mark_files_expired(task.id)
+            logger.info("task %s: files removed after %s days", task.id,
+                        self.settings.retention_days)
+        await self.store.prune_events(cutoff)
+
+    # ------------------------------------------------------------ one attempt
+    async def _run(self, task: Task) -> None:
+        job = asyncio.create_task(self._attempt(task), name=f"zhiyi-task-{task.id}")
+        self._running[task.id] = (task, job)
+        try:
+            await job
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # The pool is stopping: leave the task for recovery.
+                job.cancel()
+                raise
+            logger.info("task %s of user %s cancelled while processing", task.id, task.user_id)
+            await asyncio.to_thread(_remove_partial_files, self.data_path, task)
+            self._observe("cancelled", task, 0.0)
+        finally:
+            self._running.pop(task.id, None)
+            self._cancel_requested.discard(task.id)
+
+    async def _attempt(self, task: Task) -> None:
+        task_type = self.registry.get(task.task_type)
+        started = time.monotonic()
+        reporter = ProgressReporter(self.store, task, self.settings.progress_interval)
+        logger.info("task %s of user %s: attempt %d of %s", task.id, task.user_id,
+                    task.attempts, task.task_type)
+        try:
+            if task_type is None:
+                raise PermanentError(f"No processor for task type {task.task_type!r}.")
+            ctx = self._context(task, reporter)
+            if task_type.external or task_type.processor is None:
+                outcome: Path | AwaitExternal = await ctx.submit_external()
+            else:
+                outcome = await asyncio.wait_for(
+                    task_type.processor(ctx), self.settings.task_timeout)
+            await reporter.flush()
+            await self._finish(task, outcome)
+            self._observe("completed", task, time.monotonic() - started)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            await self._fail(task, f"Processing took longer than {self.settings.task_timeout:g} s.",
+                             "timeout")
+        except TransientError as e:
+            await self._transient(task, str(e))
+        except PermanentError as e:
+            await self._fail(task, str(e), e.code)
+        except Exception as e:
+            # The one catch-all: a processor's bug fails its task, never the worker.
+            logger.exception("task %s of user %s: processor error", task.id, task.user_id)
+            await self._fail(task, f"Processing failed: {e}", "processor_error")
+
+    def _context(self, task: Task, reporter: ProgressReporter) -> TaskContext:
+        _, original, result, work = task_dirs(self.data_path, task)
+
+        async def save_checkpoint(data: Any) -> None:
+            await self.store.save_checkpoint(task.id, task.attempts, data)
+
+        return TaskContext(
+            task_id=task.id, user_id=task.user_id, task_type=task.task_type,
+            params=task.params, input_path=original / task.file_name, file_name=task.file_name,
+            result_dir=result, work_dir=work, checkpoint=task.checkpoint, attempt=task.attempts,
+            _progress=reporter.report, _save_checkpoint=save_checkpoint,
+            _engine=self._engine, _submit_external=self.submit_external,
+        )
+
+    def _engine(self, name: str) -> engines.Engine:
+        try:
+            return self.engine_factory(name)
+        except (engines.UnknownEngine, engines.EngineError) as e:
+            raise PermanentError(str(e), "engine_unavailable") from e
+
+    async def _finish(self, task: Task, outcome: Path | AwaitExternal) -> None:
+        if isinstance(outcome, AwaitExternal):
+            deadline = self.store.now() + timedelta(seconds=self.settings.external_timeout_seconds)
+            await self.store.set_external(task.id, task.attempts, outcome.external_task_id,
+                                          deadline)
+            return
+        result_dir = task_dirs(self.data_path, task)[2]
+        if outcome.parent.resolve() != result_dir.resolve():
+            raise PermanentError("The processor wrote its result outside the result folder.")
+        done = await self.store.complete_task(task.id, outcome.name, attempt=task.attempts)
+        if done is None:
+            logger.info("task %s finished but was no longer running; result dropped", task.id)
+
+    async def _fail(self, task: Task, message: str, code: str) -> None:
+        # The work journal stays: a manual retry resumes without paying twice.
+        await asyncio.to_thread(_remove_partial_files, self.data_path, task, keep_work=True)
+        await self.store.fail_task(task.id, message, code, attempt=task.attempts)
+        self._observe("failed", task, 0.0)
+
+    async def _transient(self, task: Task, message: str) -> None:
+        if task.attempts >= self.settings.max_attempts:
+            await self._fail(task, f"Gave up after {task.attempts} attempts: {message}",
+                             "processor_error")
+            return
+        delay = self.settings.retry_base_seconds * 2 ** (task.attempts - 1)
+        logger.warning("task %s attempt %d failed (%s); retrying in %g s",
+                       task.id, task.attempts, message, delay)
+        await self.store.schedule_retry(
+            task.id, task.attempts, delay, f"{message}; retrying in {delay:g} s")
+        self._observe("retried", task, 0.0)
+
+
+def _remove_partial_files(data_path: Path, task: Task, keep_work: bool = False) -> None:
+    """Remove a stopped attempt's output (the original stays for a retry)."""
+    _, _, result, work = task_dirs(data_path, task)
+    shutil.rmtree(result, ignore_errors=True)
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,1 +1,1227 @@
-"""placeholder."""
+"""Zhiyi's server: configuration, the app factory, routes, handlers and the CLI.
+
+``create_app(Config.from_env())`` returns an aiohttp application that runs on
+its own (``zhiyi serve``) or mounted in another app with ``add_subapp``. The
+factory only wires; the database, the worker pool, the SSE hub and the HTTP
+client session start and stop in ``cleanup_ctx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import quote
+
+import aiofiles
+import aiohttp
+from aiohttp import web
+
+import engines
+import formats
+from external import ExternalService, ResultFetchError, SignatureError, verify_signature
+from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from metrics import Metrics
+from processors import Quote, Registry, TaskType, default_registry
+from sse import SSEHub, StreamLimitReached, StreamPlan, encode_event, stream_events
+from storage import (
+    InsufficientCredits,
+    InvalidTransition,
+    NewTask,
+    StoreError,
+    Task,
+    TaskNotFound,
+    TaskStatus,
+    TaskStore,
+    TooManyActiveTasks,
+    UserExists,
+    UserNotFound,
+)
+from worker import WorkerPool, WorkerSettings, task_dirs
+
+__all__ = ["CONFIG", "HUB", "POOL", "STORE", "Config", "create_app", "main"]
+
+logger = logging.getLogger(__name__)
+
+RESOURCE_DIRS = (Path(__file__).parent, Path(__file__).parent / "zhiyi_resources")
+SESSION_COOKIE = "zhiyi_session"
+LOCAL_USER = "local"
+LOCAL_TOKEN_FILE = ".local-token"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def resource(name: str) -> Path:
+    """A file shipped with Zhiyi (schema, page, OpenAPI), in a checkout or installed."""
+    for base in RESOURCE_DIRS:
+        if (base / name).exists():
+            return base / name
+    raise FileNotFoundError(name)
+
+
+# --------------------------------------------------------------------- config
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _env_int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from e
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, not {value}")
+    return value
+
+
+def _env_float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from e
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, parsed once (``from_env``) and passed to :func:`create_app`."""
+
+    data_path: Path = Path("./data")
+    db_path: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    webhook_secret: str | None = None
+    external_service_url: str | None = None
+    public_url: str | None = None
+    worker_concurrency: int = 4
+    sse_heartbeat_seconds: float = 15.0
+    sse_max_per_user: int = 32
+    sse_max_total: int = 10_000
+    sse_retry_ms: int = 3000
+    sse_buffer_events: int = 256
+    max_upload_mb: int = 50
+    retention_days: float = 30.0
+    retry_base_seconds: float = 2.0
+    max_attempts: int = 3
+    max_active_tasks_per_user: int = 100
+    task_timeout_seconds: float = 3600.0
+    external_timeout_seconds: float = 3600.0
+    reconcile_seconds: float = 30.0
+    lease_seconds: float = 60.0
+    starter_credits: int = 1000
+    libretranslate_url: str | None = None
+    libretranslate_api_key: str | None = None
+    openai_base_url: str | None = None
+    openai_api_key: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    #: run the workers in this process (an embedding app may run them elsewhere)
+    run_workers: bool = True
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Config:
+        """Read the environment; ``overrides`` (command-line flags) win."""
+        e = dict(os.environ if env is None else env)
+        data_path = Path(e.get("DATA_STORAGE_PATH") or "./data")
+        values: dict[str, Any] = dict(
+            data_path=data_path,
+            db_path=Path(e["ZHIYI_DB"]) if e.get("ZHIYI_DB") else None,
+            host=e.get("ZHIYI_HOST") or "127.0.0.1",
+            port=_env_int(e, "ZHIYI_PORT", 8080, 0),
+            webhook_secret=e.get("WEBHOOK_SECRET") or None,
+            external_service_url=e.get("EXTERNAL_SERVICE_URL") or None,
+            public_url=e.get("PUBLIC_URL") or None,
+            worker_concurrency=_env_int(e, "WORKER_CONCURRENCY", 4, 0),
+            sse_heartbeat_seconds=_env_float(e, "SSE_HEARTBEAT_SECONDS", 15.0),
+            sse_max_per_user=_env_int(e, "SSE_MAX_PER_USER", 32, 1),
+            sse_max_total=_env_int(e, "SSE_MAX_TOTAL", 10_000, 1),
+            max_upload_mb=_env_int(e, "MAX_UPLOAD_MB", 50, 1),
+            retention_days=_env_float(e, "RETENTION_DAYS", 30.0),
+            retry_base_seconds=_env_float(e, "RETRY_BASE_SECONDS", 2.0),
+            max_attempts=_env_int(e, "MAX_ATTEMPTS", 3, 1),
+            max_active_tasks_per_user=_env_int(e, "MAX_ACTIVE_TASKS_PER_USER", 100, 1),
+            task_timeout_seconds=_env_float(e, "TASK_TIMEOUT_SECONDS", 3600.0),
+            external_timeout_seconds=_env_float(e, "EXTERNAL_TIMEOUT_SECONDS", 3600.0),
+            reconcile_seconds=_env_float(e, "RECONCILE_SECONDS", 30.0),
+            starter_credits=_env_int(e, "STARTER_CREDITS", 1000, 0),
+            libretranslate_url=e.get("LIBRETRANSLATE_URL") or None,
+            libretranslate_api_key=e.get("LIBRETRANSLATE_API_KEY") or None,
+            openai_base_url=e.get("OPENAI_BASE_URL") or None,
+            openai_api_key=e.get("OPENAI_API_KEY") or None,
+            openai_model=e.get("OPENAI_MODEL") or "gpt-4o-mini",
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def database(self) -> Path:
+        return self.db_path or self.data_path / "zhiyi.db"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+    def engine_settings(self) -> engines.EngineSettings:
+        return engines.EngineSettings(
+            libretranslate_url=self.libretranslate_url,
+            libretranslate_api_key=self.libretranslate_api_key,
+            openai_base_url=self.openai_base_url,
+            openai_api_key=self.openai_api_key,
+            openai_model=self.openai_model,
+        )
+
+    def worker_settings(self) -> WorkerSettings:
+        return WorkerSettings(
+            concurrency=self.worker_concurrency,
+            task_timeout=self.task_timeout_seconds,
+            max_attempts=self.max_attempts,
+            retry_base_seconds=self.retry_base_seconds,
+            lease_seconds=self.lease_seconds,
+            reconcile_seconds=self.reconcile_seconds,
+            retention_days=self.retention_days,
+            external_timeout_seconds=self.external_timeout_seconds,
+        )
+
+
+# ------------------------------------------------------------------ app state
+CONFIG = web.AppKey("zhiyi.config", Config)
+REGISTRY = web.AppKey("zhiyi.registry", Registry)
+STORE = web.AppKey("zhiyi.store", TaskStore)
+HUB = web.AppKey("zhiyi.hub", SSEHub)
+POOL = web.AppKey("zhiyi.pool", WorkerPool)
+METRICS = web.AppKey("zhiyi.metrics", Metrics)
+HTTP = web.AppKey("zhiyi.http", aiohttp.ClientSession)
+EXTERNAL = web.AppKey("zhiyi.external", ExternalService)
+
+
+# --------------------------------------------------------------------- errors
+class ApiError(Exception):
+    """An answer other than success: status, stable ``code``, a sentence for a person."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+CODE_BY_STATUS = {
+    400: "bad_request", 401: "unauthenticated", 404: "not_found",
+    405: "method_not_allowed", 413: "file_too_large", 415: "unsupported_media_type",
+    429: "too_many_requests", 500: "internal_error", 503: "unavailable",
+}
+
+
+def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    return web.json_response(
+        {"success": False, "code": code, "message": message, **extra}, status=status)
+
+
+def api_error_from_store(e: StoreError) -> ApiError:
+    """The one place where the store's named errors become HTTP answers."""
+    if isinstance(e, TaskNotFound):
+        return ApiError(404, "task_not_found",
+                        "Task does not exist or you have no permission to access it.")
+    if isinstance(e, InsufficientCredits):
+        return ApiError(402, "insufficient_credits",
+                        f"This needs {e.needed} credits but your balance is {e.balance}.",
+                        needed=e.needed, balance=e.balance)
+    if isinstance(e, TooManyActiveTasks):
+        return ApiError(429, "too_many_active_tasks",
+                        "You have too many pending or processing tasks; wait for some to end.")
+    if isinstance(e, InvalidTransition):
+        return ApiError(409, "invalid_state", f"Cannot {e.action} a task that is {e.status}.",
+                        status=e.status)
+    return ApiError(500, "internal_error", "The database refused the operation.")
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error is a JSON envelope with ``code``, including aiohttp's own 404/405."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return json_error(e.status, e.code, e.message, **e.extra)
+    except StoreError as e:
+        err = api_error_from_store(e)
+        return json_error(err.status, err.code, err.message, **err.extra)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = {404: f"No such page or endpoint: {request.path}",
+                   405: f"{request.method} is not allowed on {request.path}."}.get(
+                       e.status, e.reason)
+        return json_error(e.status, CODE_BY_STATUS.get(e.status, "http_error"), message)
+    except Exception:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return json_error(500, "internal_error",
+                          "Something went wrong on the server; the error was logged.")
+
+
+# ----------------------------------------------------------------------- auth
+async def current_user(request: web.Request) -> str:
+    """The user of a Bearer token or of the session cookie; 401 otherwise."""
+    store = request.config_dict[STORE]
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else None
+    token = token or request.cookies.get(SESSION_COOKIE)
+    user = await store.user_for_token(token) if token else None
+    if user is None:
+        raise ApiError(401, "unauthenticated",
+                       "User not authenticated: send 'Authorization: Bearer <token>' "
+                       "or log in at the page.")
+    return user
+
+
+async def create_session(request: web.Request) -> web.Response:
+    """``POST /api/session {"token"}``: exchange an API token for a session cookie."""
+    body = await _json_body(request)
+    token = body.get("token")
+    store = request.config_dict[STORE]
+    user = await store.user_for_token(token) if isinstance(token, str) and token else None
+    if user is None:
+        raise ApiError(401, "unauthenticated", "That token is not valid.")
+    response = web.json_response({"success": True, "userId": user})
+    await _set_session_cookie(request, response, user)
+    return response
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    token = request.cookies.get(SESSION_COOKIE)
+    if token:
+        await request.config_dict[STORE].revoke_token(token)
+    response = web.json_response({"success": True})
+    response.del_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+async def _set_session_cookie(request: web.Request, response: web.StreamResponse,
+                              user: str) -> None:
+    session = await request.config_dict[STORE].issue_token(user, kind="session")
+    response.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="Strict", path="/",
+                        max_age=30 * 24 * 3600, secure=request.secure)
+
+
+# ---------------------------------------------------------------------- pages
+async def index(request: web.Request) -> web.StreamResponse:
+    """The page; ``/?token=...`` logs in (as Jupyter does) and redirects to a clean URL."""
+    token = request.query.get("token")
+    if token is not None:
+        user = await request.config_dict[STORE].user_for_token(token)
+        target = request.rel_url.with_query(None)
+        if user is None:
+            raise web.HTTPFound(str(target.with_fragment("login-failed")))
+        response = web.HTTPFound(str(target))
+        await _set_session_cookie(request, response, user)
+        raise response
+    return web.FileResponse(resource("static") / "index.html",
+                            headers={"Cache-Control": "no-cache"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    try:
+        await request.config_dict[STORE].ping()
+    except Exception as e:
+        logger.error("health check: database unavailable: %s", e)
+        return json_error(503, "unavailable", "The database is not answering.")
+    return web.json_response({"success": True, "status": "ok"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    m = request.config_dict[METRICS]
+    m.set_task_counts(await request.config_dict[STORE].count_tasks())
+    m.sse_connections.set(request.config_dict[HUB].connection_count)
+    pool = request.config_dict.get(POOL)
+    m.running.set(pool.running_count if pool else 0)
+    return web.Response(body=m.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def openapi(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(resource("openapi.yaml"),
+                            headers={"Content-Type": "application/yaml; charset=utf-8"})
+
+
+# ---------------------------------------------------------------------- users
+async def me(request: web.Request) -> web.Response:
+    user_id = await current_user(request)
+    user = await request.config_dict[STORE].get_user(user_id)
+    assert user is not None
+    return web.json_response({"success": True, "userId": user.id, "credits": user.credits})
+
+
+async def ledger(request: web.Request) -> web.Response:
+    user_id = await current_user(request)
+    limit, cursor = _paging(request)
+    entries, next_cursor = await request.config_dict[STORE].get_ledger(
+        user_id, limit=limit, cursor=cursor)
+    return web.json_response({
+        "success": True, "nextCursor": next_cursor,
+        "entries": [{"id": e.id, "amount": e.amount, "reason": e.reason, "taskId": e.task_id,
+                     "balanceAfter": e.balance_after, "createdAt": e.created_at}
+                    for e in entries],
+    })
+
+
+def _paging(request: web.Request) -> tuple[int, int | None]:
+    raw_limit = request.query.get("limit", "50")
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ApiError(400, "bad_request", "limit must be a whole number of at least 1.")
+    raw_cursor = request.query.get("cursor")
+    if raw_cursor in (None, ""):
+        return min(limit, 100), None
+    try:
+        return min(limit, 100), int(raw_cursor)
+    except ValueError as e:
+        raise ApiError(400, "bad_request", "cursor must be a value from nextCursor.") from e
+
+
+# ---------------------------------------------------------------- task types
+def engine_statuses(config: Config) -> list[dict[str, Any]]:
+    statuses = [dataclasses.asdict(s) for s in engines.engine_statuses(config.engine_settings())]
+    external_ok = bool(config.external_service_url and config.webhook_secret)
+    statuses.append({
+        "name": "external", "available": external_ok,
+        "reason": None if external_ok else
+        "Set EXTERNAL_SERVICE_URL and WEBHOOK_SECRET to use an external service.",
+    })
+    return statuses
+
+
+def task_type_json(task_type: TaskType, config: Config) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "taskType": task_type.name,
+        "description": task_type.description,
+        "params": {name: spec.as_json() for name, spec in task_type.params.items()},
+        "extensions": list(task_type.extensions),
+        "cost": task_type.cost_description,
+    }
+    if "engine" in task_type.params:
+        data["engines"] = engine_statuses(config)
+    return data
+
+
+async def task_types(request: web.Request) -> web.Response:
+    config = request.config_dict[CONFIG]
+    return web.json_response({
+        "success": True,
+        "taskTypes": [task_type_json(t, config) for t in request.config_dict[REGISTRY]],
+    })
+
+
+# ---------------------------------------------------------------------- tasks
+def task_json(request: web.Request, task: Task) -> dict[str, Any]:
+    """The contract's Task object."""
+    completed = task.status is TaskStatus.COMPLETED
+    return {
+        "taskId": task.id, "userId": task.user_id, "taskType": task.task_type,
+        "taskStatus": task.status.value, "progressPercent": task.progress,
+        "statusMessage": task.status_message, "stage": task.stage,
+        "etaSeconds": task.eta_seconds, "params": task.params, "fileName": task.file_name,
+        "fileSize": task.file_size, "creditsCost": task.credits_cost, "attempts": task.attempts,
+        "externalTaskId": task.external_task_id, "errorMessage": task.error_message,
+        "errorCode": task.error_code,
+        "resultUrl": _url(request, "task_result", taskId=str(task.id)) if completed else None,
+        "resultName": task.result_name if completed else None,
+        "expired": task.files_expired,
+        "createdAt": task.created_at, "updatedAt": task.updated_at,
+        "completedAt": task.completed_at,
+    }
+
+
+def _url(request: web.Request, name: str, **parts: str) -> str:
+    return str(request.app.router[name].url_for(**parts))
+
+
+def _task_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["taskId"])
+    except ValueError as e:
+        raise ApiError(404, "task_not_found",
+                       "Task does not exist or you have no permission to access it.") from e
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    user_id = await current_user(request)
+    limit, cursor = _paging(request)
+    status = None
+    if request.query.get("status"):
+        try:
+            status = TaskStatus(request.query["status"])
+        except ValueError as e:
+            raise ApiError(400, "bad_request", "status must be one of "
+                           + ", ".join(s.value for s in TaskStatus) + ".") from e
+    tasks, next_cursor = await request.config_dict[STORE].get_user_tasks(
+        user_id, status=status, limit=limit, cursor=cursor)
+    return web.json_response({"success": True, "tasks": [task_json(request, t) for t in tasks],
+                              "nextCursor": next_cursor})
+
+
+async def get_task(request: web.Request) -> web.Response:
+    user_id = await current_user(request)
+    task = await request.config_dict[STORE].get_task_by_id(_task_id(request), user_id)
+    return web.json_response({"success": True, "task": task_json(request, task)})
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    user_id = await current_user(request)
+    task = await request.config_dict[STORE].cancel_task(_task_id(request), user_id)
+    pool = request.config_dict.get(POOL)
+    if pool is not None:
+        pool.cancel_running(task.id)
+    return web.json_response({"success": True, "task": task_json(request, task)})
+
+
+async def retry_task(request: web.Request) -> web.Response:
+    user_id = await current_user(request)
+    task = await request.config_dict[STORE].retry_task(_task_id(request), user_id)
+    _wake_workers(request)
+    return web.json_response({"success": True, "task": task_json(request, task)})
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    user_id = await current_user(request)
+    task = await request.config_dict[STORE].delete_task(_task_id(request), user_id)
+    pool = request.config_dict.get(POOL)
+    if pool is not None:
+        pool.cancel_running(task.id)
+    base = task_dirs(request.config_dict[CONFIG].data_path, task)[0]
+    await asyncio.to_thread(shutil.rmtree, base, True)
+    return web.json_response({"success": True, "taskId": task.id})
+
+
+async def task_result(request: web.Request) -> web.StreamResponse:
+    user_id = await current_user(request)
+    task = await request.config_dict[STORE].get_task_by_id(_task_id(request), user_id)
+    if task.status is not TaskStatus.COMPLETED:
+        raise ApiError(409, "not_completed",
+                       f"The task is {task.status.value}; its result exists once it is completed.")
+    path = task_dirs(request.config_dict[CONFIG].data_path, task)[2] / (task.result_name or "")
+    if task.files_expired or not path.is_file():
+        raise ApiError(410, "expired", "This result was deleted after the retention period.")
+    return web.FileResponse(path, headers={
+        "Content-Disposition": content_disposition(task.result_name or "result"),
+        "Content-Type": _content_type(path.name),
+    })
+
+
+def content_disposition(name: str) -> str:
+    """RFC 6266 with an ASCII fallback and the UTF-8 name in ``filename*``."""
+    fallback = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    fallback = re.sub(r'[^A-Za-z0-9._ -]', "_", fallback).strip() or "result"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+CONTENT_TYPES = {
+    ".txt": "text/plain; charset=utf-8", ".md": "text/markdown; charset=utf-8",
+    ".srt": "application/x-subrip; charset=utf-8", ".html": "text/html; charset=utf-8",
+    ".htm": "text/html; charset=utf-8", ".json": "application/json; charset=utf-8",
+    ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+}
+
+
+def _content_type(name: str) -> str:
+    return CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+
+
+def _wake_workers(request: web.Request) -> None:
+    pool = request.config_dict.get(POOL)
+    if pool is not None:
+        pool.wake()
+
+
+# -------------------------------------------------------------------- create
+def clean_file_name(raw: str | None) -> str:
+    """Last path component, no control characters or separators; empty → ``upload``."""
+    name = re.split(r"[/\\]", raw or "")[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C" and c not in ':*?"<>|')
+    name = name.strip().strip(".") if name.strip() in {".", ".."} else name.strip()
+    if len(name.encode()) > 200:
+        stem, suffix = Path(name).stem, Path(name).suffix[:20]
+        name = stem.encode()[: 200 - len(suffix.encode())].decode(errors="ignore") + suffix
+    return name or "upload"
+
+
+@dataclass
+class Upload:
+    """What the multipart body of a create request carried."""
+
+    task_type: str | None = None
+    params_text: str | None = None
+    file_name: str | None = None
+    file_path: Path | None = None
+    file_size: int = 0
+
+
+MAX_FIELD_BYTES = 64 * 1024
+
+
+async def create_task(request: web.Request) -> web.Response:
+    """``POST /api/tasks/create``: stream the file to disk, price it, charge and queue."""
+    user_id = await current_user(request)
+    store = request.config_dict[STORE]
+    config = request.config_dict[CONFIG]
+    key = request.headers.get("Idempotency-Key") or None
+    if key and len(key) > 200:
+        raise ApiError(400, "bad_request", "Idempotency-Key must be at most 200 characters.")
+    if key and (earlier := await store.find_by_idempotency_key(user_id, key)):
+        return _created(request, earlier, status=200)
+    if (request.content_length or 0) > config.max_upload_bytes + MAX_FIELD_BYTES:
+        raise _too_large(config)
+    task_dir_rel = f"{user_id}/{uuid.uuid4().hex}"
+    task_dir = config.data_path / task_dir_rel
+    try:
+        upload = await _read_upload(request, task_dir / "original", config)
+        task_type, params = _validate_upload(request, upload)
+        cost = await _price(task_type, params, upload)
+        task, created = await store.create_processing_task(NewTask(
+            user_id=user_id, task_type=task_type.name, params=params,
+            file_name=upload.file_name or "upload", file_size=upload.file_size,
+            file_path=task_dir_rel, credits_cost=cost, idempotency_key=key,
+            max_active=config.max_active_tasks_per_user,
+        ))
+    except BaseException:
+        await asyncio.to_thread(shutil.rmtree, task_dir, True)
+        raise
+    if not created:
+        await asyncio.to_thread(shutil.rmtree, task_dir, True)
+        return _created(request, task, status=200)
+    logger.info("task %s of user %s created: %s, %d credits", task.id, user_id,
+                task.task_type, cost)
+    _wake_workers(request)
+    return _created(request, task, status=201)
+
+
+def _created(request: web.Request, task: Task, status: int) -> web.Response:
+    return web.json_response({
+        "success": True, "taskId": task.id, "task": task_json(request, task),
+        "sseUrl": _url(request, "sse_task", taskId=str(task.id)),
+    }, status=status)
+
+
+def _too_large(config: Config) -> ApiError:
+    return ApiError(413, "file_too_large",
+                    f"The file is larger than the {config.max_upload_mb} MB limit.")
+
+
+async def _read_upload(request: web.Request, original_dir: Path, config: Config) -> Upload:
+    if not request.content_type.startswith("multipart/"):
+        raise ApiError(400, "bad_request",
+                       "Send multipart/form-data with the fields file, taskType and params.")
+    upload = Upload()
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, aiohttp.BodyPartReader):
+                continue
+            if part.name == "file":
+                await _save_file(part, upload, original_dir, config)
+            elif part.name == "taskType":
+                upload.task_type = (await _read_field(part)).strip()
+            elif part.name == "params":
+                upload.params_text = await _read_field(part)
+            else:
+                await part.release()
+    except (ValueError, AssertionError, aiohttp.ClientPayloadError) as e:
+        raise ApiError(400, "bad_request", f"The multipart body is malformed: {e}") from e
+    return upload
+
+
+async def _read_field(part: aiohttp.BodyPartReader) -> str:
+    data = await part.read(decode=True)
+    if len(data) > MAX_FIELD_BYTES:
+        raise ApiError(400, "bad_request", f"The field {part.name} is too long.")
+    return data.decode("utf-8", errors="replace")
+
+
+async def _save_file(part: aiohttp.BodyPartReader, upload: Upload, original_dir: Path,
+                     config: Config) -> None:
+    """Stream one file part to disk, enforcing the size cap as bytes arrive."""
+    if upload.file_path is not None:
+        raise ApiError(400, "bad_request", "Send exactly one file per task.")
+    upload.file_name = clean_file_name(part.filename)
+    await asyncio.to_thread(original_dir.mkdir, parents=True, exist_ok=True)
+    upload.file_path = original_dir / upload.file_name
+    async with aiofiles.open(upload.file_path, "wb") as f:
+        while chunk := await part.read_chunk(256 * 1024):
+            upload.file_size += len(chunk)
+            if upload.file_size > config.max_upload_bytes:
+                raise _too_large(config)
+            await f.write(chunk)
+
+
+def _validate_upload(request: web.Request, upload: Upload) -> tuple[TaskType, dict[str, Any]]:
+    registry = request.config_dict[REGISTRY]
+    names = ", ".join(t.name for t in registry)
+    if not upload.task_type:
+        raise ApiError(400, "bad_request", f"taskType is required: one of {names}.")
+    task_type = registry.get(upload.task_type)
+    if task_type is None:
+        raise ApiError(400, "unknown_task_type",
+                       f"Unknown taskType {upload.task_type!r}: use one of {names}.")
+    if upload.file_path is None:
+        raise ApiError(400, "missing_file", "Attach the document as the multipart field 'file'.")
+    if upload.file_size == 0:
+        raise ApiError(422, "bad_document", "The file is empty.")
+    suffix = Path(upload.file_name or "").suffix.lower()
+    if suffix not in task_type.extensions:
+        raise ApiError(415, "unsupported_file_type",
+                       f"{task_type.name} does not accept {suffix or 'files without an extension'}"
+                       f"; it accepts {' '.join(task_type.extensions)}.")
+    params = _parse_params(upload.params_text)
+    _check_params(task_type, params, request.config_dict[CONFIG])
+    return task_type, params
+
+
+def _parse_params(text: str | None) -> dict[str, Any]:
+    if text is None or not text.strip():
+        return {}
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, "bad_params", f"params is not valid JSON: {e.msg}.") from e
+    if not isinstance(params, dict):
+        raise ApiError(400, "bad_params", "params must be a JSON object.")
+    return params
+
+
+def _check_params(task_type: TaskType, params: dict[str, Any], config: Config) -> None:
+    for name, spec in task_type.params.items():
+        value = params.get(name)
+        if value is None or value == "":
+            if spec.required:
+                raise ApiError(400, "bad_params", f"The parameter {name} is required "
+                               f"for {task_type.name}: {spec.description}.")
+            if spec.default is not None:
+                params[name] = spec.default
+        elif not isinstance(value, str):
+            raise ApiError(400, "bad_params", f"The parameter {name} must be a string.")
+    if "engine" in task_type.params:
+        available = [s["name"] for s in engine_statuses(config) if s["available"]]
+        if params.get("engine") not in available:
+            raise ApiError(400, "unknown_engine",
+                           f"The engine {params.get('engine')!r} is not available; "
+                           f"available engines: {', '.join(available)}.", available=available)
+
+
+async def _price(task_type: TaskType, params: dict[str, Any], upload: Upload) -> int:
+    """Read the document (its cost depends on it); a bad one is refused with 422."""
+    assert upload.file_path is not None
+    stats = None
+    if task_type.parses_document:
+        try:
+            stats = await asyncio.to_thread(_document_stats, upload.file_path)
+        except formats.BadDocument as e:
+            raise ApiError(422, "bad_document", str(e)) from e
+    return task_type.cost(Quote(upload.file_size, stats), params)
+
+
+def _document_stats(path: Path) -> formats.DocumentStats:
+    return formats.document_stats(formats.open_document(path))
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "bad_request", "The body must be a JSON object.") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "The body must be a JSON object.")
+    return body
+
+
+# ------------------------------------------------------------------------ SSE
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
+    if raw in (None, ""):
+        return None
+    try:
+        return max(0, int(raw))
+    except ValueError as e:
+        raise ApiError(400, "bad_request", "Last-Event-ID must be an event id.") from e
+
+
+def _subscribe(request: web.Request, user_id: str, task_id: int | None) -> Any:
+    hub = request.config_dict[HUB]
+    if hub.closing:
+        raise ApiError(503, "unavailable", "The server is shutting down; reconnect shortly.")
+    try:
+        return hub.subscribe(user_id, task_id)
+    except StreamLimitReached as e:
+        if e.scope == "per_user":
+            raise ApiError(429, "too_many_streams",
+                           f"You already have {e.limit} open streams; close some tabs.") from e
+        raise ApiError(503, "too_many_streams",
+                       "The server has too many open streams; try again shortly.") from e
+
+
+async def sse_task(request: web.Request) -> web.StreamResponse:
+    """``GET /api/sse/tasks/{taskId}``: the state of one task, then its events live."""
+    user_id = await current_user(request)
+    store = request.config_dict[STORE]
+    task_id = _task_id(request)
+    task = await store.get_task_by_id(task_id, user_id)
+    last_id = _last_event_id(request)
+    latest = await store.latest_event_id(task_id=task_id)
+    if last_id is not None and task.status.is_final and last_id >= latest:
+        return web.Response(status=204)
+    sub = _subscribe(request, user_id, task_id)
+    try:
+        # Read after subscribing: whatever commits from now on is also in the buffer.
+        task = await store.get_task_by_id(task_id, user_id)
+        latest = await store.latest_event_id(task_id=task_id)
+
+        async def replay(after: int) -> list[Any]:
+            return await store.events_after(after, task_id=task_id)
+
+        preamble, start = await _preamble(store, last_id, latest, [task])
+        plan = StreamPlan(preamble, start, replay, ends_on_final=True,
+                          already_final=last_id is None and task.status.is_final)
+        return await _serve(request, sub, plan)
+    finally:
+        request.config_dict[HUB].unsubscribe(sub)
+
+
+async def sse_notifications(request: web.Request) -> web.StreamResponse:
+    """``GET /api/sse/notifications``: every event of the user's tasks, and notices."""
+    user_id = await current_user(request)
+    store = request.config_dict[STORE]
+    last_id = _last_event_id(request)
+    sub = _subscribe(request, user_id, None)
+    try:
+        latest = await store.latest_event_id(user_id=user_id)
+        recent, _ = await store.get_user_tasks(user_id, limit=1)
+
+        async def replay(after: int) -> list[Any]:
+            return await store.events_after(after, user_id=user_id)
+
+        preamble, start = await _preamble(store, last_id, latest, recent)
+        return await _serve(request, sub, StreamPlan(preamble, start, replay,
+                                                     ends_on_final=False))
+    finally:
+        request.config_dict[HUB].unsubscribe(sub)
+
+
+async def _preamble(store: TaskStore, last_id: int | None, latest: int,
+                    tasks: list[Task]) -> tuple[list[bytes], int]:
+    """The snapshot (no Last-Event-ID) or a reset (history pruned), and where replay starts."""
+    if last_id is None:
+        return [encode_event(latest, "status_update", store.status_data(t)) for t in tasks], latest
+    if last_id < await store.events_pruned_through():
+        return [encode_event(latest, "reset", store.status_data(t)) for t in tasks], latest
+    return [], last_id
+
+
+async def _serve(request: web.Request, sub: Any, plan: StreamPlan) -> web.StreamResponse:
+    config = request.config_dict[CONFIG]
+    return await stream_events(request, sub, plan, heartbeat=config.sse_heartbeat_seconds,
+                               retry_ms=config.sse_retry_ms)
+
+
+# -------------------------------------------------------------------- webhook
+async def webhook(request: web.Request) -> web.Response:
+    """``POST /api/tasks/webhook``: a signed status report from the external service."""
+    config = request.config_dict[CONFIG]
+    metrics_ = request.config_dict[METRICS]
+    if not config.webhook_secret:
+        logger.error("webhook refused: WEBHOOK_SECRET is not set on this server")
+        metrics_.webhooks.labels("refused").inc()
+        raise ApiError(503, "webhook_disabled",
+                       "Webhooks are disabled: this server has no WEBHOOK_SECRET configured.")
+    body = await request.read()
+    try:
+        verify_signature(config.webhook_secret, request.headers.get("X-Zhiyi-Timestamp"),
+                         request.headers.get("X-Zhiyi-Signature"), body)
+    except SignatureError as e:
+        metrics_.webhooks.labels("bad_signature").inc()
+        raise ApiError(401, "bad_signature", f"Webhook refused: {e}.") from e
+    report = _parse_report(body)
+    store = request.config_dict[STORE]
+    try:
+        task = await store.get_task_by_external_id(report["externalTaskId"])
+    except TaskNotFound as e:
+        raise ApiError(404, "task_not_found",
+                       "No task has that externalTaskId.") from e
+    task = await _apply_report(request, task, report)
+    metrics_.webhooks.labels("accepted").inc()
+    return web.json_response({"success": True, "task": task_json(request, task)})
+
+
+def _parse_report(body: bytes) -> dict[str, Any]:
+    try:
+        report = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "bad_request", "The webhook body is not valid JSON.") from e
+    if not isinstance(report, dict) or not isinstance(report.get("externalTaskId"), str):
+        raise ApiError(400, "bad_request", "The webhook body needs a string externalTaskId.")
+    if report.get("status") not in ("processing", "completed", "failed"):
+        raise ApiError(400, "bad_request",
+                       "status must be one of processing, completed, failed.")
+    progress = report.get("progress", 0)
+    if not isinstance(progress, int | float) or isinstance(progress, bool):
+        raise ApiError(400, "bad_request", "progress must be a number from 0 to 100.")
+    return report
+
+
+async def _apply_report(request: web.Request, task: Task, report: dict[str, Any]) -> Task:
+    """completeExternalTask: a final task ignores late and repeated deliveries."""
+    store = request.config_dict[STORE]
+    if task.status is not TaskStatus.PROCESSING:
+        return task
+    status = report["status"]
+    message = str(report.get("message") or "")
+    if status == "processing":
+        updated = await store.update_external_progress(
+            task.id, int(report.get("progress", 0)), message or "processing externally")
+    elif status == "failed":
+        updated = await store.fail_task(
+            task.id, message or "The external service reported a failure.", "external_error")
+    else:
+        updated = await _complete_external(request, task, report)
+    return updated or await store.get_task_by_id(task.id)
+
+
+async def _complete_external(request: web.Request, task: Task,
+                             report: dict[str, Any]) -> Task | None:
+    """downloadResult + saveResultFile, then completeTask; a bad result fails and refunds."""
+    store = request.config_dict[STORE]
+    config = request.config_dict[CONFIG]
+    result_dir = task_dirs(config.data_path, task)[2]
+    out = result_dir / _external_result_name(task)
+    try:
+        if isinstance(report.get("resultText"), str):
+            await _save_text(out, report["resultText"], config)
+        elif isinstance(report.get("resultUrl"), str) and EXTERNAL in request.config_dict:
+            await request.config_dict[EXTERNAL].fetch_result(report["resultUrl"], out)
+        else:
+            raise ResultFetchError("The completed report carried neither resultText "
+                                   "nor a resultUrl.")
+    except ResultFetchError as e:
+        logger.warning("task %s: external result refused: %s", task.id, e)
+        return await store.fail_task(task.id, str(e), "external_error")
+    done = await store.complete_task(task.id, out.name)
+    if done is None:
+        await asyncio.to_thread(shutil.rmtree, result_dir, True)
+    return done
+
+
+def _external_result_name(task: Task) -> str:
+    name = task.file_name
+    if Path(name).suffix.lower() in {".pdf", ".docx"}:
+        return Path(name).stem + ".txt"
+    return name
+
+
+async def _save_text(out: Path, text: str, config: Config) -> None:
+    data = text.encode("utf-8")
+    if len(data) > config.max_upload_bytes:
+        raise ResultFetchError("The result is larger than the size cap; it was not kept.")
+    await asyncio.to_thread(out.parent.mkdir, parents=True, exist_ok=True)
+    async with aiofiles.open(out, "wb") as f:
+        await f.write(data)
+
+
+# ------------------------------------------------------------------ lifetime
+def _store_ctx(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        store = await TaskStore.open(config.database)
+        store.result_url = lambda task_id: str(
+            app.router["task_result"].url_for(taskId=str(task_id)))
+        app[STORE] = store
+        yield
+        await store.close()
+
+    return store_ctx
+
+
+async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    config, metrics_ = app[CONFIG], app[METRICS]
+    hub = SSEHub(
+        max_per_user=config.sse_max_per_user, max_total=config.sse_max_total,
+        buffer_size=config.sse_buffer_events,
+        on_publish=lambda n: (metrics_.events_published.inc(),
+                              metrics_.events_delivered.inc(n)) and None,
+        on_drop=metrics_.slow_clients_dropped.inc,
+    )
+    app[HUB] = hub
+    app[STORE].add_listener(hub.publish)
+    yield
+    hub.close_all()
+    app[STORE].remove_listener(hub.publish)
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    session = aiohttp.ClientSession()
+    app[HTTP] = session
+    if config.external_service_url:
+        public = (config.public_url or f"http://{config.host}:{config.port}").rstrip("/")
+        callback = public + str(app.router["webhook"].url_for())
+        app[EXTERNAL] = ExternalService(
+            session, config.external_service_url, callback,
+            max_result_bytes=config.max_upload_bytes,
+            retry_base_seconds=min(1.0, config.retry_base_seconds),
+        )
+    yield
+    await session.close()
+
+
+async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if not config.run_workers:
+        yield
+        return
+    metrics_ = app[METRICS]
+    engine_settings = config.engine_settings()
+    session = app[HTTP]
+
+    def engine_factory(name: str) -> engines.Engine:
+        return engines.make_engine(name, engine_settings, session)
+
+    def observe(outcome: str, task: Task, seconds: float) -> None:
+        metrics_.attempts.labels(task.task_type, outcome).inc()
+        if outcome == "completed":
+            metrics_.processing_seconds.labels(task.task_type).observe(seconds)
+
+    pool = WorkerPool(app[STORE], app[REGISTRY], config.worker_settings(), config.data_path,
+                      engine_factory=engine_factory, submit_external=app.get(EXTERNAL),
+                      observe=observe)
+    app[POOL] = pool
+    await pool.start()
+    yield
+    await pool.stop()
+
+
+async def _close_streams(app: web.Application) -> None:
+    # Streams are ended at shutdown, before aiohttp waits for handlers to finish.
+    if HUB in app:
+        app[HUB].close_all()
+
+
+def create_app(config: Config | None = None, *, registry: Registry | None = None,
+               ) -> web.Application:
+    """The Zhiyi application; no I/O happens until it starts."""
+    config = config or Config.from_env()
+    app = web.Application(middlewares=[error_middleware],
+                          client_max_size=config.max_upload_bytes + MAX_FIELD_BYTES)
+    app[CONFIG] = config
+    app[REGISTRY] = registry or default_registry()
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.extend([_store_ctx(config), _hub_ctx, _http_ctx, _pool_ctx])
+    app.on_shutdown.append(_close_streams)
+    _add_routes(app)
+    return app
+
+
+def _add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/", index, name="index")
+    r.add_static("/static/", resource("static"), name="static")
+    r.add_get("/healthz", healthz)
+    r.add_get("/metrics", metrics_endpoint)
+    r.add_get("/api/openapi.yaml", openapi)
+    r.add_post("/api/session", create_session)
+    r.add_delete("/api/session", delete_session)
+    r.add_get("/api/me", me)
+    r.add_get("/api/me/ledger", ledger)
+    r.add_get("/api/task-types", task_types)
+    r.add_post("/api/tasks/create", create_task)
+    r.add_post("/api/tasks/webhook", webhook, name="webhook")
+    r.add_get("/api/tasks", list_tasks)
+    r.add_get("/api/tasks/{taskId}", get_task)
+    r.add_delete("/api/tasks/{taskId}", delete_task)
+    r.add_post("/api/tasks/{taskId}/cancel", cancel_task)
+    r.add_post("/api/tasks/{taskId}/retry", retry_task)
+    r.add_get("/api/tasks/{taskId}/result", task_result, name="task_result")
+    r.add_get("/api/sse/tasks/{taskId}", sse_task, name="sse_task")
+    r.add_get("/api/sse/notifications", sse_notifications, name="sse_notifications")
+    r.add_route("*", "/api/{tail:.*}", api_not_found)
+
+
+async def api_not_found(request: web.Request) -> NoReturn:
+    raise ApiError(404, "not_found", f"No such API endpoint: {request.method} {request.path}")
+
+
+# ------------------------------------------------------------------------ CLI
+class CliError(Exception):
+    """A failure reported as one line on stderr with exit status 1."""
+
+
+async def _with_store(config: Config, action: Callable[[TaskStore], Awaitable[Any]]) -> Any:
+    store = await TaskStore.open(config.database)
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
+async def _user_add(store: TaskStore, name: str, credits: int) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
+        raise CliError("user names are 1-64 letters, digits, '_', '.', '@' or '-'")
+    try:
+        await store.add_user(name, credits)
+    except UserExists as e:
+        raise CliError(f"user {name!r} already exists") from e
+    return await store.issue_token(name)
+
+
+async def _user_token(store: TaskStore, name: str) -> str:
+    try:
+        return await store.issue_token(name)
+    except UserNotFound as e:
+        raise CliError(f"no user named {name!r}") from e
+
+
+async def _user_credit(store: TaskStore, name: str, amount: int) -> int:
+    try:
+        return await store.grant_credits(name, amount)
+    except UserNotFound as e:
+        raise CliError(f"no user named {name!r}") from e
+    except InsufficientCredits as e:
+        raise CliError(f"{name} has only {e.balance} credits") from e
+
+
+async def _local_login_token(config: Config) -> str | None:
+    """For a loopback server: make the local user if there are no users; its token."""
+
+    async def action(store: TaskStore) -> str | None:
+        users = await store.list_users()
+        if not users:
+            await store.add_user(LOCAL_USER, config.starter_credits)
+            logger.info("created the local user %r with %d credits",
+                        LOCAL_USER, config.starter_credits)
+        elif all(u.id != LOCAL_USER for u in users):
+            return None
+        token_file = config.data_path / LOCAL_TOKEN_FILE
+        if token_file.exists():
+            token = token_file.read_text().strip()
+            if await store.user_for_token(token) == LOCAL_USER:
+                return token
+        token = await store.issue_token(LOCAL_USER)
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        return token
+
+    return await _with_store(config, action)
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    config = Config.from_env(host=args.host, port=args.port,
+                             data_path=Path(args.data) if args.data else None)
+    config.data_path.mkdir(parents=True, exist_ok=True)
+    token = None
+    if config.host in LOOPBACK_HOSTS:
+        token = asyncio.run(_local_login_token(config))
+    host_for_url = f"[{config.host}]" if ":" in config.host else config.host
+    url = f"http://{host_for_url}:{config.port}/"
+    login = f"{url}?token={token}" if token else url
+
+    def announce(_: str) -> None:
+        print(f"Zhiyi is running. Open {login}", flush=True)
+        print(f"Data: {config.data_path.resolve()}  (Ctrl-C to stop)", flush=True)
+
+    try:
+        web.run_app(create_app(config), host=config.host, port=config.port, print=announce,
+                    access_log=None, shutdown_timeout=5)
+    except OSError as e:
+        raise CliError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from e
+    return 0
+
+
+def _user_command(args: argparse.Namespace) -> int:
+    config = Config.from_env(data_path=Path(args.data) if args.data else None)
+    if args.user_command == "add":
+        token = asyncio.run(_with_store(config, lambda s: _user_add(s, args.name, args.credits)))
+        print(f"created user {args.name} with {args.credits} credits; API token:")
+        print(token)
+    elif args.user_command == "token":
+        print(asyncio.run(_with_store(config, lambda s: _user_token(s, args.name))))
+    elif args.user_command == "credit":
+        balance = asyncio.run(_with_store(
+            config, lambda s: _user_credit(s, args.name, args.amount)))
+        print(f"{args.name}: {balance} credits")
+    else:
+        users = asyncio.run(_with_store(config, lambda s: s.list_users()))
+        for user in users:
+            print(f"{user.id}\t{user.credits}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zhiyi", description="Zhiyi document server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
+    user = commands.add_parser("user", help="manage users")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    add = user_commands.add_parser("add", help="create a user and print a token")
+    add.add_argument("name")
+    add.add_argument("--credits", type=int, default=0)
+    token = user_commands.add_parser("token", help="issue another token")
+    token.add_argument("name")
+    credit = user_commands.add_parser("credit", help="grant or take credits")
+    credit.add_argument("name")
+    credit.add_argument("amount", type=int)
+    user_commands.add_parser("list", help="users and balances")
+    for sub in (add, token, credit, user_commands.choices["list"]):
+        sub.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
+    _add_client_commands(commands)
+    return parser
+
+
+def _add_client_commands(commands: Any) -> None:
+    try:
+        import client
+    except ImportError:  # pragma: no cover - the client layer ships with the server
+        return
+    add_commands = getattr(client, "add_cli_commands", None)
+    if add_commands is not None:
+        add_commands(commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``zhiyi`` command."""
+    logging.basicConfig(level=os.environ.get("ZHIYI_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve_command(args)
+        if args.command == "user":
+            return _user_command(args)
+        return int(args.run(args) or 0)
+    except (CliError, ConfigError) as e:
+        print(f"zhiyi: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
