@@ -234,6 +234,13 @@ def _token_problem(seen: list[int], originals: list[str]) -> str:
     return f"The translation repeats the placeholder {originals[repeated]!r}."
 
 
+def _wrong_count(got: int, sent: int) -> str:
+    """``"2 translations for 3 segments"``, for errors about a miscounted answer."""
+    return (
+        f"{got} translation{'' if got == 1 else 's'} for {sent} segment{'' if sent == 1 else 's'}"
+    )
+
+
 def _worth_sending(protected: str) -> bool:
     """Whether a protected segment has any words; "{0}", "42" or "---" need no engine."""
     return any(ch.isalpha() for ch in _TOKEN_RE.sub("", protected))
@@ -390,7 +397,7 @@ async def _translate_protected(
             answer = await send(batch)
             if len(answer) != len(batch):
                 raise TransientEngineError(
-                    f"{label} returned {len(answer)} segments for {len(batch)}."
+                    f"{label} returned {_wrong_count(len(answer), len(batch))}."
                 )
             for protected, translation in zip(batch, answer, strict=True):
                 restore_placeholders(translation, pending[protected])
@@ -657,7 +664,7 @@ def _parse_segments(content: str, expected: int) -> list[str]:
         numbers = {str(number) for number in range(1, expected + 1)}
         if set(segments) != numbers:
             raise TransientEngineError(
-                f"{_OPENAI_LABEL} returned {len(segments)} segments for {expected}"
+                f"{_OPENAI_LABEL} returned {_wrong_count(len(segments), expected)}"
                 + (" with other numbers." if len(segments) == expected else ".")
             )
         segments = [segments[str(number)] for number in range(1, expected + 1)]
