@@ -1,0 +1,129 @@
+"""Test helpers: users, uploads, and a real SSE parser."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestClient
+
+from zhiyi_server import STORE
+
+
+async def add_user(client: TestClient, name: str = "alice", credits: int = 100) -> dict[str, str]:
+    """Create a user in the app's store; returns the Authorization header for it."""
+    store = client.app[STORE]
+    await store.add_user(name, credits)
+    return {"Authorization": f"Bearer {await store.issue_token(name)}"}
+
+
+def form(
+    content: bytes | str = b"Hello world.\n\nSecond paragraph.\n",
+    *,
+    name: str = "doc.txt",
+    task_type: str = "translate",
+    params: dict[str, Any] | str | None = None,
+) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    data.add_field("taskType", task_type)
+    if params is None and task_type == "translate":
+        params = {"targetLang": "zh", "engine": "pseudo"}
+    if params is not None:
+        data.add_field("params", params if isinstance(params, str) else json.dumps(params))
+    raw = content.encode() if isinstance(content, str) else content
+    data.add_field("file", raw, filename=name, content_type="application/octet-stream")
+    return data
+
+
+async def create(client: TestClient, headers: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+    """Create a task and assert 201; returns the JSON body."""
+    extra = kwargs.pop("extra_headers", {})
+    resp = await client.post("/api/tasks/create", data=form(**kwargs), headers={**headers, **extra})
+    body = await resp.json()
+    assert resp.status == 201, body
+    return body
+
+
+async def get_task(client: TestClient, headers: dict[str, str], task_id: int) -> dict[str, Any]:
+    resp = await client.get(f"/api/tasks/{task_id}", headers=headers)
+    assert resp.status == 200
+    return (await resp.json())["task"]
+
+
+async def wait_status(
+    client: TestClient, headers: dict[str, str], task_id: int, *statuses: str,
+    timeout: float = 30,
+) -> dict[str, Any]:
+    """Poll until the task is in one of ``statuses``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        task = await get_task(client, headers, task_id)
+        if task["taskStatus"] in statuses:
+            return task
+        if loop.time() > end:
+            raise AssertionError(f"task {task_id} stuck in {task['taskStatus']}: {task}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class SSEMessage:
+    id: str | None
+    data: dict[str, Any] | None
+    retry: int | None = None
+
+    @property
+    def type(self) -> str | None:
+        return self.data["type"] if self.data else None
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        assert self.data is not None
+        return self.data["data"]
+
+
+class SSEReader:
+    """Parses ``text/event-stream`` per the HTML standard (fields, comments, dispatch)."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.comments: list[str] = []
+        self.retry: int | None = None
+
+    async def next(self, timeout: float = 10) -> SSEMessage | None:
+        """The next dispatched message, or None at the end of the stream."""
+        return await asyncio.wait_for(self._next(), timeout)
+
+    async def _next(self) -> SSEMessage | None:
+        event_id: str | None = None
+        data_lines: list[str] = []
+        while True:
+            raw = await self.response.content.readline()
+            if not raw:
+                return None
+            line = raw.decode().rstrip("\n").rstrip("\r")
+            if line == "":
+                if data_lines:
+                    return SSEMessage(event_id, json.loads("\n".join(data_lines)), self.retry)
+                continue
+            if line.startswith(":"):
+                self.comments.append(line[1:].strip())
+                continue
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "id":
+                event_id = value
+            elif field == "data":
+                data_lines.append(value)
+            elif field == "retry":
+                self.retry = int(value)
+
+    async def collect_until_final(self, timeout: float = 30) -> list[SSEMessage]:
+        """Messages until the stream ends (task streams end after the final event)."""
+        messages = []
+        while (message := await self.next(timeout)) is not None:
+            messages.append(message)
+        return messages

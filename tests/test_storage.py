@@ -1,0 +1,193 @@
+"""The store on its own: migrations, credits that never drift, races, refunds once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from storage import (
+    SCHEMA_VERSION,
+    InsufficientCredits,
+    InvalidTransition,
+    NewTask,
+    TaskNotFound,
+    TaskStatus,
+    TaskStore,
+    UserExists,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    store = await TaskStore.open(tmp_path / "zhiyi.db")
+    yield store
+    await store.close()
+
+
+def new_task(user: str, cost: int = 1, key: str | None = None) -> NewTask:
+    return NewTask(user_id=user, task_type="translate", params={"targetLang": "zh"},
+                   file_name="a.txt", file_size=3, file_path=f"{user}/x", credits_cost=cost,
+                   idempotency_key=key)
+
+
+async def ledger_sum(store: TaskStore, user: str) -> int:
+    entries, cursor = await store.get_ledger(user, limit=10_000)
+    assert cursor is None
+    return sum(e.amount for e in entries)
+
+
+async def test_older_schema_migrates_without_losing_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript((FIXTURES / "schema_v1.sql").read_text())
+        db.execute("INSERT INTO users VALUES ('alice', 4, '2025-01-01T00:00:00.000Z')")
+        db.execute("""INSERT INTO processing_tasks (user_id, task_type, status, file_name,
+                      file_size, file_path, credits_cost, created_at, updated_at)
+                      VALUES ('alice', 'translate', 'completed', 'a.txt', 3, 'alice/x', 1,
+                      '2025-01-01T00:00:00.000Z', '2025-01-01T00:00:00.000Z')""")
+        db.execute("""INSERT INTO credit_ledger (user_id, amount, reason, balance_after,
+                      created_at) VALUES ('alice', 4, 'grant', 4, '2025-01-01T00:00:00.000Z')""")
+    store = await TaskStore.open(path)
+    try:
+        user = await store.get_user("alice")
+        assert user is not None and user.credits == 4
+        task = await store.get_task_by_id(1, "alice")
+        assert task.status is TaskStatus.COMPLETED and task.stage is None
+        assert task.checkpoint is None and task.files_expired is False
+        token = await store.issue_token("alice", kind="session")
+        assert await store.user_for_token(token) == "alice"
+        assert await store.events_pruned_through() == 0
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    # Opening again is a no-op.
+    store = await TaskStore.open(path)
+    await store.close()
+
+
+async def test_newer_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(Exception, match="newer than this Zhiyi"):
+        await TaskStore.open(path)
+
+
+async def test_new_database_has_current_version(tmp_path: Path) -> None:
+    store = await TaskStore.open(tmp_path / "new.db")
+    await store.close()
+    with sqlite3.connect(tmp_path / "new.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_user_exists_and_negative_grant(store: TaskStore) -> None:
+    await store.add_user("alice", 3)
+    with pytest.raises(UserExists):
+        await store.add_user("alice")
+    with pytest.raises(InsufficientCredits):
+        await store.grant_credits("alice", -4)
+    assert await store.grant_credits("alice", -3) == 0
+    assert await ledger_sum(store, "alice") == 0
+
+
+async def test_refund_happens_exactly_once(store: TaskStore) -> None:
+    await store.add_user("alice", 5)
+    task, _ = await store.create_processing_task(new_task("alice", cost=2))
+    claimed = await store.claim_next_task("w", 60)
+    assert claimed is not None and claimed.id == task.id
+    assert await store.fail_task(task.id, "boom", attempt=claimed.attempts) is not None
+    assert await store.fail_task(task.id, "boom again") is None
+    with pytest.raises(InvalidTransition):
+        await store.cancel_task(task.id, "alice")
+    assert (await store.get_user("alice")).credits == 5
+    entries, _ = await store.get_ledger("alice")
+    assert [e.reason for e in entries] == ["refund", "charge", "grant"]
+
+
+async def test_stale_attempt_cannot_complete(store: TaskStore) -> None:
+    await store.add_user("alice", 5)
+    task, _ = await store.create_processing_task(new_task("alice"))
+    first = await store.claim_next_task("w", 60)
+    await store.requeue_orphans(3, expired_only=False)
+    second = await store.claim_next_task("w", 60)
+    assert second is not None and second.attempts == first.attempts + 1
+    assert await store.complete_task(task.id, "r.txt", attempt=first.attempts) is None
+    assert await store.complete_task(task.id, "r.txt", attempt=second.attempts) is not None
+
+
+async def test_concurrent_charges_never_overdraw(store: TaskStore) -> None:
+    await store.add_user("alice", 10)
+    results = await asyncio.gather(
+        *(store.create_processing_task(new_task("alice")) for _ in range(50)),
+        return_exceptions=True)
+    created = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, InsufficientCredits)]
+    assert len(created) == 10 and len(refused) == 40
+    assert (await store.get_user("alice")).credits == 0
+    assert await ledger_sum(store, "alice") == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_credits_never_drift(store: TaskStore, seed: int) -> None:
+    """Random sequences of create/cancel/fail/retry/grant/complete keep balance == ledger."""
+    rng = random.Random(seed)
+    users = ["ann", "ben", "cai"]
+    for user in users:
+        await store.add_user(user, rng.randint(0, 6))
+    for _ in range(150):
+        user = rng.choice(users)
+        tasks, _ = await store.get_user_tasks(user, limit=100)
+        op = rng.choice(["create", "create", "cancel", "fail", "retry", "grant", "complete",
+                         "delete"])
+        try:
+            await apply_op(store, rng, op, user, tasks)
+        except (InsufficientCredits, InvalidTransition, TaskNotFound):
+            pass
+        for name in users:
+            balance = (await store.get_user(name)).credits
+            assert balance >= 0
+            assert balance == await ledger_sum(store, name), (op, name)
+    assert await store.balance_drift() == {}
+
+
+async def apply_op(store: TaskStore, rng: random.Random, op: str, user: str, tasks) -> None:
+    target = rng.choice(tasks) if tasks else None
+    if op == "create":
+        key = rng.choice([None, None, "k1", "k2"])
+        await store.create_processing_task(new_task(user, rng.randint(0, 3), key))
+    elif op == "grant":
+        await store.grant_credits(user, rng.randint(-3, 5))
+    elif target is None:
+        return
+    elif op == "cancel":
+        await store.cancel_task(target.id, user)
+    elif op == "retry":
+        await store.retry_task(target.id, user)
+    elif op == "delete":
+        await store.delete_task(target.id, user)
+    elif op == "fail":
+        await store.fail_task(target.id, "random failure")
+    elif op == "complete":
+        claimed = await store.claim_next_task("w", 60)
+        if claimed is not None:
+            await store.complete_task(claimed.id, "r.txt", attempt=claimed.attempts)
+
+
+async def test_events_are_appended_in_the_same_transaction(store: TaskStore) -> None:
+    seen = []
+    store.add_listener(seen.append)
+    await store.add_user("alice", 5)
+    task, _ = await store.create_processing_task(new_task("alice"))
+    await store.cancel_task(task.id, "alice")
+    events = await store.events_after(0, task_id=task.id)
+    assert [e.data["status"] for e in events] == ["pending", "cancelled"]
+    assert [e.id for e in seen if e.task_id == task.id] == [e.id for e in events]
+    assert events[-1].is_final
