@@ -400,7 +400,10 @@ async def _translate_protected(
                     f"{label} returned {_wrong_count(len(answer), len(batch))}."
                 )
             for protected, translation in zip(batch, answer, strict=True):
-                restore_placeholders(translation, pending[protected])
+                try:
+                    restore_placeholders(translation, pending[protected])
+                except TransientEngineError as e:
+                    raise TransientEngineError(f"{label} did not keep the placeholders. {e}") from e
             return answer
 
         logger.debug("%s: sending %d segments", label, len(batch))

@@ -408,6 +408,20 @@ async def test_libretranslate_lost_token_is_retried(
     assert len(fake.requests) == 2
 
 
+async def test_libretranslate_lost_token_forever_is_transient(
+    session: aiohttp.ClientSession, libre: tuple[FakeLibreTranslate, EngineSettings]
+) -> None:
+    fake, settings = libre
+    fake.reply_next({"translatedText": ["<de>Hallo"]}, times=10)
+    engine = make_engine("libretranslate", settings, session)
+    with pytest.raises(TransientEngineError) as info:
+        await engine.translate(["Hello {name}"], "en", "de")
+    assert str(info.value) == (
+        "LibreTranslate did not keep the placeholders. The translation lost the placeholder "
+        "'{name}'. Gave up after 3 attempts."
+    )
+
+
 async def test_libretranslate_honours_retry_after_seconds(
     session: aiohttp.ClientSession, libre: tuple[FakeLibreTranslate, EngineSettings]
 ) -> None:
