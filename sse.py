@@ -158,9 +158,10 @@ class SSEHub:
         final = event.is_final
         delivered = 0
         for sub in (*task_subs, *user_subs):
+            was_overflowed = sub.overflowed
             if sub.offer(event.id, payload, final):
                 delivered += 1
-            elif sub.overflowed and self._on_drop is not None:
+            elif sub.overflowed and not was_overflowed and self._on_drop is not None:
                 self._on_drop()
         if self._on_publish is not None:
             self._on_publish(delivered)

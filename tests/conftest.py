@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
+from processors import Registry
 from zhiyi_server import Config, create_app
 
 MakeClient = Callable[..., Awaitable[TestClient]]
@@ -30,8 +31,8 @@ def config(tmp_path: Path) -> Config:
 def make_client(aiohttp_client, config: Config) -> MakeClient:
     """``await make_client(**config_overrides)``: the real app behind a test server."""
 
-    async def make(**overrides) -> TestClient:
-        app = create_app(Config(**{**config.__dict__, **overrides}))
+    async def make(registry: Registry | None = None, **overrides) -> TestClient:
+        app = create_app(Config(**{**config.__dict__, **overrides}), registry=registry)
         return await aiohttp_client(app)
 
     return make

@@ -1,0 +1,392 @@
+"""Workers, processors and SSE streams, with controllable test processors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+from helpers import SSEReader, add_user, create, get_task, wait_status
+
+from processors import PermanentError, Registry, TaskContext, TransientError, default_registry
+from sse import SSEHub, encode_event
+from storage import TaskStatus
+from zhiyi_server import HUB, METRICS, POOL, STORE
+
+
+class Gates:
+    """Lets a test hold a processor at a step and release it."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.calls = 0
+        self.fail_times = 0
+
+
+def make_registry(gates: Gates) -> Registry:
+    registry = default_registry().copy()
+
+    @registry.processor("steps", extensions=(".txt",), parses_document=False)
+    async def steps(ctx: TaskContext) -> Path:
+        """Ten progress steps, then copies the input."""
+        for i in range(1, 11):
+            await ctx.progress(i * 10 - 5, f"step {i} of 10", stage="working")
+            await asyncio.sleep(0.01)
+        out = ctx.result_path("out.txt")
+        out.write_bytes(ctx.input_path.read_bytes().upper())
+        return out
+
+    @registry.processor("gate", extensions=(".txt",), parses_document=False)
+    async def gate(ctx: TaskContext) -> Path:
+        await ctx.progress(30, "waiting at the gate", stage="gate")
+        (ctx.result_path("partial.txt")).write_text("partial")
+        gates.started.set()
+        try:
+            await gates.release.wait()
+        except asyncio.CancelledError:
+            gates.cancelled.set()
+            raise
+        await ctx.progress(60, "past the gate")
+        out = ctx.result_path("gate.txt")
+        out.write_text("done")
+        return out
+
+    @registry.processor("flaky", extensions=(".txt",), parses_document=False)
+    async def flaky(ctx: TaskContext) -> Path:
+        gates.calls += 1
+        if gates.calls <= gates.fail_times:
+            raise TransientError(f"flaky failure {gates.calls}")
+        out = ctx.result_path("ok.txt")
+        out.write_text(f"ok after {gates.calls}")
+        return out
+
+    @registry.processor("broken", extensions=(".txt",), parses_document=False)
+    async def broken(ctx: TaskContext) -> Path:
+        raise PermanentError("this document cannot be processed", "bad_document")
+
+    @registry.processor("buggy", extensions=(".txt",), parses_document=False)
+    async def buggy(ctx: TaskContext) -> Path:
+        return {}["missing"]
+
+    @registry.processor("hang", extensions=(".txt",), parses_document=False)
+    async def hang(ctx: TaskContext) -> Path:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    @registry.processor("chatty", extensions=(".txt",), parses_document=False)
+    async def chatty(ctx: TaskContext) -> Path:
+        for i in range(100_000):
+            await ctx.progress(i / 1000, f"report {i}")
+        out = ctx.result_path("chatty.txt")
+        out.write_text("done")
+        return out
+
+    return registry
+
+
+@pytest.fixture
+def gates() -> Gates:
+    return Gates()
+
+
+@pytest.fixture
+async def tclient(make_client, gates: Gates) -> TestClient:
+    return await make_client(registry=make_registry(gates), task_timeout_seconds=1.0)
+
+
+def sse_url(task_id: int) -> str:
+    return f"/api/sse/tasks/{task_id}"
+
+
+async def test_seed_front_end_logic_follows_a_task(tclient: TestClient) -> None:
+    """The seed's useTaskStatus: open the SSE URL, parse JSON, act on status_update."""
+    headers = await add_user(tclient)
+    created = await create(tclient, headers, task_type="steps", params={}, content="abc")
+    resp = await tclient.get(created["sseUrl"], headers=headers)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    assert resp.headers["Cache-Control"] == "no-cache"
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    reader = SSEReader(resp)
+    state = {}
+    seen_statuses = []
+    for message in await reader.collect_until_final():
+        assert message.id is not None and message.id.isdigit()
+        if message.type == "status_update":
+            state = message.payload
+            if not seen_statuses or seen_statuses[-1] != state["status"]:
+                seen_statuses.append(state["status"])
+    assert reader.retry == 3000
+    assert seen_statuses[-1] == "completed"
+    assert set(seen_statuses) <= {"pending", "processing", "completed"}
+    assert "processing" in seen_statuses
+    assert state["progress"] == 100
+    result = await tclient.get(state["resultUrl"], headers=headers)
+    assert result.status == 200 and await result.read() == b"ABC"
+
+
+async def test_first_message_is_snapshot_with_latest_event_id(tclient, gates) -> None:
+    headers = await add_user(tclient)
+    task_id = (await create(tclient, headers, task_type="gate", params={}))["taskId"]
+    await gates.started.wait()
+    store = tclient.app[STORE]
+    await asyncio.sleep(0.05)
+    latest = await store.latest_event_id(task_id=task_id)
+    resp = await tclient.get(sse_url(task_id), headers=headers)
+    reader = SSEReader(resp)
+    first = await reader.next()
+    assert first.id == str(latest)
+    assert first.type == "status_update"
+    assert first.payload["status"] == "processing" and first.payload["progress"] == 30
+    assert first.payload["taskId"] == task_id
+    gates.release.set()
+    rest = await reader.collect_until_final()
+    assert rest[-1].payload["status"] == "completed"
+    assert all(int(m.id) > latest for m in rest)
+
+
+async def test_exact_bytes_of_an_event() -> None:
+    assert encode_event(7, "status_update", {"taskId": 1, "status": "pending"}) == (
+        b'id: 7\ndata: {"type":"status_update","data":{"taskId":1,"status":"pending"}}\n\n')
+
+
+async def test_reconnect_with_last_event_id_gets_every_later_event_once(tclient, gates) -> None:
+    headers = await add_user(tclient)
+    task_id = (await create(tclient, headers, task_type="gate", params={}))["taskId"]
+    resp = await tclient.get(sse_url(task_id), headers=headers)
+    reader = SSEReader(resp)
+    first = await reader.next()
+    resp.close()  # the client drops mid-task
+    await gates.started.wait()
+    gates.release.set()
+    await wait_status(tclient, headers, task_id, "completed")
+    # Reconnect from the first id: replay everything after it, then the stream ends.
+    resp = await tclient.get(sse_url(task_id), headers={**headers,
+                                                        "Last-Event-ID": first.id})
+    replayed = await SSEReader(resp).collect_until_final()
+    store_events = await tclient.app[STORE].events_after(int(first.id), task_id=task_id)
+    assert [m.id for m in replayed] == [str(e.id) for e in store_events]
+    assert len({m.id for m in replayed}) == len(replayed)
+    assert replayed[-1].payload["status"] == "completed"
+    # The query-string form works too, and a reconnect after the final event is 204.
+    resp = await tclient.get(f"{sse_url(task_id)}?lastEventId={replayed[-1].id}",
+                             headers=headers)
+    assert resp.status == 204
+
+
+async def test_live_and_replay_hand_over_without_gap(tclient, gates) -> None:
+    headers = await add_user(tclient)
+    task_id = (await create(tclient, headers, task_type="steps", params={}))["taskId"]
+    resp = await tclient.get(sse_url(task_id), headers={**headers, "Last-Event-ID": "0"})
+    messages = await SSEReader(resp).collect_until_final()
+    events = await tclient.app[STORE].events_after(0, task_id=task_id)
+    assert [int(m.id) for m in messages] == [e.id for e in events]
+    progress = [m.payload["progress"] for m in messages if m.payload["status"] == "processing"]
+    assert progress == sorted(progress)
+
+
+async def test_notifications_stream_carries_all_tasks(tclient, gates) -> None:
+    headers = await add_user(tclient)
+    resp = await tclient.get("/api/sse/notifications", headers={**headers,
+                                                                "Last-Event-ID": "0"})
+    reader = SSEReader(resp)
+    ids = [(await create(tclient, headers, task_type="steps", params={}))["taskId"]
+           for _ in range(3)]
+    done: set[int] = set()
+    while done != set(ids):
+        message = await reader.next()
+        if message.type == "status_update" and message.payload["status"] == "completed":
+            done.add(message.payload["taskId"])
+    await tclient.app[STORE].grant_credits("alice", 5)
+    while (message := await reader.next()).type != "notification":
+        pass
+    assert message.payload["credits"] == 100 - 3 + 5
+    resp.close()
+
+
+async def test_cancel_mid_processing_refunds_and_stops(tclient, gates, config) -> None:
+    headers = await add_user(tclient, credits=10)
+    task_id = (await create(tclient, headers, task_type="gate", params={}))["taskId"]
+    await gates.started.wait()
+    resp = await tclient.post(f"/api/tasks/{task_id}/cancel", headers=headers)
+    assert resp.status == 200
+    assert (await resp.json())["task"]["taskStatus"] == "cancelled"
+    await asyncio.wait_for(gates.cancelled.wait(), 5)
+    me = await (await tclient.get("/api/me", headers=headers)).json()
+    assert me["credits"] == 10
+    task = await get_task(tclient, headers, task_id)
+    assert task["taskStatus"] == "cancelled" and task["errorCode"] is None
+    for _ in range(100):
+        if not any(config.data_path.rglob("partial.txt")):
+            break
+        await asyncio.sleep(0.02)
+    assert not any(config.data_path.rglob("partial.txt"))
+    assert tclient.app[POOL].running_count == 0
+
+
+async def test_delete_running_task_cancels_it(tclient, gates) -> None:
+    headers = await add_user(tclient, credits=10)
+    task_id = (await create(tclient, headers, task_type="gate", params={}))["taskId"]
+    await gates.started.wait()
+    resp = await tclient.delete(f"/api/tasks/{task_id}", headers=headers)
+    assert resp.status == 200
+    await asyncio.wait_for(gates.cancelled.wait(), 5)
+    assert (await (await tclient.get("/api/me", headers=headers)).json())["credits"] == 10
+
+
+async def test_transient_errors_retry_with_growing_delays(tclient, gates) -> None:
+    gates.fail_times = 2
+    headers = await add_user(tclient)
+    task_id = (await create(tclient, headers, task_type="flaky", params={}))["taskId"]
+    task = await wait_status(tclient, headers, task_id, "completed", "failed")
+    assert task["taskStatus"] == "completed" and task["attempts"] == 3
+    events = await tclient.app[STORE].events_after(0, task_id=task_id)
+    retries = [e.data["message"] for e in events if e.data["status"] == "pending"
+               and "retrying" in e.data["message"]]
+    assert retries == ["flaky failure 1; retrying in 0.05 s",
+                       "flaky failure 2; retrying in 0.1 s"]
+
+
+async def test_transient_errors_exhaust_attempts_and_refund(tclient, gates) -> None:
+    gates.fail_times = 99
+    headers = await add_user(tclient, credits=3)
+    task_id = (await create(tclient, headers, task_type="flaky", params={}))["taskId"]
+    task = await wait_status(tclient, headers, task_id, "failed")
+    assert task["attempts"] == 3 and "Gave up after 3 attempts" in task["errorMessage"]
+    assert (await (await tclient.get("/api/me", headers=headers)).json())["credits"] == 3
+
+
+@pytest.mark.parametrize(("task_type", "code"), [
+    ("broken", "bad_document"), ("buggy", "processor_error"), ("hang", "timeout")])
+async def test_failures_are_told_apart_and_refunded(tclient, task_type, code) -> None:
+    headers = await add_user(tclient, credits=3)
+    task_id = (await create(tclient, headers, task_type=task_type, params={}))["taskId"]
+    resp = await tclient.get(sse_url(task_id), headers=headers)
+    messages = await SSEReader(resp).collect_until_final()
+    final = messages[-1].payload
+    assert final["status"] == "failed" and final["errorCode"] == code
+    assert final["error"]
+    task = await get_task(tclient, headers, task_id)
+    assert task["errorCode"] == code and task["attempts"] == 1
+    assert (await (await tclient.get("/api/me", headers=headers)).json())["credits"] == 3
+
+
+async def test_progress_writes_are_coalesced(tclient) -> None:
+    headers = await add_user(tclient)
+    task_id = (await create(tclient, headers, task_type="chatty", params={}))["taskId"]
+    await wait_status(tclient, headers, task_id, "completed")
+    events = await tclient.app[STORE].events_after(0, task_id=task_id)
+    assert len(events) <= 110
+    progress = [e.data["progress"] for e in events if e.data["status"] == "processing"]
+    assert progress == sorted(progress)
+    assert events[-1].data["progress"] == 100
+
+
+async def test_a_reader_that_stops_does_not_slow_the_others(make_client, gates) -> None:
+    client = await make_client(registry=make_registry(gates), sse_buffer_events=8)
+    headers = await add_user(client, credits=1000)
+    stuck = await client.get("/api/sse/notifications", headers=headers)
+    live = await client.get("/api/sse/notifications", headers=headers)
+    live_reader = SSEReader(live)
+    for _ in range(100):
+        if client.app[HUB].connection_count == 2:
+            break
+        await asyncio.sleep(0.01)
+    store = client.app[STORE]
+    for _ in range(300):
+        await store.grant_credits("alice", 1)
+    received = 0
+    while received < 300:
+        message = await live_reader.next()
+        if message.type == "notification":
+            received += 1
+    assert message.payload["credits"] == 1300
+    stuck.close()
+    live.close()
+
+
+def test_hub_drops_a_subscriber_that_falls_behind() -> None:
+    from storage import Event
+
+    drops: list[int] = []
+    delivered: list[int] = []
+    hub = SSEHub(buffer_size=8, on_drop=lambda: drops.append(1), on_publish=delivered.append)
+    slow = hub.subscribe("alice")
+    fast = hub.subscribe("alice")
+    for i in range(1, 21):
+        hub.publish(Event(i, None, "alice", "notification", {"n": i}))
+        while fast.buffer:  # the fast reader keeps up
+            fast.buffer.popleft()
+    assert slow.overflowed and not fast.overflowed
+    assert drops == [1]  # counted once, not once per later event
+    assert delivered[:8] == [2] * 8 and delivered[9:] == [1] * 11
+    hub.unsubscribe(slow)
+    hub.unsubscribe(fast)
+    assert hub.connection_count == 0
+
+
+async def test_stream_limits(make_client) -> None:
+    client = await make_client(sse_max_per_user=2, sse_max_total=3, worker_concurrency=0)
+    alice = await add_user(client, "alice")
+    bob = await add_user(client, "bob")
+    carol = await add_user(client, "carol")
+    streams = [await client.get("/api/sse/notifications", headers=alice) for _ in range(2)]
+    resp = await client.get("/api/sse/notifications", headers=alice)
+    assert resp.status == 429 and (await resp.json())["code"] == "too_many_streams"
+    streams.append(await client.get("/api/sse/notifications", headers=bob))
+    resp = await client.get("/api/sse/notifications", headers=carol)
+    assert resp.status == 503
+    for s in streams:
+        s.close()
+    for _ in range(100):
+        if client.app[HUB].connection_count == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert client.app[HUB].connection_count == 0
+
+
+async def test_heartbeat_comment(make_client) -> None:
+    client = await make_client(sse_heartbeat_seconds=0.05, worker_concurrency=0)
+    headers = await add_user(client)
+    resp = await client.get("/api/sse/notifications", headers=headers)
+    reader = SSEReader(resp)
+    with pytest.raises(TimeoutError):
+        await reader.next(timeout=0.3)
+    assert "ping" in reader.comments
+    resp.close()
+
+
+async def test_many_tasks_many_subscribers(make_client, gates) -> None:
+    client = await make_client(registry=make_registry(gates), worker_concurrency=8,
+                               sse_max_per_user=200)
+    headers = await add_user(client, credits=1000)
+    ids = [(await create(client, headers, task_type="steps", params={}))["taskId"]
+           for _ in range(100)]
+
+    async def follow(task_id: int) -> list[int]:
+        resp = await client.get(sse_url(task_id), headers={**headers, "Last-Event-ID": "0"})
+        messages = await SSEReader(resp).collect_until_final(timeout=60)
+        assert messages[-1].payload["status"] == "completed"
+        return [m.payload["progress"] for m in messages
+                if m.payload["status"] == "processing"]
+
+    for progress in await asyncio.gather(*(follow(i) for i in ids)):
+        assert progress == sorted(progress)
+
+
+async def test_processor_cancellation_propagates(tclient, gates) -> None:
+    """CancelledError is never swallowed by the runner: stopping the pool stops the job."""
+    headers = await add_user(tclient)
+    task_id = (await create(tclient, headers, task_type="gate", params={}))["taskId"]
+    await gates.started.wait()
+    pool = tclient.app[POOL]
+    await pool.stop()
+    assert gates.cancelled.is_set()
+    task = await tclient.app[STORE].get_task_by_id(task_id)
+    assert task.status is TaskStatus.PROCESSING  # left for recovery at next start
+    await pool.recover()
+    task = await tclient.app[STORE].get_task_by_id(task_id)
+    assert task.status is TaskStatus.PENDING
