@@ -12,7 +12,7 @@ from helpers import SSEReader, add_user, create, get_task, wait_status
 from processors import PermanentError, Registry, TaskContext, TransientError, default_registry
 from sse import SSEHub, encode_event
 from storage import TaskStatus
-from zhiyi_server import HUB, METRICS, POOL, STORE
+from zhiyi_server import HUB, POOL, STORE
 
 
 class Gates:
