@@ -850,7 +850,8 @@ async def webhook(request: web.Request) -> web.Response:
     if not config.webhook_secret:
         logger.error("webhook refused: WEBHOOK_SECRET is not set on this server")
         metrics_.webhooks.labels("refused").inc()
-        raise ApiError(503, "webhook_disabled",
+        # 401: without a secret no signature can be verified, so none is accepted.
+        raise ApiError(401, "webhook_disabled",
                        "Webhooks are disabled: this server has no WEBHOOK_SECRET configured.")
     body = await request.read()
     try:
