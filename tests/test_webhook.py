@@ -20,7 +20,7 @@ from processors import default_registry
 from zhiyi_server import CONFIG, POOL, STORE, Config, create_app
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
-import external_worker  # noqa: E402
+import external_worker
 
 SECRET = "s3cret"
 
