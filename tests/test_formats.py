@@ -1,0 +1,711 @@
+"""formats.py: real files round-tripped through segments() and render()."""
+
+from __future__ import annotations
+
+import re
+import tracemalloc
+import zipfile
+from collections.abc import Callable, Iterable
+from html.parser import HTMLParser
+from pathlib import Path
+
+import docx
+import pytest
+from docx.oxml import OxmlElement
+from docx.oxml.ns import qn
+from pypdf import PdfWriter
+
+from formats import (
+    SUPPORTED_EXTENSIONS,
+    BadDocument,
+    Document,
+    count_words,
+    document_stats,
+    guess_language,
+    open_document,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+
+# What a translation engine must keep verbatim: {{x}}, {name}, %(x)d, %s, tags, entities.
+PLACEHOLDER = re.compile(r"\{\{[^{}]*\}\}|\{[^{}\s]*\}|%\(\w+\)[sd]|%[sd]|<[^<>]+>|&\w+;")
+
+
+def pseudo(text: str) -> str:
+    """A stand-in translator: upper-cases and brackets the text, keeping placeholders."""
+    parts, pos = [], 0
+    for match in PLACEHOLDER.finditer(text):
+        parts += [text[pos : match.start()].upper(), match.group()]
+        pos = match.end()
+    parts.append(text[pos:].upper())
+    return "[" + "".join(parts) + "]"
+
+
+def identity(text: str) -> str:
+    return text
+
+
+def round_trip(
+    path: Path, translate: Callable[[str], str], extension: str | None = None
+) -> tuple[Document, Path]:
+    doc = open_document(path, extension)
+    out = path.with_name("out-" + doc.result_name(path.name))
+    doc.render((translate(s) for s in doc.segments()), out)
+    return doc, out
+
+
+def write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def fixture(tmp_path: Path, name: str, eol: str = "\n") -> Path:
+    """A copy of a fixture in tmp_path, with the line ending asked for."""
+    text = (FIXTURES / name).read_text(encoding="utf-8")
+    return write(tmp_path, name, text.replace("\n", eol))
+
+
+# --------------------------------------------------------------------------- plain text
+
+TEXT = (
+    "Title line\n"
+    "\n"
+    "First paragraph, line one,\n"
+    "  indented line two with {name} and %s.   \n"
+    "   \n"
+    "\n"
+    "Second paragraph %(count)d {{user}}.\n"
+    "----\n"
+    "\n"
+    "Last line without a newline"
+)
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_text_identity_render_is_byte_exact(tmp_path: Path, eol: str) -> None:
+    path = write(tmp_path, "a.txt", TEXT.replace("\n", eol))
+    _, out = round_trip(path, identity)
+    assert out.read_bytes() == path.read_bytes()
+
+
+def test_text_paragraphs_are_segments(tmp_path: Path) -> None:
+    doc = open_document(write(tmp_path, "a.txt", TEXT))
+    assert list(doc.segments()) == [
+        "Title line",
+        "First paragraph, line one,\nindented line two with {name} and %s.",
+        "Second paragraph %(count)d {{user}}.\n----",
+        "Last line without a newline",
+    ]
+    assert list(doc.segments()) == list(doc.segments())  # re-iterable
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_text_translation_keeps_lines_and_line_endings(tmp_path: Path, eol: str) -> None:
+    path = write(tmp_path, "a.txt", TEXT.replace("\n", eol))
+    _, out = round_trip(path, pseudo)
+    data = out.read_bytes()
+    assert data.count(b"\n") == TEXT.count("\n")
+    assert data.count(b"\r\n") == (TEXT.count("\n") if eol == "\r\n" else 0)
+    lines = data.decode("utf-8").split(eol)
+    assert [line.strip() == "" for line in lines] == [
+        line.strip() == "" for line in TEXT.split("\n")
+    ]
+    assert lines[3] == "  INDENTED LINE TWO WITH {name} AND %s.]   "
+    assert "SECOND PARAGRAPH %(count)d {{user}}." in lines[6]
+
+
+def test_text_long_paragraphs_are_split(tmp_path: Path) -> None:
+    sentences = " ".join(f"Sentence number {i} is here." for i in range(300))  # one long line
+    lines = "\n".join(f"Line {i} of a long paragraph without blank lines." for i in range(150))
+    cjk = "这是一个没有空格的很长的中文段落" * 300  # no spaces, no sentence ends: a hard cut
+    path = write(tmp_path, "long.txt", f"{sentences}\n\n{lines}\n\n{cjk}\n")
+    doc = open_document(path)
+    segments = list(doc.segments())
+    assert all(len(s) <= 2000 for s in segments)
+    assert len(segments) >= 2 + 2 + 3
+    assert all(s.endswith(".") for s in segments if s.startswith(("Sentence", "Line")))
+    assert all(s.startswith("Line") for s in segments if "Line" in s)  # cut at line ends
+    assert "".join(s for s in segments if s.startswith("这")) == cjk
+    _, out = round_trip(path, identity)
+    assert out.read_bytes() == path.read_bytes()
+
+
+def test_large_text_file_streams(tmp_path: Path) -> None:
+    path = tmp_path / "big.txt"
+    paragraph = "Zhiyi reads large files a line at a time, {name}. Then another one.\n"
+    block = (paragraph * 4 + "\n") * 1000
+    with path.open("w", encoding="utf-8", newline="") as f:
+        for _ in range(20_000_000 // len(block) + 1):
+            f.write(block)
+    size = path.stat().st_size
+    assert size > 20_000_000
+    out = tmp_path / "big-out.txt"
+    tracemalloc.start()
+    try:
+        doc = open_document(path)
+        count = sum(1 for _ in doc.segments())
+        _, peak_segments = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        doc.render((s.upper() for s in doc.segments()), out)
+        _, peak_render = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count > 40_000
+    assert peak_segments < 8_000_000, peak_segments
+    assert peak_render < 8_000_000, peak_render
+    assert out.stat().st_size == size
+    with out.open(encoding="utf-8") as f:
+        assert f.readline() == paragraph.upper()
+
+
+# --------------------------------------------------------------------------- markdown
+
+# Everything in the Markdown fixture that must come back byte for byte.
+MD_VERBATIM = [
+    '---\ntitle: "Release notes for {product}"\ntags: [news, release]\n---\n',
+    "`code`",
+    "https://example.com/notes?v=2",
+    "`inline code`",
+    '<span class="x">',
+    "</span>",
+    "<https://auto.example.org/page>",
+    "https://bare.example.net/x",
+    '> ```python\n> quoted = "code stays"\n> ```\n',
+    "`pip install zhiyi`",
+    '```js\nconst x = "not translated";   // ``` inside is not a fence end\n```\n',
+    "~~~\ntilde fence stays\n~~~\n",
+    "    indented code block stays\n",
+    '<div class="note">\nHTML block text stays.\n</div>\n',
+    "|------|:-----:|\n",
+    '[ref]: https://ref.example.com "Reference title"\n',
+    "images/logo.png",
+]
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_markdown_identity_render_is_byte_exact(tmp_path: Path, eol: str) -> None:
+    path = fixture(tmp_path, "sample.md", eol)
+    _, out = round_trip(path, identity)
+    assert out.read_bytes() == path.read_bytes()
+
+
+def test_markdown_segments_hold_no_code_urls_or_markers(tmp_path: Path) -> None:
+    segments = list(open_document(fixture(tmp_path, "sample.md")).segments())
+    assert segments[:2] == [
+        'Release notes with {{0}} and a [link]({{1}} "Notes")',
+        "Intro paragraph with **bold**, {{0}}, {{1}}inline html{{2}},\n"
+        "an autolink {{3}} and a bare URL {{4}}.\n"
+        "Placeholders {name}, %s, %(count)d and {{user}} stay.",
+    ]
+    assert "A quote line one\ncontinues here." in segments
+    assert "item two\ncontinued line" in segments
+    assert "nested ordered item" in segments
+    assert {"Name", "Value", "alpha {{0}}", "beta \\| gamma"} <= set(segments)
+    assert "Footnote text here." in segments
+    for segment in segments:
+        assert not segment.startswith(("#", "-", ">", "|", "1.", "[^1]"))
+        assert "http" not in segment and "`" not in segment and "stays" not in segment
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_markdown_translation_keeps_code_urls_and_front_matter(tmp_path: Path, eol: str) -> None:
+    path = fixture(tmp_path, "sample.md", eol)
+    _, out = round_trip(path, pseudo)
+    result = out.read_bytes().decode("utf-8")
+    for verbatim in MD_VERBATIM:
+        assert verbatim.replace("\n", eol) in result
+    assert result.count("\n") == result.count(eol) == path.read_text().count("\n")
+    assert "# [RELEASE NOTES WITH `code` AND A [LINK](https://example.com/notes?v=2" in result
+    assert f"> [A QUOTE LINE ONE{eol}> CONTINUES HERE.]" in result
+    assert f"- [ITEM TWO{eol}  CONTINUED LINE]" in result
+    assert "| [ALPHA `code`] | [BETA \\| GAMMA] |" in result
+    assert "{name}, %s, %(count)d AND {{user}} STAY." in result
+    assert "[^1]: [FOOTNOTE TEXT HERE.]" in result
+
+
+def test_markdown_toml_front_matter_and_literal_tokens(tmp_path: Path) -> None:
+    text = '+++\ntitle = "Hello"\n+++\n\nKeep {{0}} and `code` here.\n'
+    path = write(tmp_path, "t.md", text)
+    doc = open_document(path)
+    assert list(doc.segments()) == ["Keep {{0}} and {{1}} here."]
+    _, out = round_trip(path, str.upper)
+    assert out.read_text() == '+++\ntitle = "Hello"\n+++\n\nKEEP {{0}} AND `code` HERE.\n'
+
+
+def test_markdown_dropped_token_is_kept(tmp_path: Path) -> None:
+    """A translator that loses a token must not lose the code it stood for."""
+    doc = open_document(write(tmp_path, "t.md", "Run `make test` now.\n"))
+    out = tmp_path / "out.md"
+    doc.render(["Lancez maintenant."], out)
+    assert out.read_text() == "Lancez maintenant. `make test`\n"
+
+
+# --------------------------------------------------------------------------- subtitles
+
+TIMING_OR_INDEX = re.compile(r"^(\d+|\d+:\d\d:\d\d,\d+ --> \d+:\d\d:\d\d,\d+)$")
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_subtitles_round_trip(tmp_path: Path, eol: str) -> None:
+    path = fixture(tmp_path, "sample.srt", eol)
+    doc, same = round_trip(path, identity)
+    assert same.read_bytes() == path.read_bytes()
+    assert list(doc.segments()) == [
+        "Hello {name}, welcome to Zhiyi.",
+        "<i>Two lines</i>\nof subtitle text with %s.",
+        "The end.",
+    ]
+    _, out = round_trip(path, pseudo)
+    source, result = path.read_bytes().decode().split(eol), out.read_bytes().decode().split(eol)
+    assert len(result) == len(source)
+    assert [line for line in result if TIMING_OR_INDEX.match(line)] == [
+        line for line in source if TIMING_OR_INDEX.match(line)
+    ]
+    assert result[6:8] == ["[<i>TWO LINES</i>", "OF SUBTITLE TEXT WITH %s.]"]
+    assert "♪" in result
+    assert "".join(doc.plain_text()).startswith("Hello {name}, welcome to Zhiyi.\n\n<i>Two")
+
+
+# --------------------------------------------------------------------------- html
+
+
+class TagTree(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, str, tuple[str, ...]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(("start", tag, tuple(name for name, _ in attrs)))
+
+    def handle_endtag(self, tag: str) -> None:
+        self.tags.append(("end", tag, ()))
+
+
+def tag_tree(source: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    parser = TagTree()
+    parser.feed(source)
+    parser.close()
+    return parser.tags
+
+
+def between(text: str, start: str, end: str) -> str:
+    return text[text.index(start) : text.index(end, text.index(start)) + len(end)]
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_html_identity_render_is_byte_exact(tmp_path: Path, eol: str) -> None:
+    path = fixture(tmp_path, "sample.html", eol)
+    _, out = round_trip(path, identity)
+    assert out.read_bytes() == path.read_bytes()
+
+
+def test_html_segments_are_text_and_text_attributes(tmp_path: Path) -> None:
+    segments = list(open_document(fixture(tmp_path, "sample.html")).segments())
+    assert segments == [
+        "Sample & Title",
+        "A page about things",
+        "Main heading",
+        "Hello {name}, welcome!",
+        "Text with",
+        "bold",
+        "and",
+        "Link title",
+        "a link",
+        ". Second line\xa0here <tag> and %s.",
+        "An image",
+        "Send",
+        "Type here",
+        "Use",
+        "here.",
+        "First item",
+        "Second item",
+    ]
+
+
+def test_html_translation_keeps_the_tag_tree(tmp_path: Path) -> None:
+    path = fixture(tmp_path, "sample.html")
+    _, out = round_trip(path, pseudo)
+    source, result = path.read_text(), out.read_text()
+    assert tag_tree(result) == tag_tree(source)
+    for start, end in [
+        ("<style>", "</style>"),
+        ("<script>", "</script>"),
+        ("<pre>", "</pre>"),
+        ("<code>", "</code>"),
+        ('<p translate="no">', "</p>"),
+        ("<!--", "-->"),
+        ("<!DOCTYPE", ">"),
+        ('<a href="', '"'),
+    ]:
+        assert between(result, start, end) == between(source, start, end)
+    assert "<title>[SAMPLE &amp; TITLE]</title>" in result
+    assert '<h1 title="[MAIN HEADING]">[HELLO {name}, WELCOME!]</h1>' in result
+    assert "title='[LINK TITLE]'" in result
+    assert "[. SECOND LINE&nbsp;HERE &lt;tag&gt; AND %s.]</p>" in result
+    assert '<input type=submit value="[SEND]" placeholder="[TYPE HERE]">' in result
+    assert '<img src="logo.png" alt="[AN IMAGE]" width=20>' in result
+
+
+def test_html_plain_text(tmp_path: Path) -> None:
+    text = "".join(open_document(fixture(tmp_path, "sample.html")).plain_text())
+    assert "Text with bold and a link. Second line\xa0here <tag> and %s." in text
+    assert "not text" not in text and "color" not in text
+    assert "keep   this\npreformatted" in text
+
+
+# --------------------------------------------------------------------------- docx
+
+COUNTED = ("p", "r", "tc", "tbl", "fldChar", "instrText", "b", "i")
+
+
+def add_field(paragraph, instruction: str) -> None:
+    """A complex field (begin, instruction, separate, cached result, end), as Word writes."""
+    parts = []
+    for kind in ("begin", "instr", "separate", "result", "end"):
+        if kind == "instr":
+            part = OxmlElement("w:instrText")
+            part.text = f" {instruction} "
+        elif kind == "result":
+            part = OxmlElement("w:t")
+            part.text = "1"
+        else:
+            part = OxmlElement("w:fldChar")
+            part.set(qn("w:fldCharType"), kind)
+        parts.append(part)
+    for part in parts:
+        run = OxmlElement("w:r")
+        run.append(part)
+        paragraph._p.append(run)
+
+
+def make_docx(path: Path) -> Path:
+    document = docx.Document()
+    section = document.sections[0]
+    section.header.paragraphs[0].text = "Confidential header"
+    footer = section.footer.paragraphs[0]
+    footer.add_run("Page ")
+    add_field(footer, "PAGE")
+    footer.add_run(" of the report")
+    document.add_heading("Quarterly report", level=1)
+    paragraph = document.add_paragraph()
+    paragraph.add_run("Bold start, ").bold = True
+    paragraph.add_run("plain middle, ")
+    paragraph.add_run("italic end with {name}.").italic = True
+    document.add_paragraph("Second paragraph with %s and %(count)d placeholders.")
+    table = document.add_table(rows=2, cols=2)
+    table.cell(0, 0).text = "Cell one"
+    table.cell(0, 1).text = "Cell two"
+    table.cell(1, 0).text = "Cell three"
+    nested = table.cell(1, 1).add_table(rows=1, cols=2)
+    nested.cell(0, 0).text = "Nested left"
+    nested.cell(0, 1).text = "Nested right"
+    document.add_paragraph("   ")
+    document.save(str(path))
+    return path
+
+
+def xml_counts(path: Path) -> dict[str, tuple[int, ...]]:
+    """Elements per XML part of a .docx: <w:p>, <w:r>, <w:tc>, ..."""
+    with zipfile.ZipFile(path) as archive:
+        return {
+            name: tuple(
+                len(re.findall(rf"<w:{tag}[ >/]", archive.read(name).decode())) for tag in COUNTED
+            )
+            for name in archive.namelist()
+            if name.startswith("word/") and name.endswith(".xml")
+        }
+
+
+def test_docx_segments(tmp_path: Path) -> None:
+    doc = open_document(make_docx(tmp_path / "report.docx"))
+    segments = list(doc.segments())
+    assert segments[:8] == [
+        "Quarterly report",
+        "Bold start, plain middle, italic end with {name}.",
+        "Second paragraph with %s and %(count)d placeholders.",
+        "Cell one",
+        "Cell two",
+        "Cell three",
+        "Nested left",
+        "Nested right",
+    ]
+    # The footer's field splits its paragraph; the cached field result is not text.
+    assert sorted(segments[8:]) == ["Confidential header", "Page", "of the report"]
+
+
+def test_docx_translation_keeps_structure_and_styles(tmp_path: Path) -> None:
+    path = make_docx(tmp_path / "report.docx")
+    _, out = round_trip(path, pseudo)
+    assert xml_counts(out) == xml_counts(path)
+    result = docx.Document(str(out))
+    paragraph = result.paragraphs[1]
+    assert paragraph.text == "[BOLD START, PLAIN MIDDLE, ITALIC END WITH {name}.]"
+    assert [(r.bold, r.italic) for r in paragraph.runs] == [
+        (True, None),
+        (None, None),
+        (None, True),
+    ]
+    assert result.paragraphs[2].text == "[SECOND PARAGRAPH WITH %s AND %(count)d PLACEHOLDERS.]"
+    outer = result.tables[0]
+    assert outer.cell(0, 0).text == "[CELL ONE]"
+    assert outer.cell(1, 1).tables[0].cell(0, 1).text == "[NESTED RIGHT]"
+    section = result.sections[0]
+    assert section.header.paragraphs[0].text == "[CONFIDENTIAL HEADER]"
+    footer_xml = section.footer.paragraphs[0]._p.xml
+    assert "PAGE" in footer_xml
+    assert section.footer.paragraphs[0].text == "[PAGE] 1 [OF THE REPORT]"
+
+
+def test_docx_identity_render_keeps_text(tmp_path: Path) -> None:
+    path = make_docx(tmp_path / "report.docx")
+    doc, out = round_trip(path, identity)
+    assert list(open_document(out).segments()) == list(doc.segments())
+    assert xml_counts(out) == xml_counts(path)
+    assert "Bold start, plain middle, italic end with {name}.\n" in "".join(doc.plain_text())
+
+
+# --------------------------------------------------------------------------- pdf
+
+
+def write_pdf(path: Path, lines: list[str]) -> Path:
+    """A minimal one-page PDF with Helvetica text, written by hand with a correct xref."""
+
+    def escape(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+    operators = ["BT", "/F1 12 Tf", "16 TL", "72 720 Td"]
+    operators += [f"({escape(line)}) Tj T*" for line in lines] + ["ET"]
+    stream = "\n".join(operators).encode("latin-1")
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792]"
+        b" /Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
+    ]
+    data = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(data))
+        data += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(data)
+    data += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    data += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    data += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
+    path.write_bytes(bytes(data))
+    return path
+
+
+PDF_LINES = [
+    "Zhiyi sample report",
+    "This is the first paragraph of the sample document, and it",
+    "continues on a second line.",
+    "A second paragraph with a {name} placeholder.",
+]
+
+
+def test_pdf_text_is_extracted_to_txt(tmp_path: Path) -> None:
+    path = write_pdf(tmp_path / "report.pdf", PDF_LINES)
+    doc = open_document(path)
+    assert doc.result_name("report.pdf") == "report.txt"
+    assert list(doc.segments()) == [
+        "Zhiyi sample report",
+        "This is the first paragraph of the sample document, and it continues on a second line.",
+        "A second paragraph with a {name} placeholder.",
+    ]
+    _, out = round_trip(path, pseudo)
+    assert out.name == "out-report.txt"
+    assert out.read_text(encoding="utf-8") == (
+        "[ZHIYI SAMPLE REPORT]\n\n"
+        "[THIS IS THE FIRST PARAGRAPH OF THE SAMPLE DOCUMENT, AND IT CONTINUES ON A SECOND LINE.]"
+        "\n\n[A SECOND PARAGRAPH WITH A {name} PLACEHOLDER.]\n"
+    )
+    assert "".join(doc.plain_text()).startswith("Zhiyi sample report\n\nThis is the first")
+
+
+# --------------------------------------------------------------------------- encodings
+
+
+@pytest.mark.parametrize(
+    ("encoding", "prefix"),
+    [
+        ("gb18030", b""),
+        ("utf-16-le", b"\xff\xfe"),
+        ("utf-16-be", b"\xfe\xff"),
+        ("utf-8", b"\xef\xbb\xbf"),
+    ],
+)
+@pytest.mark.parametrize("name", ["notes.txt", "notes.md", "notes.srt", "notes.html"])
+def test_encodings_round_trip_to_utf8(
+    tmp_path: Path, encoding: str, prefix: bytes, name: str
+) -> None:
+    body = "你好，{name}！这是第一段。\r\n\r\n第二段：€ 和 ß。\r\n"
+    if name.endswith(".srt"):
+        body = "1\r\n00:00:01,000 --> 00:00:02,000\r\n" + body
+    elif name.endswith(".html"):
+        body = f"<p>{body}</p>\r\n"
+    path = tmp_path / name
+    path.write_bytes(prefix + body.encode(encoding))
+    doc, same = round_trip(path, identity)
+    assert same.read_bytes() == body.encode("utf-8")  # UTF-8, no byte-order mark
+    assert "你好，{name}！这是第一段。" in next(iter(doc.segments()))
+    _, out = round_trip(path, pseudo)
+    assert "[你好，{name}！这是第一段。" in out.read_bytes().decode("utf-8")
+
+
+def test_html_declared_charset_becomes_utf8(tmp_path: Path) -> None:
+    source = '<html><head><meta charset="gb2312"></head><body><p>中文段落</p></body></html>'
+    path = write(tmp_path, "page.html", source, "gb18030")
+    _, out = round_trip(path, identity)
+    assert out.read_text(encoding="utf-8") == source.replace("gb2312", "utf-8")
+
+
+# --------------------------------------------------------------------------- bad documents
+
+
+def test_unknown_extension_is_a_value_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "data.xyz", "text")
+    with pytest.raises(ValueError, match=r"Unsupported file type '\.xyz'"):
+        open_document(path)
+    assert list(open_document(path, "md").segments()) == ["text"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("a.docx", b"plain text, not a zip", "is not a valid Word document (it is not a zip"),
+        ("a.docx", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(100), "old Word (.doc) file"),
+        ("a.pdf", b"<html>not a pdf</html>", "is not a PDF document"),
+        ("a.txt", bytes(range(256)) * 8, "not readable text"),
+        ("a.txt", b"\x00\x01\x02binary\x00\x00" * 50, "contains binary data"),
+        ("a.txt", b" \n\t\r\n  \n", "contains no text to translate"),
+        ("a.srt", b"just some words\n", "has no subtitle cues"),
+        ("a.srt", b"1\n00:00:01,000 --> 00:00:02,000\n\n", "cues but no text"),
+        ("a.html", b"<html><body><img src=x.png></body></html>", "no text to translate"),
+        ("a.md", b"```\ncode only\n```\n", "no text to translate"),
+    ],
+)
+def test_bad_documents(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(BadDocument, match=re.escape(message)) as caught:
+        open_document(path)
+    assert str(caught.value).startswith("This ") and str(caught.value).endswith(".")
+
+
+@pytest.mark.parametrize("extension", SUPPORTED_EXTENSIONS)
+def test_empty_files_are_bad(tmp_path: Path, extension: str) -> None:
+    path = tmp_path / f"empty{extension}"
+    path.write_bytes(b"")
+    with pytest.raises(BadDocument, match=rf"^This \{extension} file is empty\.$"):
+        open_document(path)
+
+
+def test_docx_zip_that_is_not_word(tmp_path: Path) -> None:
+    path = tmp_path / "a.docx"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("hello.txt", "hi")
+    with pytest.raises(BadDocument, match=r"^This \.docx file"):
+        open_document(path)
+
+
+def test_pdf_without_text_layer(tmp_path: Path) -> None:
+    writer = PdfWriter()
+    writer.add_blank_page(width=612, height=792)
+    path = tmp_path / "scan.pdf"
+    with path.open("wb") as f:
+        writer.write(f)
+    with pytest.raises(BadDocument, match=r"^This PDF has no text layer \(it may be a scanned"):
+        open_document(path)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_render_with_the_wrong_number_of_translations(tmp_path: Path, count: int) -> None:
+    doc = open_document(write(tmp_path, "a.txt", "one\n\ntwo\n\nthree\n"))
+    out = tmp_path / "out.txt"
+    with pytest.raises(ValueError, match=r"^Too (few|many) translations"):
+        doc.render(["x"] * count, out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.txt"]  # no temporary file left
+
+
+# --------------------------------------------------------------------------- all formats
+
+
+def all_documents(tmp_path: Path) -> Iterable[Document]:
+    yield open_document(write(tmp_path, "a.txt", TEXT))
+    for name in ("sample.md", "sample.html", "sample.srt"):
+        yield open_document(fixture(tmp_path, name))
+    yield open_document(make_docx(tmp_path / "report.docx"))
+    yield open_document(write_pdf(tmp_path / "report.pdf", PDF_LINES))
+
+
+def test_segments_are_never_blank_and_placeholders_pass_through(tmp_path: Path) -> None:
+    for doc in all_documents(tmp_path):
+        segments = list(doc.segments())
+        assert segments and all(s.strip() for s in segments), doc.extension
+        assert any("{name}" in s for s in segments), doc.extension
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("Hello, world!", 2),
+        ("don't stop-gap now", 3),
+        ("你好世界", 4),
+        ("Hello 世界 again", 4),
+        ("日本語のテキストです", 10),
+        ("한국어 문장", 5),
+        ("Привет, мир 2024", 3),
+        ("", 0),
+    ],
+)
+def test_count_words(text: str, words: int) -> None:
+    assert count_words(text) == words
+
+
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        ("The quick brown fox jumps over the lazy dog and it is happy.", "en"),
+        ("这是一个用于测试语言识别的中文句子。", "zh"),
+        ("これは言語を判定するための日本語の文章です。", "ja"),
+        ("이것은 언어 감지를 위한 한국어 문장입니다.", "ko"),
+        ("Это предложение на русском языке для проверки.", "ru"),
+        ("هذه جملة باللغة العربية لاختبار اللغة.", "ar"),
+        ("Das ist ein Satz, und er ist nicht auf Englisch.", "de"),
+        ("Ceci est une phrase pour les tests et elle est en français.", "fr"),
+        ("Esta es una frase para las pruebas y no es muy larga.", "es"),
+        ("12345 !!! ---", "unknown"),
+        ("", "unknown"),
+    ],
+)
+def test_guess_language(text: str, language: str) -> None:
+    assert guess_language(text) == language
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "words"),
+    [
+        ("The report is ready.\n\nIt has two paragraphs and a table.\n", "en", 11),
+        ("报告已经准备好了。\n\n它有两段。\n", "zh", 12),
+        ("レポートの準備ができました。\n\n二つの段落があります。\n", "ja", 23),
+        ("Отчёт готов.\n\nВ нём два абзаца и таблица.\n", "ru", 8),
+    ],
+)
+def test_document_stats(tmp_path: Path, text: str, language: str, words: int) -> None:
+    doc = open_document(write(tmp_path, "a.txt", text))
+    stats = document_stats(doc)
+    segments = list(doc.segments())
+    assert stats.segments == len(segments) == 2
+    assert stats.characters == sum(map(len, segments))
+    assert stats.words == words
+    assert stats.language == language
