@@ -22,8 +22,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, unquote
 
 import aiofiles
 import aiohttp
@@ -250,7 +250,7 @@ def api_error_from_store(e: StoreError) -> ApiError:
                         "You have too many pending or processing tasks; wait for some to end.")
     if isinstance(e, InvalidTransition):
         return ApiError(409, "invalid_state", f"Cannot {e.action} a task that is {e.status}.",
-                        status=e.status)
+                        taskStatus=str(e.status))
     return ApiError(500, "internal_error", "The database refused the operation.")
 
 
@@ -269,7 +269,7 @@ async def error_middleware(
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        message = {404: f"No such page or endpoint: {request.path}",
+        message = {404: f"No such endpoint: {request.method} {request.path}",
                    405: f"{request.method} is not allowed on {request.path}."}.get(
                        e.status, e.reason)
         return json_error(e.status, CODE_BY_STATUS.get(e.status, "http_error"), message)
@@ -556,8 +556,12 @@ def _wake_workers(request: web.Request) -> None:
 
 # -------------------------------------------------------------------- create
 def clean_file_name(raw: str | None) -> str:
-    """Last path component, no control characters or separators; empty → ``upload``."""
-    name = re.split(r"[/\\]", raw or "")[-1]
+    """Last path component, no control characters or separators; empty → ``upload``.
+
+    Percent-escapes are decoded first: aiohttp's client (and some others) send
+    non-ASCII names as ``%E6%8A%A5...``.
+    """
+    name = re.split(r"[/\\]", unquote(raw or ""))[-1]
     name = "".join(c for c in name if unicodedata.category(c)[0] != "C" and c not in ':*?"<>|')
     name = name.strip().strip(".") if name.strip() in {".", ".."} else name.strip()
     if len(name.encode()) > 200:
@@ -1060,11 +1064,6 @@ def _add_routes(app: web.Application) -> None:
     r.add_get("/api/tasks/{taskId}/result", task_result, name="task_result")
     r.add_get("/api/sse/tasks/{taskId}", sse_task, name="sse_task")
     r.add_get("/api/sse/notifications", sse_notifications, name="sse_notifications")
-    r.add_route("*", "/api/{tail:.*}", api_not_found)
-
-
-async def api_not_found(request: web.Request) -> NoReturn:
-    raise ApiError(404, "not_found", f"No such API endpoint: {request.method} {request.path}")
 
 
 # ------------------------------------------------------------------------ CLI

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,8 @@ def form(
     if params is not None:
         data.add_field("params", params if isinstance(params, str) else json.dumps(params))
     raw = content.encode() if isinstance(content, str) else content
-    data.add_field("file", raw, filename=name, content_type="application/octet-stream")
+    data.add_field("file", io.BytesIO(raw), filename=name,
+                   content_type="application/octet-stream")
     return data
 
 

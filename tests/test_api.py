@@ -140,7 +140,7 @@ async def test_create_not_multipart_and_missing_file(idle_client: TestClient, co
     resp = await idle_client.post("/api/tasks/create", json={"taskType": "analyze"},
                                   headers=headers)
     assert resp.status == 400
-    data = aiohttp.FormData()
+    data = aiohttp.FormData(default_to_multipart=True)
     data.add_field("taskType", "analyze")
     resp = await idle_client.post("/api/tasks/create", data=data, headers=headers)
     assert resp.status == 400 and (await resp.json())["code"] == "missing_file"

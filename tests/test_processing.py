@@ -219,12 +219,13 @@ async def test_cancel_mid_processing_refunds_and_stops(tclient, gates, config) -
     assert me["credits"] == 10
     task = await get_task(tclient, headers, task_id)
     assert task["taskStatus"] == "cancelled" and task["errorCode"] is None
+    pool = tclient.app[POOL]
     for _ in range(100):
-        if not any(config.data_path.rglob("partial.txt")):
+        if pool.running_count == 0:
             break
         await asyncio.sleep(0.02)
+    assert pool.running_count == 0
     assert not any(config.data_path.rglob("partial.txt"))
-    assert tclient.app[POOL].running_count == 0
 
 
 async def test_delete_running_task_cancels_it(tclient, gates) -> None:
