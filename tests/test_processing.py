@@ -391,3 +391,52 @@ async def test_processor_cancellation_propagates(tclient, gates) -> None:
     await pool.recover()
     task = await tclient.app[STORE].get_task_by_id(task_id)
     assert task.status is TaskStatus.PENDING
+
+
+async def test_retention_expires_files_and_old_history_resets(make_client, gates) -> None:
+    client = await make_client(registry=make_registry(gates), retention_days=0)
+    headers = await add_user(client)
+    task_id = (await create(client, headers, task_type="steps", params={}))["taskId"]
+    await wait_status(client, headers, task_id, "completed")
+    first_event = (await client.app[STORE].events_after(0, task_id=task_id))[0].id
+    await client.app[POOL].reconcile()
+    resp = await client.get(f"/api/tasks/{task_id}/result", headers=headers)
+    assert resp.status == 410 and (await resp.json())["code"] == "expired"
+    task = await get_task(client, headers, task_id)
+    assert task["taskStatus"] == "completed" and task["expired"] is True
+    # A replay from before the kept history starts with a reset carrying the state.
+    resp = await client.get("/api/sse/notifications",
+                            headers={**headers, "Last-Event-ID": str(first_event)})
+    first = await SSEReader(resp).next()
+    assert first.type == "reset"
+    assert first.payload["taskId"] == task_id and first.payload["status"] == "completed"
+    resp.close()
+    resp = await client.post(f"/api/tasks/{task_id}/retry", headers=headers)
+    assert resp.status == 409
+
+
+async def test_shutdown_ends_streams_and_leaves_tasks_for_recovery(make_client, gates) -> None:
+    client = await make_client(registry=make_registry(gates))
+    headers = await add_user(client)
+    task_id = (await create(client, headers, task_type="gate", params={}))["taskId"]
+    await gates.started.wait()
+    stream = await client.get("/api/sse/notifications", headers=headers)
+    reader = SSEReader(stream)
+    await reader.next()
+    store = client.app[STORE]
+    await client.app.shutdown()
+    assert await reader.next() is None  # the stream was ended by the server
+    await client.app[POOL].stop()
+    assert gates.cancelled.is_set()
+    assert (await store.get_task_by_id(task_id)).status is TaskStatus.PROCESSING
+
+
+async def test_metrics_after_work(tclient) -> None:
+    headers = await add_user(tclient)
+    task_id = (await create(tclient, headers, task_type="steps", params={}))["taskId"]
+    await wait_status(tclient, headers, task_id, "completed")
+    text = await (await tclient.get("/metrics")).text()
+    assert 'zhiyi_tasks{status="completed",task_type="steps"} 1.0' in text
+    assert 'zhiyi_task_attempts_total{outcome="completed",task_type="steps"} 1.0' in text
+    assert "zhiyi_processing_seconds_bucket" in text
+    assert "zhiyi_sse_events_published_total" in text
