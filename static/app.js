@@ -1,0 +1,289 @@
+// The page's entry: log in, then the upload form, the task list and the live stream.
+
+import * as api from './api.js';
+import { applyStatic, getLang, has, onLangChange, setLang, t } from './i18n.js';
+import { startStream } from './stream.js';
+import { isFinal, TaskList } from './tasks.js';
+import { langDatalist, UploadForm } from './upload.js';
+
+const $ = (selector) => document.querySelector(selector);
+const PAGE_SIZE = 20;
+const TOAST_MS = 6000;
+
+const state = {
+  user: null,
+  credits: null,
+  stream: null,
+  nextCursor: null,
+  connection: 'connecting',
+  loginError: null,
+  held: null, // stream events received while the list loads
+};
+
+// Login and logout in one tab are mirrored in the others.
+const session = 'BroadcastChannel' in window ? new BroadcastChannel('zhiyi-session') : null;
+
+const list = new TaskList($('#task-list'), { onChanged: taskChanged });
+const upload = new UploadForm($('#upload-form'), {
+  onCreated(task) {
+    list.merge([task]);
+    showEmpty();
+    refreshCredits();
+  },
+  onFirstSubmit: askNotificationPermission,
+});
+
+function errorText(error) {
+  return error.code && has(`error.${error.code}`) ? t(`error.${error.code}`) : error.message;
+}
+
+// ------------------------------------------------------------------ login
+function showLogin(message = null) {
+  state.loginError = message;
+  $('#app').hidden = true;
+  $('#logout').hidden = true;
+  $('#account').hidden = true;
+  $('#connection').hidden = true;
+  $('#login').hidden = false;
+  renderLoginError();
+  $('#token').focus();
+}
+
+function renderLoginError() {
+  $('#login-error').textContent = state.loginError ? t(state.loginError) : '';
+}
+
+async function submitLogin(event) {
+  event.preventDefault();
+  const token = $('#token').value.trim();
+  if (!token) {
+    $('#login-error').textContent = t('login.required');
+    return;
+  }
+  try {
+    await api.login(token);
+  } catch (error) {
+    state.loginError = null;
+    // The server's own sentence ("That token is not valid."), unless it was unreachable.
+    $('#login-error').textContent = error.status ? error.message : errorText(error);
+    return;
+  }
+  $('#token').value = '';
+  session?.postMessage('login');
+  await start();
+}
+
+async function logout() {
+  try {
+    await api.logout();
+  } catch (error) {
+    toast(errorText(error), 'error');
+    return;
+  }
+  session?.postMessage('logout');
+  leave();
+}
+
+// ------------------------------------------------------------ the app
+/** Ask who we are; show the app, or the login box on 401. */
+async function start() {
+  let who;
+  try {
+    who = await api.me();
+  } catch (error) {
+    if (error.status === 401) showLogin(state.loginError);
+    else showFatal(errorText(error));
+    return;
+  }
+  state.user = who.userId;
+  setCredits(who.credits);
+  $('#login').hidden = true;
+  $('#app').hidden = false;
+  $('#logout').hidden = false;
+  $('#account').hidden = false;
+  $('#connection').hidden = false;
+  $('#user').textContent = t('user', { user: state.user });
+  // The stream first, then the list: events of the gap are held, not lost.
+  state.stream?.stop();
+  state.stream = startStream({ onEvent, onState: setConnection, onClosed: checkSession });
+  await Promise.all([loadTypes(), reloadTasks()]);
+}
+
+/** Stop everything and show the login box (logged out here or in another tab). */
+function leave(message = null) {
+  state.stream?.stop();
+  state.stream = null;
+  state.user = null;
+  list.clear();
+  showLogin(message);
+}
+
+function showFatal(message) {
+  $('#fatal').textContent = message;
+  $('#fatal').hidden = false;
+}
+
+async function loadTypes() {
+  try {
+    const { taskTypes } = await api.taskTypes();
+    upload.load(taskTypes);
+  } catch (error) {
+    showFatal(errorText(error));
+  }
+}
+
+/** The first page afresh; stream events that arrive meanwhile wait, then apply if newer. */
+async function reloadTasks() {
+  state.held = state.held ?? [];
+  list.clear();
+  state.nextCursor = null;
+  await loadMore();
+  const held = state.held;
+  state.held = null;
+  for (const event of held) handleEvent(event, true);
+}
+
+async function loadMore() {
+  const button = $('#load-more');
+  button.disabled = true;
+  $('#tasks-error').textContent = '';
+  try {
+    const page = await api.listTasks({ cursor: state.nextCursor, limit: PAGE_SIZE });
+    list.merge(page.tasks);
+    state.nextCursor = page.nextCursor;
+  } catch (error) {
+    $('#tasks-error').textContent = errorText(error);
+  } finally {
+    button.disabled = false;
+    button.hidden = state.nextCursor === null;
+    showEmpty();
+  }
+}
+
+function showEmpty() {
+  $('#tasks-empty').hidden = list.size > 0;
+}
+
+// ------------------------------------------------------------ credits
+function setCredits(credits) {
+  state.credits = credits;
+  $('#credits').textContent = t('credits', { n: credits });
+  $('#credits').dataset.credits = String(credits);
+}
+
+let creditsTimer = null;
+/** Re-read the balance soon; several triggers in a row make one request. */
+function refreshCredits() {
+  clearTimeout(creditsTimer);
+  creditsTimer = setTimeout(async () => {
+    try {
+      setCredits((await api.me()).credits);
+    } catch (error) {
+      if (error.status === 401) checkSession();
+    }
+  }, 150);
+}
+
+// ------------------------------------------------------------- stream
+function onEvent(event) {
+  if (state.held) state.held.push(event);
+  else handleEvent(event, false);
+}
+
+function handleEvent({ type, data }, guard) {
+  if (type === 'status_update') {
+    list.applyStatus(data, { guard });
+    showEmpty();
+  } else if (type === 'task_deleted') {
+    list.remove(data.taskId);
+    showEmpty();
+  } else if (type === 'notification') {
+    toast(data.message, data.level);
+    if (typeof data.credits === 'number') setCredits(data.credits);
+  } else if (type === 'reset') {
+    // The server no longer has the events we missed: take a fresh snapshot.
+    reloadTasks();
+    refreshCredits();
+  }
+}
+
+function setConnection(next) {
+  const wasDown = state.connection === 'reconnecting';
+  state.connection = next;
+  const indicator = $('#connection');
+  indicator.dataset.state = next;
+  $('#connection-text').textContent = t(`conn.${next}`);
+  if (wasDown && next === 'live') refreshCredits();
+}
+
+/** The stream was refused for good: find out whether the session ended. */
+async function checkSession() {
+  try {
+    await api.me();
+  } catch (error) {
+    if (error.status === 401) leave('error.unauthenticated');
+  }
+}
+
+function taskChanged(kind, task) {
+  refreshCredits();
+  if (kind === 'final' && task && isFinal(task.taskStatus)) notifyDesktop(task);
+}
+
+// ------------------------------------------------------ notifications
+function askNotificationPermission() {
+  if ('Notification' in window && Notification.permission === 'default') {
+    Notification.requestPermission().catch(() => {});
+  }
+}
+
+function notifyDesktop(task) {
+  if (!document.hidden || !('Notification' in window) || Notification.permission !== 'granted') return;
+  const body = task.taskStatus === 'failed' && task.errorMessage ? `${task.fileName}: ${task.errorMessage}` : task.fileName;
+  // The tag makes every tab's notice of one task a single notification.
+  new Notification(t(`notify.title.${task.taskStatus}`), { body, tag: `zhiyi-task-${task.taskId}` });
+}
+
+function toast(message, level = 'info') {
+  const item = document.createElement('div');
+  item.className = `toast toast-${level}`;
+  item.textContent = message;
+  $('#toasts').append(item);
+  setTimeout(() => item.remove(), TOAST_MS);
+}
+
+// --------------------------------------------------------------- boot
+function relabel() {
+  $('#lang-switch').textContent = t('lang.switch');
+  $('#lang-switch').setAttribute('aria-label', t('lang.switchLabel'));
+  if (state.user) $('#user').textContent = t('user', { user: state.user });
+  if (state.credits !== null) setCredits(state.credits);
+  setConnection(state.connection);
+  renderLoginError();
+  upload.load(upload.types);
+  list.renderAll();
+}
+
+function boot() {
+  document.body.append(langDatalist());
+  applyStatic(document);
+  relabel();
+  onLangChange(relabel);
+  $('#lang-switch').addEventListener('click', () => setLang(getLang() === 'zh' ? 'en' : 'zh'));
+  $('#logout').addEventListener('click', logout);
+  $('#login-form').addEventListener('submit', submitLogin);
+  $('#load-more').addEventListener('click', loadMore);
+  if (session) {
+    session.onmessage = ({ data }) => {
+      if (data === 'logout') leave('error.unauthenticated');
+      else if (data === 'login' && !state.user) start();
+    };
+  }
+  if (location.hash === '#login-failed') {
+    state.loginError = 'login.failed';
+    history.replaceState(null, '', location.pathname + location.search);
+  }
+  start();
+}
+
+boot();

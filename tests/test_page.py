@@ -1,0 +1,297 @@
+"""The page in a real browser (Debian's Chromium via Playwright) against real servers.
+
+Each test starts ``zhiyi serve`` in a subprocess on a free port with its own
+data directory; translations use a slow fake OpenAI-compatible engine so that
+a task runs long enough to watch, cancel, or survive a server restart.
+Screenshots of each state go to ``test-results/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from page_helpers import (
+    REPO,
+    FakeEngine,
+    ZhiyiServer,
+    add_user,
+    api,
+    create_task,
+    slow_document,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists() and not os.environ.get("CI"):
+    pytest.skip("Debian's Chromium is not installed at /usr/bin/chromium "
+                "(apt-get install -y chromium); CI runs these tests", allow_module_level=True)
+
+from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = REPO / "test-results" / "screenshots"
+TIMEOUT_MS = 30_000
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[FakeEngine]:
+    fake = FakeEngine(delay=0.4).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Path, engine: FakeEngine) -> Iterator[ZhiyiServer]:
+    zhiyi = ZhiyiServer(tmp_path / "data", env=engine.server_env()).start()
+    yield zhiyi
+    zhiyi.stop()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(accept_downloads=True, locale="en-US",
+                                  viewport={"width": 1100, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"errors in the page: {errors}"
+
+
+def shot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
+
+
+def log_in(page: Page, server: ZhiyiServer, base: str | None = None) -> None:
+    page.goto(f"{base or server.url + '/'}?token={server.local_token}")
+    expect(page.locator("#app")).to_be_visible()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+
+
+def credits(page: Page) -> int:
+    return int(page.locator("#credits").get_attribute("data-credits") or "-1")
+
+
+def upload(page: Page, path: Path, *, engine: str = "openai", target: str = "zh") -> None:
+    page.set_input_files("#file-input", str(path))
+    page.select_option("#task-type", "translate")
+    page.fill("#param-targetLang", target)
+    page.select_option("#param-engine", engine)
+    page.click("#upload-submit")
+
+
+def row(page: Page, file_name: str) -> Any:
+    return page.locator(".task", has=page.locator(".task-name", has_text=file_name))
+
+
+def test_upload_progress_and_download(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
+    """Log in by URL, upload, watch the bar reach 100 %, download what the API serves."""
+    log_in(page, server)
+    expect(page.locator("#credits")).to_have_text("Credits: 1000")
+    expect(page.locator("#cost-rule")).to_contain_text("1 credit per 1,000 characters")
+    shot(page, "01-logged-in")
+    doc = slow_document(tmp_path / "report.txt", 150)
+    upload(page, doc)
+    task = row(page, "report.txt")
+    expect(task).to_have_attribute("data-status", "processing")
+    expect(task.locator("progress")).not_to_have_attribute("value", "0")
+    shot(page, "02-processing")
+    expect(task).to_have_attribute("data-status", "completed")
+    expect(task.locator("progress")).to_have_attribute("value", "100")
+    expect(task.locator("[data-role=percent]")).to_have_text("100 %")
+    shot(page, "03-completed")
+
+    task_id = int(task.get_attribute("data-task-id") or 0)
+    status, body, _ = api(server.url, server.local_token, "GET", f"api/tasks/{task_id}")
+    assert status == 200
+    cost = body["task"]["creditsCost"]
+    expect(page.locator("#credits")).to_have_text(f"Credits: {1000 - cost}")
+    expect(task.locator(".task-meta")).to_contain_text(f"{cost} credits")
+
+    with page.expect_download() as download_info:
+        task.locator("[data-action=download]").click()
+    download = download_info.value
+    saved = tmp_path / "downloaded"
+    download.save_as(saved)
+    status, _, served = api(server.url, server.local_token, "GET", f"api/tasks/{task_id}/result")
+    assert status == 200
+    assert saved.read_bytes() == served
+    assert download.suggested_filename == body["task"]["resultName"]
+    assert "[zh] Paragraph 149" in saved.read_text(encoding="utf-8")
+
+
+def test_login_failed_then_paste_token_and_log_out(page: Page, server: ZhiyiServer) -> None:
+    page.goto(f"{server.url}/?token=not-a-token")
+    expect(page).to_have_url(re.compile(r"#?$"))
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#login-error")).to_contain_text("not valid")
+    shot(page, "04-login-failed")
+    page.fill("#token", "still-wrong")
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#login-error")).to_have_text("That token is not valid.")
+    page.fill("#token", server.local_token)
+    page.keyboard.press("Enter")
+    expect(page.locator("#app")).to_be_visible()
+    expect(page.locator("#user")).to_contain_text("local")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    page.click("#logout")
+    expect(page.locator("#login")).to_be_visible()
+    page.reload()
+    expect(page.locator("#login")).to_be_visible()
+
+
+def test_restart_mid_task(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
+    """Kill the server by PID mid-task and start it again: the page recovers, the task ends."""
+    log_in(page, server)
+    upload(page, slow_document(tmp_path / "long.txt", 400))
+    task = row(page, "long.txt")
+    expect(task).to_have_attribute("data-status", "processing")
+    expect(task.locator("[data-role=message]")).to_contain_text(re.compile(r"segment [1-9]"))
+    server.kill()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+    shot(page, "05-server-down")
+    server.start()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    shot(page, "06-reconnected")
+    expect(task).to_have_attribute("data-status", "completed", timeout=60_000)
+    expect(task.locator("[data-role=percent]")).to_have_text("100 %")
+    shot(page, "07-completed-after-restart")
+
+
+def test_cancel_refunds_credits(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
+    log_in(page, server)
+    before = credits(page)
+    upload(page, slow_document(tmp_path / "cancel-me.txt", 400))
+    task = row(page, "cancel-me.txt")
+    expect(task).to_have_attribute("data-status", "processing")
+    expect(page.locator("#credits")).not_to_have_text(f"Credits: {before}")
+    assert credits(page) < before
+    shot(page, "08-before-cancel")
+    task.locator("[data-action=cancel]").click()
+    expect(task).to_have_attribute("data-status", "cancelled")
+    expect(page.locator("#credits")).to_have_text(f"Credits: {before}")
+    expect(task.locator("[data-action=retry]")).to_be_visible()
+    shot(page, "09-cancelled")
+    # Deleting takes a second press; the row leaves this page (and every other tab).
+    task.locator("[data-action=delete]").click()
+    task.locator("[data-action=delete]").click()
+    expect(task).to_have_count(0)
+
+
+def test_api_error_shown_in_place(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
+    """An unsupported file: the server's 415 message appears by the form; nothing charged."""
+    log_in(page, server)
+    exe = tmp_path / "setup.exe"
+    exe.write_bytes(b"MZ\x90\x00not a document")
+    upload(page, exe, engine="pseudo")
+    errors = page.locator("#upload-errors")
+    expect(errors).to_contain_text("setup.exe: translate does not accept .exe")
+    expect(page.locator("#credits")).to_have_text("Credits: 1000")
+    expect(page.locator("#tasks-empty")).to_be_visible()
+    shot(page, "10-unsupported-file")
+    # The interface in Chinese keeps the server's message, and reads on a narrow window.
+    page.click("#lang-switch")
+    expect(page.locator("#upload-title")).to_have_text("新建任务")
+    page.set_viewport_size({"width": 360, "height": 780})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    shot(page, "11-chinese-narrow")
+
+
+def test_tabs_share_one_stream(browser: Browser, server: ZhiyiServer, tmp_path: Path) -> None:
+    """Two tabs, one EventSource (the leader's); closing the leader hands the stream over."""
+    context = browser.new_context(locale="zh-CN")
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        first = context.new_page()
+        log_in(first, server)
+        second = context.new_page()
+        second.goto(server.url + "/")
+        expect(second.locator("#connection")).to_have_attribute("data-state", "live")
+        expect(second.locator("#upload-title")).to_have_text("新建任务")
+        assert _sse_connections(server) == 1
+        task = create_task(server.url, server.local_token, slow_document(tmp_path / "a.txt", 30),
+                           params={"targetLang": "fr", "engine": "openai"})
+        for tab in (first, second):
+            expect(row(tab, "a.txt")).to_have_attribute("data-status", "completed")
+        first.close()
+        expect(second.locator("#connection")).to_have_attribute("data-state", "live")
+        create_task(server.url, server.local_token, slow_document(tmp_path / "b.txt", 30),
+                    params={"targetLang": "fr", "engine": "pseudo"})
+        expect(row(second, "b.txt")).to_have_attribute("data-status", "completed")
+        assert _sse_connections(server) == 1
+        api(server.url, server.local_token, "DELETE", f"api/tasks/{task['taskId']}")
+        expect(row(second, "a.txt")).to_have_count(0)
+        shot(second, "12-second-tab-leads")
+    finally:
+        context.close()
+
+
+def _sse_connections(server: ZhiyiServer) -> int:
+    _, _, raw = api(server.url, server.local_token, "GET", "metrics")
+    match = re.search(rb"^zhiyi_sse_connections\S* (\d+(?:\.\d+)?)$", raw, re.MULTILINE)
+    assert match, raw[:2000]
+    return int(float(match.group(1)))
+
+
+MOUNT_SCRIPT = """\
+import sys
+from pathlib import Path
+from aiohttp import web
+from zhiyi_server import Config, create_app
+root = web.Application()
+root.add_subapp("/zhiyi/", create_app(Config.from_env(data_path=Path(sys.argv[2]))))
+print(f"Open http://127.0.0.1:{sys.argv[1]}/zhiyi/", flush=True)
+web.run_app(root, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+@pytest.fixture
+def prefixed_server(tmp_path: Path) -> Iterator[ZhiyiServer]:
+    """The app mounted under /zhiyi/ with ``add_subapp``, as an embedding app would."""
+    data = tmp_path / "prefixed"
+    data.mkdir()
+    script = tmp_path / "mount.py"
+    script.write_text(MOUNT_SCRIPT)
+    zhiyi = ZhiyiServer(data, command=[sys.executable, str(script), "{port}", "{data}"],
+                        token=add_user(data, "carol", 100)).start()
+    yield zhiyi
+    zhiyi.stop()
+
+
+def test_works_under_a_prefix(page: Page, prefixed_server: ZhiyiServer, tmp_path: Path) -> None:
+    """Relative URLs only: mounted at /zhiyi/, the page logs in, uploads and downloads."""
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    log_in(page, prefixed_server, base=f"{prefixed_server.url}/zhiyi/")
+    page.set_input_files("#file-input", str(slow_document(tmp_path / "p.txt", 5)))
+    page.fill("#param-targetLang", "de")
+    page.click("#upload-submit")
+    task = row(page, "p.txt")
+    expect(task).to_have_attribute("data-status", "completed")
+    with page.expect_download() as download_info:
+        task.locator("[data-action=download]").click()
+    assert download_info.value.failure() is None
+    outside = [u for u in requests if not u.startswith(f"{prefixed_server.url}/zhiyi/")
+               and not u.startswith("data:")]
+    assert not outside, f"requests outside the prefix: {outside}"
+    shot(page, "13-under-prefix")
