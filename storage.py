@@ -439,13 +439,7 @@ class TaskStore:
 
     async def _insert_task(self, new: NewTask) -> Task:
         async with self._write() as txn:
-            active = await _scalar(
-                txn.db,
-                "SELECT COUNT(*) FROM processing_tasks WHERE user_id = ? AND status IN (?, ?)",
-                (new.user_id, *ACTIVE_STATUSES),
-            )
-            if active >= new.max_active:
-                raise TooManyActiveTasks(new.user_id)
+            await _check_active_limit(txn.db, new.user_id, new.max_active)
             try:
                 cursor = await txn.db.execute(
                     """INSERT INTO processing_tasks (user_id, task_type, params, file_name,
@@ -738,12 +732,13 @@ class TaskStore:
             await _cancel(txn, task_id)
             return await self._status_event(txn, task_id)
 
-    async def retry_task(self, task_id: int, user_id: str) -> Task:
+    async def retry_task(self, task_id: int, user_id: str, *, max_active: int = 100) -> Task:
         """``failed``/``cancelled`` → ``pending``, charged again, attempts start over."""
         async with self._write() as txn:
             status = await _owned_status(txn.db, task_id, user_id)
             if status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
                 raise InvalidTransition(status, "retry")
+            await _check_active_limit(txn.db, user_id, max_active)
             row = await (
                 await txn.db.execute(
                     "SELECT credits_cost, files_expired FROM processing_tasks WHERE id = ?",
@@ -963,6 +958,15 @@ async def _scalar(db: aiosqlite.Connection, sql: str, args: Iterable[Any] = ()) 
 
 async def _user_exists(db: aiosqlite.Connection, user_id: str) -> bool:
     return bool(await _scalar(db, "SELECT 1 FROM users WHERE id = ?", (user_id,)))
+
+
+async def _check_active_limit(db: aiosqlite.Connection, user_id: str, limit: int) -> None:
+    active = await _scalar(
+        db, "SELECT COUNT(*) FROM processing_tasks WHERE user_id = ? AND status IN (?, ?)",
+        (user_id, *ACTIVE_STATUSES),
+    )
+    if active >= limit:
+        raise TooManyActiveTasks(user_id)
 
 
 async def _owned_status(db: aiosqlite.Connection, task_id: int, user_id: str) -> TaskStatus:

@@ -498,7 +498,9 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 async def retry_task(request: web.Request) -> web.Response:
     user_id = await current_user(request)
-    task = await request.config_dict[STORE].retry_task(_task_id(request), user_id)
+    task = await request.config_dict[STORE].retry_task(
+        _task_id(request), user_id,
+        max_active=request.config_dict[CONFIG].max_active_tasks_per_user)
     _wake_workers(request)
     return web.json_response({"success": True, "task": task_json(request, task)})
 

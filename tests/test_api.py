@@ -191,6 +191,12 @@ async def test_too_many_active_tasks_429(make_client, config) -> None:
     resp = await client.post("/api/tasks/create", data=form(), headers=headers)
     assert resp.status == 429 and (await resp.json())["code"] == "too_many_active_tasks"
     assert await balance(client, headers) == 8
+    tasks = (await (await client.get("/api/tasks", headers=headers)).json())["tasks"]
+    await client.post(f"/api/tasks/{tasks[0]['taskId']}/cancel", headers=headers)
+    await create(client, headers)
+    resp = await client.post(f"/api/tasks/{tasks[0]['taskId']}/retry", headers=headers)
+    assert resp.status == 429 and (await resp.json())["code"] == "too_many_active_tasks"
+    assert await balance(client, headers) == 8
 
 
 async def test_idempotency_key(idle_client: TestClient) -> None:
