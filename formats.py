@@ -1039,7 +1039,8 @@ _W_FLDCHAR, _W_FLDSIMPLE = qn("w:fldChar"), qn("w:fldSimple")
 _W_NOBREAKHYPHEN = qn("w:noBreakHyphen")
 # Elements that hold paragraphs or runs without being content themselves.
 _BLOCK_CONTAINERS = frozenset(qn(t) for t in ("w:sdt", "w:sdtContent", "w:customXml"))
-_RUN_CONTAINERS = _BLOCK_CONTAINERS | {qn(t) for t in ("w:hyperlink", "w:ins", "w:smartTag")}
+_W_HYPERLINK = qn("w:hyperlink")
+_RUN_CONTAINERS = _BLOCK_CONTAINERS | {_W_HYPERLINK, qn("w:ins"), qn("w:smartTag")}
 # Run content that neither is text nor pins the text around it in place.
 _NEUTRAL = frozenset(qn(t) for t in ("w:rPr", "w:lastRenderedPageBreak", "w:softHyphen"))
 
@@ -1074,15 +1075,22 @@ def _paragraph_runs(element: etree._Element) -> Iterator[etree._Element]:
 
 
 def _run_groups(paragraph: etree._Element) -> Iterator[list[etree._Element]]:
-    """Runs of text between fields, images, footnote marks and the like.
+    """Runs of text between fields, images, footnote marks and hyperlink edges.
 
     Each group becomes one segment; what separates the groups stays where it is, so
-    "Page {PAGE} of {NUMPAGES}" keeps its fields in place around the translated words.
+    "Page {PAGE} of {NUMPAGES}" keeps its fields in place around the translated words,
+    and a link keeps its (translated) text instead of losing it to the sentence around.
     """
     group: list[etree._Element] = []
     field_depth = 0
+    link = None
     for run in _paragraph_runs(paragraph):
         barrier = run.tag == _W_FLDSIMPLE or field_depth > 0
+        if (run_link := next(run.iterancestors(_W_HYPERLINK), None)) is not link:
+            link = run_link
+            if group:
+                yield group
+            group = []
         for child in run:
             if child.tag == _W_FLDCHAR:
                 field_depth += {"begin": 1, "end": -1}.get(child.get(qn("w:fldCharType")), 0)

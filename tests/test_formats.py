@@ -11,8 +11,11 @@ from pathlib import Path
 
 import docx
 import pytest
+from docx.opc.constants import RELATIONSHIP_TYPE as RT
 from docx.oxml import OxmlElement
 from docx.oxml.ns import qn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pypdf import PdfWriter
 
 from formats import (
@@ -379,6 +382,16 @@ def add_field(paragraph, instruction: str) -> None:
         paragraph._p.append(run)
 
 
+def add_hyperlink(paragraph, url: str, text: str) -> None:
+    link = OxmlElement("w:hyperlink")
+    link.set(qn("r:id"), paragraph.part.relate_to(url, RT.HYPERLINK, is_external=True))
+    run = OxmlElement("w:r")
+    run.append(OxmlElement("w:t"))
+    run[0].text = text
+    link.append(run)
+    paragraph._p.append(link)
+
+
 def make_docx(path: Path) -> Path:
     document = docx.Document()
     section = document.sections[0]
@@ -393,6 +406,9 @@ def make_docx(path: Path) -> Path:
     paragraph.add_run("plain middle, ")
     paragraph.add_run("italic end with {name}.").italic = True
     document.add_paragraph("Second paragraph with %s and %(count)d placeholders.")
+    linked = document.add_paragraph("See the ")
+    add_hyperlink(linked, "https://zhiyi.example/docs", "Zhiyi website")
+    linked.add_run(" for details.")
     table = document.add_table(rows=2, cols=2)
     table.cell(0, 0).text = "Cell one"
     table.cell(0, 1).text = "Cell two"
@@ -420,10 +436,13 @@ def xml_counts(path: Path) -> dict[str, tuple[int, ...]]:
 def test_docx_segments(tmp_path: Path) -> None:
     doc = open_document(make_docx(tmp_path / "report.docx"))
     segments = list(doc.segments())
-    assert segments[:8] == [
+    assert segments[:11] == [
         "Quarterly report",
         "Bold start, plain middle, italic end with {name}.",
         "Second paragraph with %s and %(count)d placeholders.",
+        "See the",  # a hyperlink splits its paragraph, so the link keeps its words
+        "Zhiyi website",
+        "for details.",
         "Cell one",
         "Cell two",
         "Cell three",
@@ -431,7 +450,7 @@ def test_docx_segments(tmp_path: Path) -> None:
         "Nested right",
     ]
     # The footer's field splits its paragraph; the cached field result is not text.
-    assert sorted(segments[8:]) == ["Confidential header", "Page", "of the report"]
+    assert sorted(segments[11:]) == ["Confidential header", "Page", "of the report"]
 
 
 def test_docx_translation_keeps_structure_and_styles(tmp_path: Path) -> None:
@@ -447,6 +466,10 @@ def test_docx_translation_keeps_structure_and_styles(tmp_path: Path) -> None:
         (None, True),
     ]
     assert result.paragraphs[2].text == "[SECOND PARAGRAPH WITH %s AND %(count)d PLACEHOLDERS.]"
+    linked = result.paragraphs[3]
+    assert linked.text == "[SEE THE] [ZHIYI WEBSITE] [FOR DETAILS.]"
+    assert [link.text for link in linked.hyperlinks] == ["[ZHIYI WEBSITE]"]
+    assert linked.hyperlinks[0].url == "https://zhiyi.example/docs"
     outer = result.tables[0]
     assert outer.cell(0, 0).text == "[CELL ONE]"
     assert outer.cell(1, 1).tables[0].cell(0, 1).text == "[NESTED RIGHT]"
@@ -709,3 +732,66 @@ def test_document_stats(tmp_path: Path, text: str, language: str, words: int) ->
     assert stats.characters == sum(map(len, segments))
     assert stats.words == words
     assert stats.language == language
+
+
+# --------------------------------------------------------------------------- properties
+
+# Pieces that stress the scanners: markers, fences, tags, entities, line endings, CJK.
+FRAGMENTS = [
+    "\n", "\r\n", "\r", " ", "    ", "\t", "word", "Two words.", "中文。", "{name}", "%s",
+    "# ", "> ", "- ", "1. ", "|", "---", "===", "```", "~~~", "`", "[", "](", ")", "<",
+    ">", "&amp;", "&", '"', "'", "=", "http://x.example/a", "<div>", "</div>", "<!--",
+    "-->", "<b>", "</b>", "<script>", "</script>", "<pre>", "</pre>", '<img alt="Pic">',
+    " title=", "{{0}}", "\\", "00:00:01,000 --> 00:00:02,000", "1",
+]  # fmt: skip
+documents = st.lists(st.sampled_from(FRAGMENTS), max_size=60).map("".join)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("properties")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=documents, extension=st.sampled_from([".txt", ".md", ".srt", ".html"]))
+def test_any_text_document_round_trips(scratch: Path, text: str, extension: str) -> None:
+    path = write(scratch, "doc" + extension, text)
+    try:
+        doc = open_document(path)
+    except BadDocument:
+        return
+    segments = list(doc.segments())
+    assert segments and all(s.strip() for s in segments)
+    _, same = round_trip(path, identity)
+    assert same.read_bytes() == path.read_bytes()
+    _, out = round_trip(path, pseudo)
+    if extension != ".html":  # HTML text is whitespace-collapsed; the others keep lines
+        assert line_count(out.read_bytes()) >= line_count(path.read_bytes())
+
+
+def line_count(data: bytes) -> int:
+    return len(re.findall(rb"\r\n|\r|\n", data))
+
+
+CODE_LINES = ["x = 1", "# not a heading", "> not a quote", "- item", "<div>", "", "  ~~", "a|b"]
+code_lines = st.lists(st.sampled_from(CODE_LINES), max_size=5)
+code_blocks = st.builds(
+    lambda fence, lines: "\n".join([fence + "py", *lines, fence]) + "\n",
+    st.sampled_from(["```", "~~~", "````"]),
+    code_lines,
+)
+PROSE = ["Some words", " ", "`code`", "http://x.example/a", "{name}", "\n", "- ", "# "]
+prose = st.lists(st.sampled_from(PROSE), min_size=1, max_size=12).map(
+    lambda parts: "".join(parts).strip("\n") + "\n"
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(blocks=st.lists(st.one_of(code_blocks, prose), min_size=1, max_size=8))
+def test_markdown_code_blocks_survive_translation(scratch: Path, blocks: list[str]) -> None:
+    path = write(scratch, "doc.md", "\n".join(blocks) + "\nThe end.\n")
+    _, out = round_trip(path, pseudo)
+    result = out.read_text(encoding="utf-8")
+    for block in blocks:
+        if block.startswith(("```", "~~~")):
+            assert block in result
