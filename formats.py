@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import re
-import tempfile
+import uuid
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -196,9 +196,7 @@ def _has_words(text: str) -> bool:
 @contextlib.contextmanager
 def _atomic_output(out: Path) -> Iterator[Path]:
     """A temporary sibling of `out`, renamed to it on success, so no half-written result."""
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.part")
     try:
         yield tmp
         os.replace(tmp, out)
@@ -536,7 +534,6 @@ class _MarkdownScanner:
         self._depth = 0  # blockquote depth of the open paragraph or table
         self._table = False
         self._list: int | None = None  # content column of the current list item
-        self._blank = True
         # An open verbatim block: (kind, blockquote depth, detail).
         self._keep: tuple[str, int, Any] | None = None
         self._front: list[tuple[str, str]] | None = None
@@ -594,9 +591,11 @@ class _MarkdownScanner:
             return False
         if kind == "fence":
             self.out.append(content + eol)
-            char, length = detail
-            if re.fullmatch(rf"[ \t]*{re.escape(char)}{{{length},}}[ \t]*", body):
-                self._keep = None
+            char, length, indent = detail
+            closing = body.strip()
+            # A deeper-indented fence line is code (say, Markdown quoted in Markdown).
+            if len(closing) >= length and closing == char * len(closing):
+                self._keep = None if _indent(body) <= indent + 3 else self._keep
             return True
         if (kind == "code" and body.strip() and _indent(body) < detail) or (
             kind == "html" and detail is None and not body.strip()
@@ -617,21 +616,19 @@ class _MarkdownScanner:
         body = content[len(prefix) :]
         if not body.strip():
             self._flush()
-            self._table, self._blank = False, True
+            self._table = False
             self.out.append(content + eol)
             return
-        was_blank, self._blank = self._blank, False
         if depth != self._depth:
             self._flush()
             self._table, self._depth = False, depth
         indent = _indent(body)
-        if (
-            self._list is not None
-            and was_blank
-            and indent < self._list
-            and not _LIST_ITEM.match(body)
-        ):
-            self._list = None  # a paragraph back at the margin ends the list
+        if self._list is not None and indent < self._list and not _LIST_ITEM.match(body):
+            # Back at the margin: the list is over (or this is a lazy line; then ending
+            # it early only makes more lines count as code, the safe side).
+            self._list = None
+        if self._table and "|" not in body:
+            self._table = False
         if self._block_start(content, eol, body, depth, indent):
             return
         if "|" in body and (self._table or _is_table_delimiter(following, depth)):
@@ -680,7 +677,8 @@ class _MarkdownScanner:
         elif (fence := _FENCE.fullmatch(body)) and not (
             fence["fence"][0] == "`" and "`" in fence["info"]
         ):
-            self._keep = ("fence", depth, (fence["fence"][0], len(fence["fence"])))
+            marker = fence["fence"]
+            self._keep = ("fence", depth, (marker[0], len(marker), _indent(body)))
         elif html_block := self._html_block(body):
             start, end = html_block
             if end is None or not end.search(body, start):
@@ -1291,7 +1289,11 @@ class PdfDocument(_TokenDocument):
             ) from e
         # pypdf raises plain ValueError/KeyError on some malformed files, too.
         except (PyPdfError, ValueError, KeyError) as e:
-            raise BadDocument(f"This .pdf file is damaged and cannot be read ({e}).") from e
+            logger.info("%s: unreadable PDF: %s", path.name, e)
+            raise BadDocument(
+                "This .pdf file is damaged and cannot be read; save or export it as PDF "
+                "again and upload the new file."
+            ) from e
         self._texts: list[str] = []  # extraction is slow: each page's text, once
 
     def _page_texts(self) -> Iterator[str]:
