@@ -725,7 +725,10 @@ _ATTRIBUTE = re.compile(
 )
 _TAG_NAME = re.compile(r"<[^\s/>]*")
 _CHARSET = re.compile(r"(charset\s*=\s*[\"']?\s*)([^\s\"';>/]+)", re.I)
-_DECLARED_CHARSET = re.compile(rb"<meta[^>]*?charset\s*=\s*[\"']?\s*([A-Za-z0-9_.:-]+)", re.I)
+_XML_ENCODING = re.compile(r"(encoding\s*=\s*[\"'])([^\"']+)")
+_DECLARED_CHARSET = re.compile(
+    rb"(?:<meta[^>]*?charset\s*=\s*[\"']?|<\?xml[^>]*?encoding\s*=\s*[\"'])\s*([\w.:-]+)", re.I
+)
 _HTML_BREAKS = frozenset(
     "address article aside blockquote br dd div dl dt figcaption footer form h1 h2 h3 h4 h5 "
     "h6 header hr li main nav ol p pre section table td th title tr ul".split()
@@ -812,6 +815,8 @@ def _html_tokens(source: str) -> Iterator[_Token]:
         else:
             if event.kind == "end" and event.tag in kept:
                 del kept[len(kept) - 1 - kept[::-1].index(event.tag) :]
+            if event.kind == "other" and raw.startswith("<?xml"):
+                raw = _XML_ENCODING.sub(_utf8_charset, raw)  # XHTML's declaration, too
             yield raw
 
 
@@ -900,7 +905,7 @@ def _html_plain_text(source: str) -> str:
 
 
 def _declared_charset(path: Path) -> str | None:
-    """The <meta charset> of an HTML file, if Python knows it (tried after UTF-8)."""
+    """The <meta charset> (or XML encoding) of an HTML file, if Python knows it."""
     with path.open("rb") as f:
         match = _DECLARED_CHARSET.search(f.read(4096))
     if match is None:

@@ -615,11 +615,21 @@ def test_encodings_round_trip_to_utf8(
     assert "[你好，{name}！这是第一段。" in out.read_bytes().decode("utf-8")
 
 
-def test_html_declared_charset_becomes_utf8(tmp_path: Path) -> None:
-    source = '<html><head><meta charset="gb2312"></head><body><p>中文段落</p></body></html>'
-    path = write(tmp_path, "page.html", source, "gb18030")
+@pytest.mark.parametrize(
+    ("source", "encoding", "declared"),
+    [
+        ('<html><head><meta charset="gb2312"></head><body><p>中文</p></body></html>', "gb18030",
+         "gb2312"),
+        ('<?xml version="1.0" encoding="ISO-8859-1"?>\n<html><body><p>Café crème</p></body></html>',
+         "latin-1", "ISO-8859-1"),
+    ],
+)  # fmt: skip
+def test_html_declared_charset_becomes_utf8(
+    tmp_path: Path, source: str, encoding: str, declared: str
+) -> None:
+    path = write(tmp_path, "page.html", source, encoding)
     _, out = round_trip(path, identity)
-    assert out.read_text(encoding="utf-8") == source.replace("gb2312", "utf-8")
+    assert out.read_text(encoding="utf-8") == source.replace(declared, "utf-8")
 
 
 # --------------------------------------------------------------------------- bad documents
