@@ -71,6 +71,8 @@ class Subscriber:
     #: set when the buffer overflowed; the stream ends so the client resumes from the DB
     overflowed: bool = False
     closed: bool = False
+    #: set by the hub's heartbeat; the stream writes a ``: ping`` comment
+    ping_due: bool = False
 
     def offer(self, event_id: int, payload: bytes, final: bool) -> bool:
         if self.overflowed or self.closed:
@@ -166,6 +168,22 @@ class SSEHub:
         if self._on_publish is not None:
             self._on_publish(delivered)
 
+    def subscribers(self) -> list[Subscriber]:
+        return [sub for registry in (self._by_task, self._by_user)
+                for subs in registry.values() for sub in subs]
+
+    async def heartbeat(self, interval: float) -> None:
+        """Every ``interval`` seconds, ask every stream to write a ping.
+
+        One timer for all streams instead of a timeout per stream and per wake-up:
+        the live path of a stream is then a bare ``Event.wait()``.
+        """
+        while True:
+            await asyncio.sleep(interval)
+            for sub in self.subscribers():
+                sub.ping_due = True
+                sub.wakeup.set()
+
     def close_all(self) -> None:
         """End every stream (graceful shutdown)."""
         self.closing = True
@@ -199,7 +217,6 @@ async def stream_events(
     sub: Subscriber,
     plan: StreamPlan,
     *,
-    heartbeat: float,
     retry_ms: int = 3000,
 ) -> web.StreamResponse:
     """Write one SSE response: ``retry:``, preamble, replay from the DB, then live events.
@@ -224,7 +241,7 @@ async def stream_events(
             last_id = events[-1].id
             if plan.ends_on_final and any(e.is_final for e in events):
                 return response
-        await _live(response, sub, last_id, heartbeat, plan.ends_on_final)
+        await _live(response, sub, last_id, plan.ends_on_final)
     except (ConnectionResetError, asyncio.CancelledError) as exc:
         if isinstance(exc, asyncio.CancelledError):
             raise
@@ -236,16 +253,10 @@ async def _live(
     response: web.StreamResponse,
     sub: Subscriber,
     last_id: int,
-    heartbeat: float,
     ends_on_final: bool,
 ) -> None:
     while not sub.closed:
-        try:
-            await asyncio.wait_for(sub.wakeup.wait(), heartbeat)
-        except TimeoutError:
-            # The heartbeat write is also how a dead connection is found.
-            await response.write(PING)
-            continue
+        await sub.wakeup.wait()
         sub.wakeup.clear()
         if sub.overflowed:
             logger.info("dropping a slow stream of user %s", sub.user_id)
@@ -260,6 +271,10 @@ async def _live(
             if final and ends_on_final:
                 final_seen = True
                 break
+        if sub.ping_due:
+            # The heartbeat write is also how a dead connection is found.
+            sub.ping_due = False
+            chunks.append(PING)
         if chunks:
             await response.write(b"".join(chunks))
         if final_seen:

@@ -844,8 +844,7 @@ async def _preamble(store: TaskStore, last_id: int | None, latest: int,
 
 async def _serve(request: web.Request, sub: Any, plan: StreamPlan) -> web.StreamResponse:
     config = request.config_dict[CONFIG]
-    return await stream_events(request, sub, plan, heartbeat=config.sse_heartbeat_seconds,
-                               retry_ms=config.sse_retry_ms)
+    return await stream_events(request, sub, plan, retry_ms=config.sse_retry_ms)
 
 
 # -------------------------------------------------------------------- webhook
@@ -976,7 +975,11 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[HUB] = hub
     app[STORE].add_listener(hub.publish)
+    heartbeat = asyncio.create_task(hub.heartbeat(config.sse_heartbeat_seconds),
+                                    name="zhiyi-sse-heartbeat")
     yield
+    heartbeat.cancel()
+    await asyncio.gather(heartbeat, return_exceptions=True)
     hub.close_all()
     app[STORE].remove_listener(hub.publish)
 
