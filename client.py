@@ -459,7 +459,10 @@ async def _error_from(response: aiohttp.ClientResponse) -> ZhiyiError:
 
 
 def _unreachable(server: str, error: BaseException) -> ZhiyiError:
-    return ZhiyiError(0, "network_error", f"cannot reach {server.rstrip('/')}: {error}")
+    reason = str(error) or type(error).__name__
+    if isinstance(error, aiohttp.ClientConnectorError) and error.errno:
+        reason = os.strerror(error.errno).lower()  # "connection refused", not a repr
+    return ZhiyiError(0, "network_error", f"cannot reach {server.rstrip('/')}: {reason}")
 
 
 # ---------------------------------------------------------------- settings

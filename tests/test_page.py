@@ -295,3 +295,38 @@ def test_works_under_a_prefix(page: Page, prefixed_server: ZhiyiServer, tmp_path
                and not u.startswith("data:")]
     assert not outside, f"requests outside the prefix: {outside}"
     shot(page, "13-under-prefix")
+
+
+JS_DIR = Path(__file__).parent / "js"
+
+
+def test_use_task_status_hook(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
+    """The seed's useTaskStatus, as plain JS, follows a real task to completion.
+
+    The server serves only ``static/``, so the test page is served by Playwright at
+    the server's origin: the hook's relative URL then reaches the real server.
+    """
+    task = create_task(server.url, server.local_token, slow_document(tmp_path / "hook.txt", 150),
+                       params={"targetLang": "ja", "engine": "openai"})
+    page.goto(f"{server.url}/?token={server.local_token}")  # the session cookie
+
+    def serve_test_file(route: Any) -> None:
+        name = route.request.url.split("?", 1)[0].rsplit("/", 1)[-1]
+        kind = "text/javascript" if name.endswith(".js") else "text/html"
+        route.fulfill(body=(JS_DIR / name).read_text(encoding="utf-8"),
+                      content_type=f"{kind}; charset=utf-8")
+
+    page.route(f"{server.url}/use_task_status.*", serve_test_file)
+    page.goto(f"{server.url}/use_task_status.html?task={task['taskId']}")
+    status = page.locator("#status")
+    expect(status).to_have_attribute("data-status", "processing")
+    shot(page, "14-use-task-status-processing")
+    expect(status).to_have_attribute("data-status", "completed")
+    expect(status).to_have_attribute("data-closed", "true")
+    expect(page.locator("#progress")).to_have_attribute("value", "100")
+    states = page.evaluate("window.taskStates")
+    progress = [s["progress"] for s in states]
+    assert progress == sorted(progress), progress
+    assert any(s["status"] == "processing" and 0 < s["progress"] < 100 for s in states), states
+    assert states[-1]["status"] == "completed" and states[-1]["error"] is None
+    shot(page, "15-use-task-status-completed")
