@@ -1139,8 +1139,12 @@ def _docx_segments(document: Any) -> Iterator[tuple[list[etree._Element], str]]:
                     yield runs, text
 
 
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
 def _text_elements(text: str) -> Iterator[etree._Element]:
-    for piece in re.split(r"(\n|\t)", text):
+    # Characters XML cannot hold would make lxml refuse the whole translation.
+    for piece in re.split(r"(\n|\t)", _XML_INVALID.sub("", text)):
         if piece == "\n":
             yield OxmlElement("w:br")
         elif piece == "\t":

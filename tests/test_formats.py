@@ -514,6 +514,12 @@ def test_docx_translation_keeps_structure_and_styles(tmp_path: Path) -> None:
     assert section.footer.paragraphs[0].text == "[PAGE] 1 [OF THE REPORT]"
 
 
+def test_docx_translation_with_characters_xml_cannot_hold(tmp_path: Path) -> None:
+    path = make_docx(tmp_path / "report.docx")
+    _, out = round_trip(path, lambda s: f"\x01{s}\x0b\ufffe\ttab\nline")
+    assert docx.Document(str(out)).paragraphs[0].text == "Quarterly report\ttab\nline"
+
+
 def test_docx_identity_render_keeps_text(tmp_path: Path) -> None:
     path = make_docx(tmp_path / "report.docx")
     doc, out = round_trip(path, identity)
