@@ -1493,5 +1493,5 @@ def guess_language(sample: str) -> str:
         return _SCRIPT_LANGUAGE.get(script, "unknown")
     words = Counter(w.lower() for w in _WORD.findall(sample))
     hits = {lang: sum(words[w] for w in stop) for lang, stop in _STOPWORD_SETS.items()}
-    best = max(hits, key=lambda lang: hits[lang])
-    return best if hits[best] >= 2 else "unknown"
+    (best, top), (_, runner_up) = sorted(hits.items(), key=lambda item: -item[1])[:2]
+    return best if top > runner_up else "unknown"  # a tie on "de" or "la" says nothing

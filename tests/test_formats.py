@@ -758,6 +758,8 @@ def test_count_words(text: str, words: int) -> None:
         ("Das ist ein Satz, und er ist nicht auf Englisch.", "de"),
         ("Ceci est une phrase pour les tests et elle est en français.", "fr"),
         ("Esta es una frase para las pruebas y no es muy larga.", "es"),
+        ("Quarterly report: revenue grew this quarter", "en"),
+        ("de", "unknown"),
         ("12345 !!! ---", "unknown"),
         ("", "unknown"),
     ],
