@@ -57,7 +57,7 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (".txt", ".md", ".srt", ".html", ".htm",
 _MAX_SEGMENT_CHARS = 2000
 _READ_CHARS = 1 << 16
 # A line longer than this (a file with no line breaks) is read in pieces, to bound memory.
-_MAX_LINE_CHARS = 1 << 20
+_MAX_LINE_CHARS = 1 << 18
 _LANGUAGE_SAMPLE_CHARS = 20_000
 _MISSING: Any = object()
 

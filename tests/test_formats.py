@@ -162,6 +162,22 @@ def test_large_text_file_streams(tmp_path: Path) -> None:
         assert f.readline() == paragraph.upper()
 
 
+def test_file_without_line_breaks_streams(tmp_path: Path) -> None:
+    path = write(tmp_path, "one-line.txt", "没有换行也没有句号的中文" * 400_000)  # 14 MB
+    out = tmp_path / "out.txt"
+    tracemalloc.start()
+    try:
+        doc = open_document(path)
+        longest = max(len(s) for s in doc.segments())
+        doc.render(doc.segments(), out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert longest <= 2000
+    assert peak < 8_000_000, peak
+    assert out.stat().st_size == path.stat().st_size
+
+
 # --------------------------------------------------------------------------- markdown
 
 # Everything in the Markdown fixture that must come back byte for byte.
