@@ -14,6 +14,7 @@ const REOPEN_MIN_MS = 1000;
 const REOPEN_MAX_MS = 15000;
 const HEARTBEAT_MS = 1000;
 const LEADER_SILENCE_MS = 2500;
+const FIRST_CLAIM_MS = 500;
 
 /**
  * Start listening. `onEvent({id, type, data})` gets every event once, in order;
@@ -32,6 +33,7 @@ export function startStream({ onEvent, onState, onClosed = () => {} }) {
   let stopped = false;
   const abort = new AbortController();
   let releaseLock = () => {};
+  let fallback = null; // the heartbeat election, when there are no Web Locks
 
   function setState(next) {
     state = next;
@@ -97,17 +99,19 @@ export function startStream({ onEvent, onState, onClosed = () => {} }) {
       else if (data.kind === 'state' && !leader) {
         state = data.state;
         onState(state);
-      } else if (data.kind === 'hello' && leader) channel.postMessage({ kind: 'state', state });
-      else if (data.kind === 'heartbeat') fallback?.heard(data.from);
+      } else if (data.kind === 'hello' && leader) {
+        channel.postMessage({ kind: 'state', state });
+        fallback?.beat();
+      } else if (data.kind === 'heartbeat') fallback?.heard(data.from);
       else if (data.kind === 'resign') fallback?.heard(null);
     };
   }
 
-  let fallback = null;
   if (navigator.locks) {
     // Held until stop() or until the tab goes away (the browser frees it then).
     navigator.locks
       .request(LOCK_NAME, { signal: abort.signal }, () => {
+        if (stopped) return undefined; // stopped while waiting: pass the lock on
         becomeLeader();
         return new Promise((resolve) => {
           releaseLock = resolve;
@@ -139,12 +143,20 @@ export function startStream({ onEvent, onState, onClosed = () => {} }) {
 
 // The leader says so every second; a tab that hears no leader for a while takes
 // over; of two leaders, the one with the larger random id steps down.
+// A new tab says hello; a leader answers at once, so a lone tab leads after a moment.
 function heartbeatElection(channel, becomeLeader, resign, isLeader) {
   const me = Math.random();
-  let lastHeard = Date.now();
+  const started = Date.now();
+  let lastHeard = 0;
+  const beat = () => channel.postMessage({ kind: 'heartbeat', from: me });
+  const firstClaim = setTimeout(() => {
+    if (lastHeard < started) becomeLeader();
+  }, FIRST_CLAIM_MS);
   const timer = setInterval(() => {
-    if (isLeader()) channel.postMessage({ kind: 'heartbeat', from: me });
-    else if (Date.now() - lastHeard > LEADER_SILENCE_MS) becomeLeader();
+    if (isLeader()) beat();
+    else if (Date.now() - lastHeard > LEADER_SILENCE_MS && Date.now() - started > FIRST_CLAIM_MS) {
+      becomeLeader();
+    }
   }, HEARTBEAT_MS);
   window.addEventListener('pagehide', () => {
     if (isLeader()) channel.postMessage({ kind: 'resign' });
@@ -158,7 +170,9 @@ function heartbeatElection(channel, becomeLeader, resign, isLeader) {
       lastHeard = Date.now();
       if (isLeader() && from < me) resign();
     },
+    beat,
     stop() {
+      clearTimeout(firstClaim);
       clearInterval(timer);
     },
   };

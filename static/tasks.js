@@ -185,7 +185,8 @@ export class TaskList {
     const typeLabel = has(`type.${task.taskType}`) ? t(`type.${task.taskType}`) : task.taskType;
     const target = task.params?.targetLang ? ` → ${task.params.targetLang}` : '';
     const engine = task.params?.engine ? ` · ${task.params.engine}` : '';
-    const stage = task.stage ? (has(`stage.${task.stage}`) ? t(`stage.${task.stage}`) : task.stage) : null;
+    // The stage is what a running task is doing; once it ended, it is stale.
+    const stage = task.stage && !isFinal(status) ? (has(`stage.${task.stage}`) ? t(`stage.${task.stage}`) : task.stage) : null;
     const error = this.errors.get(id);
 
     const meta = [

@@ -160,22 +160,24 @@ def test_login_failed_then_paste_token_and_log_out(page: Page, server: ZhiyiServ
     expect(page.locator("#login")).to_be_visible()
 
 
-def test_restart_mid_task(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
-    """Kill the server by PID mid-task and start it again: the page recovers, the task ends."""
+@pytest.mark.parametrize("crash", [True, False], ids=["kill", "stop"])
+def test_restart_mid_task(page: Page, server: ZhiyiServer, tmp_path: Path, crash: bool) -> None:
+    """Kill (or stop) the server by PID mid-task and start it again on the same port and
+    data: the indicator goes to reconnecting and back to live, and the task ends."""
     log_in(page, server)
     upload(page, slow_document(tmp_path / "long.txt", 400))
     task = row(page, "long.txt")
     expect(task).to_have_attribute("data-status", "processing")
     expect(task.locator("[data-role=message]")).to_contain_text(re.compile(r"segment [1-9]"))
-    server.kill()
+    server.kill() if crash else server.stop()
     expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
-    shot(page, "05-server-down")
+    shot(page, f"05-server-down-{'kill' if crash else 'stop'}")
     server.start()
     expect(page.locator("#connection")).to_have_attribute("data-state", "live")
-    shot(page, "06-reconnected")
+    shot(page, f"06-reconnected-{'kill' if crash else 'stop'}")
     expect(task).to_have_attribute("data-status", "completed", timeout=60_000)
     expect(task.locator("[data-role=percent]")).to_have_text("100 %")
-    shot(page, "07-completed-after-restart")
+    shot(page, f"07-completed-after-restart-{'kill' if crash else 'stop'}")
 
 
 def test_cancel_refunds_credits(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
@@ -217,17 +219,27 @@ def test_api_error_shown_in_place(page: Page, server: ZhiyiServer, tmp_path: Pat
     shot(page, "11-chinese-narrow")
 
 
-def test_tabs_share_one_stream(browser: Browser, server: ZhiyiServer, tmp_path: Path) -> None:
-    """Two tabs, one EventSource (the leader's); closing the leader hands the stream over."""
+NO_WEB_LOCKS = "Object.defineProperty(Navigator.prototype, 'locks', {get: () => undefined});"
+
+
+@pytest.mark.parametrize("web_locks", [True, False], ids=["web-locks", "broadcast-only"])
+def test_tabs_share_one_stream(browser: Browser, server: ZhiyiServer, tmp_path: Path,
+                               web_locks: bool) -> None:
+    """Two tabs, one EventSource (the leader's); closing the leader hands the stream over.
+    Without Web Locks, a heartbeat election over the BroadcastChannel does the same."""
     context = browser.new_context(locale="zh-CN")
     context.set_default_timeout(TIMEOUT_MS)
+    if not web_locks:
+        context.add_init_script(NO_WEB_LOCKS)
     try:
         first = context.new_page()
         log_in(first, server)
+        assert first.evaluate("'locks' in navigator && !!navigator.locks") == web_locks
         second = context.new_page()
         second.goto(server.url + "/")
         expect(second.locator("#connection")).to_have_attribute("data-state", "live")
         expect(second.locator("#upload-title")).to_have_text("新建任务")
+        first.wait_for_timeout(1500)  # long enough for a second leader to show up, if any
         assert _sse_connections(server) == 1
         task = create_task(server.url, server.local_token, slow_document(tmp_path / "a.txt", 30),
                            params={"targetLang": "fr", "engine": "openai"})
@@ -241,7 +253,7 @@ def test_tabs_share_one_stream(browser: Browser, server: ZhiyiServer, tmp_path: 
         assert _sse_connections(server) == 1
         api(server.url, server.local_token, "DELETE", f"api/tasks/{task['taskId']}")
         expect(row(second, "a.txt")).to_have_count(0)
-        shot(second, "12-second-tab-leads")
+        shot(second, f"12-second-tab-leads-{'locks' if web_locks else 'broadcast'}")
     finally:
         context.close()
 
@@ -330,3 +342,74 @@ def test_use_task_status_hook(page: Page, server: ZhiyiServer, tmp_path: Path) -
     assert any(s["status"] == "processing" and 0 < s["progress"] < 100 for s in states), states
     assert states[-1]["status"] == "completed" and states[-1]["error"] is None
     shot(page, "15-use-task-status-completed")
+
+
+NOTIFICATION_STUB = """
+window.shownNotifications = [];
+window.permissionRequests = 0;
+class FakeNotification {
+  static permission = 'default';
+  static requestPermission() {
+    window.permissionRequests += 1;
+    FakeNotification.permission = 'granted';
+    return Promise.resolve('granted');
+  }
+  constructor(title, options) { window.shownNotifications.push({ title, ...options }); }
+}
+window.Notification = FakeNotification;
+"""
+
+
+def test_desktop_notice_when_hidden(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
+    """Permission is asked on the first upload (not on load); a task that ends while the
+    page is hidden shows a desktop notification."""
+    page.add_init_script(NOTIFICATION_STUB)
+    log_in(page, server)
+    assert page.evaluate("window.permissionRequests") == 0
+    upload(page, slow_document(tmp_path / "first.txt", 5), engine="pseudo")
+    expect(row(page, "first.txt")).to_have_attribute("data-status", "completed")
+    assert page.evaluate("window.permissionRequests") == 1
+    assert page.evaluate("window.shownNotifications") == []  # visible: no notice
+    page.evaluate("Object.defineProperty(document, 'hidden', {get: () => true})")
+    create_task(server.url, server.local_token, slow_document(tmp_path / "later.txt", 50),
+                params={"targetLang": "fr", "engine": "openai"})
+    expect(row(page, "later.txt")).to_have_attribute("data-status", "completed")
+    shown = page.evaluate("window.shownNotifications")
+    assert [(n["title"], n["body"]) for n in shown] == [("Task completed", "later.txt")]
+    assert shown[0]["tag"].startswith("zhiyi-task-")
+
+
+ACTIVE_ELEMENT = "(e => e.id || e.dataset.action || e.tagName)(document.activeElement)"
+
+
+def test_load_more_and_keyboard(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
+    """Pages of 20 with "Load more"; every control is reachable with Tab and labelled."""
+    doc = slow_document(tmp_path / "small.txt", 2)
+    for _ in range(22):
+        create_task(server.url, server.local_token, doc, "analyze")
+    log_in(page, server)
+    expect(page.locator(".task")).to_have_count(20)
+    ids = [int(i) for i in page.locator(".task").evaluate_all(
+        "rows => rows.map(r => r.dataset.taskId)")]
+    assert ids == sorted(ids, reverse=True)  # newest first
+    page.click("#load-more")
+    expect(page.locator(".task")).to_have_count(22)
+    expect(page.locator("#load-more")).to_be_hidden()
+
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll(
+        'input:not([type=hidden]), select, button, progress')].filter(el => el.offsetParent !== null
+        || el.type === 'file').filter(el => !(el.labels?.length || el.getAttribute('aria-label')
+        || el.textContent.trim())).map(el => el.outerHTML)""")
+    assert unlabelled == []
+    reached = []
+    page.locator("body").focus()
+    for _ in range(15):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate(ACTIVE_ELEMENT))
+    for control in ("lang-switch", "logout", "file-input", "task-type", "param-targetLang",
+                    "upload-submit"):
+        assert control in reached, reached
+    page.keyboard.press("Shift+Tab")
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none"
+    shot(page, "16-keyboard-focus")
