@@ -17,8 +17,8 @@ import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -248,7 +248,7 @@ class NewTask:
 class _Txn:
     """A write transaction in progress: its connection and the events it appended."""
 
-    db: aiosqlite.Connection
+    db: sqlite3.Connection
     now: str
     events: list[Event] = field(default_factory=list)
 
@@ -260,21 +260,149 @@ def default_result_url(task_id: int) -> str:
     return f"/api/tasks/{task_id}/result"
 
 
+class GroupWriter:
+    """Runs write transactions in one thread, several under one COMMIT.
+
+    Each write is a small synchronous function of a :class:`_Txn`. Writes
+    queued while a batch runs go into the next batch: one thread hop and one
+    COMMIT for the lot, each write inside its own SAVEPOINT so one failing
+    write rolls back alone. aiosqlite runs one statement per hop and has no
+    public way to run a function on its thread, so the writer is a plain
+    sqlite3 connection on a one-thread executor (aiosqlite's model); reads
+    stay on aiosqlite. A caller resumes only after its batch committed.
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, path: Path, clock: Callable[[], datetime],
+                 on_commit: Callable[[list[Event]], None]) -> None:
+        self._path = path
+        self._clock = clock
+        self._on_commit = on_commit
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="zhiyi-sqlite-writer")
+        self._db: sqlite3.Connection | None = None
+        self._queue: list[tuple[WriteOp, asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._db = await loop.run_in_executor(self._executor, _open_writer, self._path)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
+        self._executor.shutdown(wait=True)
+
+    async def run(self, op: WriteOp) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((op, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush(), name="zhiyi-sqlite-flush")
+        # Shielded: once queued, a write commits even if its caller is cancelled.
+        return await asyncio.shield(future)
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch = self._queue[: self.MAX_BATCH]
+            del self._queue[: self.MAX_BATCH]
+            ops = [op for op, _ in batch]
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._run_batch, ops)
+            except BaseException as e:  # the executor itself failed: fail the batch
+                outcomes = [_Failed(e)] * len(batch)
+            events = [e for o in outcomes if isinstance(o, _Done) for e in o.events]
+            if events:
+                self._on_commit(events)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, _Failed):
+                    future.set_exception(outcome.error)
+                else:
+                    future.set_result(outcome.result)
+
+    def _run_batch(self, ops: list[WriteOp]) -> list[_Done | _Failed]:
+        """In the writer thread: all the writes in one transaction.
+
+        Optimistic first: no savepoints. If a write raises, the transaction is
+        rolled back and the batch runs again with a savepoint per write, so
+        the failing one rolls back alone (writes are pure functions of the
+        database and their arguments, so running one twice is safe).
+        """
+        try:
+            return self._transaction(ops, isolate=len(ops) == 1)
+        except _RetryIsolated:
+            return self._transaction(ops, isolate=True)
+        except Exception as e:
+            logger.exception("a write batch failed to commit")
+            return [_Failed(e)] * len(ops)
+
+    def _transaction(self, ops: list[WriteOp], *, isolate: bool) -> list[_Done | _Failed]:
+        db = self._db
+        assert db is not None
+        now = isoformat(self._clock())
+        outcomes: list[_Done | _Failed] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                outcomes.append(_run_op(db, op, now, isolate))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return outcomes
+
+
+class _RetryIsolated(Exception):
+    """A write failed in an optimistic batch: run the batch again with savepoints."""
+
+
+def _run_op(db: sqlite3.Connection, op: WriteOp, now: str, isolate: bool) -> _Done | _Failed:
+    txn = _Txn(db, now)
+    if not isolate:
+        try:
+            return _Done(op(txn), txn.events)
+        except Exception as e:
+            raise _RetryIsolated from e
+    db.execute("SAVEPOINT op")
+    try:
+        result = op(txn)
+    except Exception as e:
+        db.execute("ROLLBACK TO op")
+        db.execute("RELEASE op")
+        return _Failed(e)
+    db.execute("RELEASE op")
+    return _Done(result, txn.events)
+
+
+@dataclass(slots=True)
+class _Done:
+    result: Any
+    events: list[Event]
+
+
+@dataclass(slots=True)
+class _Failed:
+    error: BaseException
+
+
+WriteOp = Callable[[_Txn], Any]
+
+
 class TaskStore:
     """The whole database behind one object. Open with :meth:`open`."""
 
-    def __init__(
-        self,
-        writer: aiosqlite.Connection,
-        reader: aiosqlite.Connection,
-        *,
-        clock: Callable[[], datetime] = utcnow,
-    ) -> None:
-        self._writer = writer
-        self._reader = reader
+    def __init__(self, path: Path, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self._path = path
         self._clock = clock
         self._listeners: list[EventListener] = []
-        self._write_lock = asyncio.Lock()
+        self._writer = GroupWriter(path, clock, self._publish)
+        self._reader: aiosqlite.Connection | None = None
         #: how completed events name their result's URL (set by the server to its route)
         self.result_url: Callable[[int], str] = default_result_url
 
@@ -284,17 +412,18 @@ class TaskStore:
         """Open (creating or migrating) the database file at ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await _connect(path)
+        store = cls(path, clock=clock)
         try:
-            await _migrate(writer)
-            reader = await _connect(path)
+            await store._writer.start()
+            store._reader = await _connect_reader(path)
         except BaseException:
-            await writer.close()
+            await store.close()
             raise
-        return cls(writer, reader, clock=clock)
+        return store
 
     async def close(self) -> None:
-        await self._reader.close()
+        if self._reader is not None:
+            await self._reader.close()
         await self._writer.close()
 
     def add_listener(self, listener: EventListener) -> None:
@@ -307,33 +436,28 @@ class TaskStore:
     def now(self) -> datetime:
         return self._clock()
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[_Txn]:
-        """One short write transaction; its events are published after COMMIT."""
-        async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            txn = _Txn(self._writer, isoformat(self._clock()))
-            try:
-                yield txn
-            except BaseException:
-                await self._writer.rollback()
-                raise
-            # Shielded: once the transaction body ran, a cancel must not lose the commit.
-            await asyncio.shield(self._writer.commit())
-        for event in txn.events:
+    async def _write(self, op: WriteOp) -> Any:
+        """Run ``op`` in a write transaction; its events are published after COMMIT."""
+        return await self._writer.run(op)
+
+    def _publish(self, events: list[Event]) -> None:
+        for event in events:
             for listener in self._listeners:
                 try:
                     listener(event)
                 except Exception:
                     logger.exception("event listener failed for event %s", event.id)
 
-    async def _fetchone(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self._reader.execute(sql, tuple(args)) as cursor:
-            return await cursor.fetchone()
-
     async def _fetchall(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._reader.execute(sql, tuple(args)) as cursor:
-            return list(await cursor.fetchall())
+        # One hop that runs the statement to its end: a cursor left open between
+        # awaits would hold a read transaction, and other coroutines' reads on
+        # this connection would then see that old snapshot.
+        assert self._reader is not None
+        return list(await self._reader.execute_fetchall(sql, tuple(args)))
+
+    async def _fetchone(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
+        rows = await self._fetchall(sql, args)
+        return rows[0] if rows else None
 
     async def ping(self) -> None:
         await self._fetchone("SELECT 1")
@@ -341,16 +465,18 @@ class TaskStore:
     # ------------------------------------------------------------------ users
     async def add_user(self, user_id: str, credits: int = 0) -> User:
         """Create a user; the starting credits are a ``grant`` ledger entry."""
-        async with self._write() as txn:
+        def _op(txn: _Txn) -> Any:
             try:
-                await txn.db.execute(
+                txn.db.execute(
                     "INSERT INTO users (id, credits, created_at) VALUES (?, 0, ?)",
                     (user_id, txn.now),
                 )
             except sqlite3.IntegrityError as e:
                 raise UserExists(user_id) from e
             if credits:
-                await _move_credits(txn, user_id, credits, "grant", None)
+                _move_credits(txn, user_id, credits, "grant", None)
+
+        await self._write(_op)
         user = await self.get_user(user_id)
         assert user is not None
         return user
@@ -364,26 +490,30 @@ class TaskStore:
 
     async def grant_credits(self, user_id: str, amount: int) -> int:
         """Add (or with a negative amount take) credits; returns the new balance."""
-        async with self._write() as txn:
-            if not await _user_exists(txn.db, user_id):
+        def _op(txn: _Txn) -> Any:
+            if not _user_exists(txn.db, user_id):
                 raise UserNotFound(user_id)
-            balance = await _move_credits(txn, user_id, amount, "grant", None)
-            await _append_event(
+            balance = _move_credits(txn, user_id, amount, "grant", None)
+            _append_event(
                 txn, None, user_id, "notification",
                 {"level": "info", "message": f"{amount:+d} credits", "credits": balance},
             )
-        return balance
+            return balance
+
+        return await self._write(_op)
 
     async def issue_token(self, user_id: str, kind: str = "api") -> str:
         """A new secret token for the user; only its hash is stored."""
         token = ("zy_" if kind == "api" else "zs_") + secrets.token_urlsafe(32)
-        async with self._write() as txn:
-            if not await _user_exists(txn.db, user_id):
+        def _op(txn: _Txn) -> Any:
+            if not _user_exists(txn.db, user_id):
                 raise UserNotFound(user_id)
-            await txn.db.execute(
+            txn.db.execute(
                 "INSERT INTO api_tokens (token_hash, user_id, kind, created_at) VALUES (?,?,?,?)",
                 (hash_token(token), user_id, kind, txn.now),
             )
+
+        await self._write(_op)
         return token
 
     async def user_for_token(self, token: str) -> str | None:
@@ -393,10 +523,11 @@ class TaskStore:
         return row["user_id"] if row else None
 
     async def revoke_token(self, token: str) -> None:
-        async with self._write() as txn:
-            await txn.db.execute(
+        def _op(txn: _Txn) -> Any:
+            txn.db.execute(
                 "DELETE FROM api_tokens WHERE token_hash = ?", (hash_token(token),)
             )
+        return await self._write(_op)
 
     # ----------------------------------------------------------------- ledger
     async def get_ledger(
@@ -438,10 +569,10 @@ class TaskStore:
             return earlier, False
 
     async def _insert_task(self, new: NewTask) -> Task:
-        async with self._write() as txn:
-            await _check_active_limit(txn.db, new.user_id, new.max_active)
+        def _op(txn: _Txn) -> Any:
+            _check_active_limit(txn.db, new.user_id, new.max_active)
             try:
-                cursor = await txn.db.execute(
+                cursor = txn.db.execute(
                     """INSERT INTO processing_tasks (user_id, task_type, params, file_name,
                        file_size, file_path, credits_cost, credits_held, idempotency_key,
                        created_at, updated_at, status_message)
@@ -456,8 +587,9 @@ class TaskStore:
                 raise
             task_id = cursor.lastrowid
             assert task_id is not None
-            await _charge(txn, new.user_id, new.credits_cost, task_id)
-            return await self._status_event(txn, task_id)
+            _charge(txn, new.user_id, new.credits_cost, task_id)
+            return self._status_event(txn, task_id)
+        return await self._write(_op)
 
     async def find_by_idempotency_key(self, user_id: str, key: str) -> Task | None:
         row = await self._fetchone(
@@ -509,9 +641,9 @@ class TaskStore:
     # --------------------------------------------------------- worker actions
     async def claim_next_task(self, owner: str, lease_seconds: float) -> Task | None:
         """Take the oldest runnable pending task: ``processing``, one more attempt, a lease."""
-        async with self._write() as txn:
-            row = await (
-                await txn.db.execute(
+        def _op(txn: _Txn) -> Any:
+            row = (
+                txn.db.execute(
                     """SELECT id FROM processing_tasks
                        WHERE status = 'pending' AND (run_after IS NULL OR run_after <= ?)
                        ORDER BY id LIMIT 1""",
@@ -521,7 +653,7 @@ class TaskStore:
             if row is None:
                 return None
             lease = isoformat(parse_time(txn.now) + timedelta(seconds=lease_seconds))
-            await txn.db.execute(
+            txn.db.execute(
                 """UPDATE processing_tasks SET status = 'processing', attempts = attempts + 1,
                    progress = 0, status_message = 'starting', stage = 'starting',
                    eta_seconds = NULL, run_after = NULL, lease_owner = ?, lease_until = ?,
@@ -529,7 +661,8 @@ class TaskStore:
                    WHERE id = ?""",
                 (owner, lease, txn.now, txn.now, row["id"]),
             )
-            return await self._status_event(txn, row["id"])
+            return self._status_event(txn, row["id"])
+        return await self._write(_op)
 
     async def next_run_after(self) -> datetime | None:
         """When the earliest delayed pending task becomes runnable (for the worker's sleep)."""
@@ -539,14 +672,15 @@ class TaskStore:
         return parse_time(row["t"]) if row and row["t"] else None
 
     async def renew_lease(self, task_id: int, attempt: int, lease_seconds: float) -> bool:
-        async with self._write() as txn:
+        def _op(txn: _Txn) -> Any:
             lease = isoformat(parse_time(txn.now) + timedelta(seconds=lease_seconds))
-            cursor = await txn.db.execute(
+            cursor = txn.db.execute(
                 """UPDATE processing_tasks SET lease_until = ?
                    WHERE id = ? AND attempts = ? AND status = 'processing'""",
                 (lease, task_id, attempt),
             )
             return cursor.rowcount == 1
+        return await self._write(_op)
 
     async def update_task_status(
         self,
@@ -557,39 +691,48 @@ class TaskStore:
         message: str,
         stage: str | None = None,
         eta_seconds: float | None = None,
-    ) -> Task | None:
-        """Record progress of the running attempt; ``None`` if the task moved on.
+    ) -> bool:
+        """Record progress of the running attempt; ``False`` if the task moved on.
 
         Progress never goes backwards within an attempt: a lower value keeps
         the higher one already stored.
         """
         progress = max(0, min(100, int(progress)))
-        async with self._write() as txn:
-            cursor = await txn.db.execute(
+
+        def _op(txn: _Txn) -> bool:
+            # The hot path of every task: one statement returns what the event needs.
+            row = txn.db.execute(
                 """UPDATE processing_tasks SET progress = MAX(progress, ?), status_message = ?,
                    stage = COALESCE(?, stage), eta_seconds = ?, updated_at = ?
-                   WHERE id = ? AND attempts = ? AND status = 'processing'""",
+                   WHERE id = ? AND attempts = ? AND status = 'processing'
+                   RETURNING user_id, progress, stage, attempts""",
                 (progress, message, stage, eta_seconds, txn.now, task_id, attempt),
-            )
-            if cursor.rowcount != 1:
-                return None
-            return await self._status_event(txn, task_id)
+            ).fetchone()
+            if row is None:
+                return False
+            _append_event(txn, task_id, row["user_id"], "status_update", {
+                "taskId": task_id, "status": "processing", "progress": row["progress"],
+                "message": message, "stage": row["stage"], "etaSeconds": eta_seconds,
+                "attempts": row["attempts"]})
+            return True
+        return await self._write(_op)
 
     async def save_checkpoint(self, task_id: int, attempt: int, checkpoint: Any) -> bool:
-        async with self._write() as txn:
-            cursor = await txn.db.execute(
+        def _op(txn: _Txn) -> Any:
+            cursor = txn.db.execute(
                 """UPDATE processing_tasks SET checkpoint = ?
                    WHERE id = ? AND attempts = ? AND status = 'processing'""",
                 (json.dumps(checkpoint), task_id, attempt),
             )
             return cursor.rowcount == 1
+        return await self._write(_op)
 
     async def set_external(
         self, task_id: int, attempt: int, external_task_id: str, deadline: datetime
     ) -> Task | None:
         """The task now waits for an external service: no lease, a deadline instead."""
-        async with self._write() as txn:
-            cursor = await txn.db.execute(
+        def _op(txn: _Txn) -> Any:
+            cursor = txn.db.execute(
                 """UPDATE processing_tasks SET external_task_id = ?, external_deadline = ?,
                    lease_owner = NULL, lease_until = NULL, stage = 'waiting',
                    status_message = 'sent to the external service', updated_at = ?
@@ -598,28 +741,30 @@ class TaskStore:
             )
             if cursor.rowcount != 1:
                 return None
-            return await self._status_event(txn, task_id)
+            return self._status_event(txn, task_id)
+        return await self._write(_op)
 
     async def update_external_progress(
         self, task_id: int, progress: int, message: str
     ) -> Task | None:
         """A ``processing`` callback from the external service."""
-        async with self._write() as txn:
-            cursor = await txn.db.execute(
+        def _op(txn: _Txn) -> Any:
+            cursor = txn.db.execute(
                 """UPDATE processing_tasks SET progress = MAX(progress, ?), status_message = ?,
                    updated_at = ? WHERE id = ? AND status = 'processing'""",
                 (max(0, min(100, int(progress))), message, txn.now, task_id),
             )
             if cursor.rowcount != 1:
                 return None
-            return await self._status_event(txn, task_id)
+            return self._status_event(txn, task_id)
+        return await self._write(_op)
 
     async def complete_task(
         self, task_id: int, result_name: str, *, attempt: int | None = None
     ) -> Task | None:
         """Mark the task completed with its result; ``None`` if it was no longer running."""
-        async with self._write() as txn:
-            cursor = await txn.db.execute(
+        def _op(txn: _Txn) -> Any:
+            cursor = txn.db.execute(
                 f"""UPDATE processing_tasks SET status = 'completed', progress = 100,
                    status_message = 'completed', stage = 'done', eta_seconds = 0,
                    result_name = ?, lease_owner = NULL, lease_until = NULL,
@@ -629,7 +774,8 @@ class TaskStore:
             )
             if cursor.rowcount != 1:
                 return None
-            return await self._status_event(txn, task_id)
+            return self._status_event(txn, task_id)
+        return await self._write(_op)
 
     async def fail_task(
         self,
@@ -640,8 +786,8 @@ class TaskStore:
         attempt: int | None = None,
     ) -> Task | None:
         """Fail a running (or pending) task and refund its credits exactly once."""
-        async with self._write() as txn:
-            cursor = await txn.db.execute(
+        def _op(txn: _Txn) -> Any:
+            cursor = txn.db.execute(
                 f"""UPDATE processing_tasks SET status = 'failed', error_message = ?,
                    error_code = ?, status_message = ?, eta_seconds = NULL, lease_owner = NULL,
                    lease_until = NULL, external_deadline = NULL, completed_at = ?, updated_at = ?
@@ -651,16 +797,17 @@ class TaskStore:
             )
             if cursor.rowcount != 1:
                 return None
-            await _refund(txn, task_id)
-            return await self._status_event(txn, task_id)
+            _refund(txn, task_id)
+            return self._status_event(txn, task_id)
+        return await self._write(_op)
 
     async def schedule_retry(
         self, task_id: int, attempt: int, delay_seconds: float, message: str
     ) -> Task | None:
         """After a transient error: back to ``pending`` until ``now + delay`` (no new charge)."""
-        async with self._write() as txn:
+        def _op(txn: _Txn) -> Any:
             run_after = isoformat(parse_time(txn.now) + timedelta(seconds=delay_seconds))
-            cursor = await txn.db.execute(
+            cursor = txn.db.execute(
                 """UPDATE processing_tasks SET status = 'pending', run_after = ?,
                    status_message = ?, stage = 'waiting', eta_seconds = NULL,
                    lease_owner = NULL, lease_until = NULL, updated_at = ?
@@ -669,7 +816,8 @@ class TaskStore:
             )
             if cursor.rowcount != 1:
                 return None
-            return await self._status_event(txn, task_id)
+            return self._status_event(txn, task_id)
+        return await self._write(_op)
 
     async def requeue_orphans(self, max_attempts: int, *, expired_only: bool) -> list[Task]:
         """Tasks left ``processing`` by a dead worker: re-queue, or fail once out of attempts.
@@ -678,34 +826,35 @@ class TaskStore:
         ``expired_only`` only tasks whose lease has run out are touched (the
         periodic reconciler); at start every leased task is an orphan.
         """
-        async with self._write() as txn:
+        def _op(txn: _Txn) -> Any:
             sql = """SELECT id, attempts FROM processing_tasks
                      WHERE status = 'processing' AND external_task_id IS NULL"""
             args: tuple[Any, ...] = ()
             if expired_only:
                 sql += " AND lease_until < ?"
                 args = (txn.now,)
-            rows = list(await (await txn.db.execute(sql, args)).fetchall())
+            rows = list((txn.db.execute(sql, args)).fetchall())
             changed = []
             for row in rows:
                 if row["attempts"] >= max_attempts:
-                    await txn.db.execute(
+                    txn.db.execute(
                         """UPDATE processing_tasks SET status = 'failed',
                            error_code = 'interrupted', error_message = ?, status_message = ?,
                            lease_owner = NULL, lease_until = NULL, completed_at = ?, updated_at = ?
                            WHERE id = ?""",
                         (INTERRUPTED, INTERRUPTED, txn.now, txn.now, row["id"]),
                     )
-                    await _refund(txn, row["id"])
+                    _refund(txn, row["id"])
                 else:
-                    await txn.db.execute(
+                    txn.db.execute(
                         """UPDATE processing_tasks SET status = 'pending', run_after = NULL,
                            status_message = 'interrupted; waiting to resume', stage = 'waiting',
                            lease_owner = NULL, lease_until = NULL, updated_at = ? WHERE id = ?""",
                         (txn.now, row["id"]),
                     )
-                changed.append(await self._status_event(txn, row["id"]))
+                changed.append(self._status_event(txn, row["id"]))
             return changed
+        return await self._write(_op)
 
     async def overdue_external_tasks(self) -> list[Task]:
         rows = await self._fetchall(
@@ -725,29 +874,30 @@ class TaskStore:
     # ----------------------------------------------------------- user actions
     async def cancel_task(self, task_id: int, user_id: str) -> Task:
         """``pending``/``processing`` → ``cancelled`` with a refund; else InvalidTransition."""
-        async with self._write() as txn:
-            status = await _owned_status(txn.db, task_id, user_id)
+        def _op(txn: _Txn) -> Any:
+            status = _owned_status(txn.db, task_id, user_id)
             if status.is_final:
                 raise InvalidTransition(status, "cancel")
-            await _cancel(txn, task_id)
-            return await self._status_event(txn, task_id)
+            _cancel(txn, task_id)
+            return self._status_event(txn, task_id)
+        return await self._write(_op)
 
     async def retry_task(self, task_id: int, user_id: str, *, max_active: int = 100) -> Task:
         """``failed``/``cancelled`` → ``pending``, charged again, attempts start over."""
-        async with self._write() as txn:
-            status = await _owned_status(txn.db, task_id, user_id)
+        def _op(txn: _Txn) -> Any:
+            status = _owned_status(txn.db, task_id, user_id)
             if status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
                 raise InvalidTransition(status, "retry")
-            await _check_active_limit(txn.db, user_id, max_active)
-            row = await (
-                await txn.db.execute(
+            _check_active_limit(txn.db, user_id, max_active)
+            row = (
+                txn.db.execute(
                     "SELECT credits_cost, files_expired FROM processing_tasks WHERE id = ?",
                     (task_id,),
                 )
             ).fetchone()
             if row["files_expired"]:
                 raise InvalidTransition("expired", "retry")
-            await txn.db.execute(
+            txn.db.execute(
                 """UPDATE processing_tasks SET status = 'pending', progress = 0, attempts = 0,
                    status_message = 'waiting for a worker', stage = NULL, eta_seconds = NULL,
                    error_message = NULL, error_code = NULL, external_task_id = NULL,
@@ -755,22 +905,24 @@ class TaskStore:
                    result_name = NULL, credits_held = ?, updated_at = ? WHERE id = ?""",
                 (row["credits_cost"], txn.now, task_id),
             )
-            await _charge(txn, user_id, row["credits_cost"], task_id)
-            return await self._status_event(txn, task_id)
+            _charge(txn, user_id, row["credits_cost"], task_id)
+            return self._status_event(txn, task_id)
+        return await self._write(_op)
 
     async def delete_task(self, task_id: int, user_id: str) -> Task:
         """Cancel (with refund) if active, then delete the row; returns the task as it was."""
-        async with self._write() as txn:
-            status = await _owned_status(txn.db, task_id, user_id)
+        def _op(txn: _Txn) -> Any:
+            status = _owned_status(txn.db, task_id, user_id)
             if not status.is_final:
-                await _cancel(txn, task_id)
-                await self._status_event(txn, task_id)
-            row = await (
-                await txn.db.execute("SELECT * FROM processing_tasks WHERE id = ?", (task_id,))
+                _cancel(txn, task_id)
+                self._status_event(txn, task_id)
+            row = (
+                txn.db.execute("SELECT * FROM processing_tasks WHERE id = ?", (task_id,))
             ).fetchone()
-            await txn.db.execute("DELETE FROM processing_tasks WHERE id = ?", (task_id,))
-            await _append_event(txn, task_id, user_id, "task_deleted", {"taskId": task_id})
+            txn.db.execute("DELETE FROM processing_tasks WHERE id = ?", (task_id,))
+            _append_event(txn, task_id, user_id, "task_deleted", {"taskId": task_id})
             return Task.from_row(row)
+        return await self._write(_op)
 
     # ------------------------------------------------------------- retention
     async def tasks_to_expire(self, ended_before: datetime) -> list[Task]:
@@ -782,11 +934,12 @@ class TaskStore:
         return [Task.from_row(r) for r in rows]
 
     async def mark_files_expired(self, task_id: int) -> None:
-        async with self._write() as txn:
-            await txn.db.execute(
+        def _op(txn: _Txn) -> Any:
+            txn.db.execute(
                 "UPDATE processing_tasks SET files_expired = 1, updated_at = ? WHERE id = ?",
                 (txn.now, task_id),
             )
+        return await self._write(_op)
 
     async def prune_events(self, before: datetime) -> int:
         """Delete events older than ``before`` of tasks that have ended (or are gone).
@@ -794,9 +947,9 @@ class TaskStore:
         Remembers the highest pruned id, so a client resuming from before it
         is told to reset rather than silently missing events.
         """
-        async with self._write() as txn:
+        def _op(txn: _Txn) -> Any:
             stamp = isoformat(before)
-            top = await _scalar(
+            top = _scalar(
                 txn.db,
                 """SELECT MAX(id) FROM task_events e WHERE created_at < ? AND NOT EXISTS (
                        SELECT 1 FROM processing_tasks t WHERE t.id = e.task_id
@@ -805,19 +958,20 @@ class TaskStore:
             )
             if top is None:
                 return 0
-            cursor = await txn.db.execute(
+            cursor = txn.db.execute(
                 """DELETE FROM task_events WHERE id <= ? AND created_at < ? AND NOT EXISTS (
                        SELECT 1 FROM processing_tasks t WHERE t.id = task_events.task_id
                        AND t.status IN ('pending', 'processing'))""",
                 (top, stamp),
             )
-            await txn.db.execute(
+            txn.db.execute(
                 """INSERT INTO meta (key, value) VALUES ('events_pruned_through', ?)
                    ON CONFLICT (key) DO UPDATE SET
                    value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))""",
                 (str(top),),
             )
             return cursor.rowcount
+        return await self._write(_op)
 
     async def events_pruned_through(self) -> int:
         row = await self._fetchone("SELECT value FROM meta WHERE key = 'events_pruned_through'")
@@ -840,6 +994,23 @@ class TaskStore:
         )
         return [_event_from_row(r) for r in rows]
 
+    async def snapshot(
+        self, *, task_id: int | None = None, user_id: str | None = None
+    ) -> tuple[int, dict[str, Any] | None]:
+        """``(latest event id, data of the latest status_update)`` of a task or a user.
+
+        One statement, so the two agree even while events are being committed.
+        """
+        column, value = ("task_id", task_id) if task_id is not None else ("user_id", user_id)
+        row = await self._fetchone(
+            f"""SELECT (SELECT MAX(id) FROM task_events WHERE {column} = ?) AS latest,
+                       (SELECT data FROM task_events WHERE {column} = ? AND type = 'status_update'
+                        ORDER BY id DESC LIMIT 1) AS data""",
+            (value, value),
+        )
+        assert row is not None
+        return row["latest"] or 0, json.loads(row["data"]) if row["data"] else None
+
     async def latest_event_id(
         self, *, task_id: int | None = None, user_id: str | None = None
     ) -> int:
@@ -849,13 +1020,13 @@ class TaskStore:
         )
         return row["m"] or 0 if row else 0
 
-    async def _status_event(self, txn: _Txn, task_id: int) -> Task:
+    def _status_event(self, txn: _Txn, task_id: int) -> Task:
         """Append the task's current state as a ``status_update`` event; return the task."""
-        row = await (
-            await txn.db.execute("SELECT * FROM processing_tasks WHERE id = ?", (task_id,))
+        row = (
+            txn.db.execute("SELECT * FROM processing_tasks WHERE id = ?", (task_id,))
         ).fetchone()
         task = Task.from_row(row)
-        await _append_event(txn, task.id, task.user_id, "status_update", self.status_data(task))
+        _append_event(txn, task.id, task.user_id, "status_update", self.status_data(task))
         return task
 
     def status_data(self, task: Task) -> dict[str, Any]:
@@ -892,14 +1063,34 @@ def _attempt_args(attempt: int | None) -> tuple[int, ...]:
     return () if attempt is None else (attempt,)
 
 
-async def _connect(path: Path) -> aiosqlite.Connection:
-    # isolation_level=None: we issue BEGIN IMMEDIATE ourselves.
+PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = NORMAL",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA busy_timeout = 5000",
+)
+
+
+async def _connect_reader(path: Path) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, isolation_level=None)
     db.row_factory = aiosqlite.Row
-    await db.execute("PRAGMA journal_mode = WAL")
-    await db.execute("PRAGMA synchronous = NORMAL")
-    await db.execute("PRAGMA foreign_keys = ON")
-    await db.execute("PRAGMA busy_timeout = 5000")
+    for pragma in PRAGMAS:
+        await db.execute(pragma)
+    return db
+
+
+def _open_writer(path: Path) -> sqlite3.Connection:
+    """The writer connection, made in (and only used from) the writer thread."""
+    # isolation_level=None: we issue BEGIN IMMEDIATE ourselves.
+    db = sqlite3.connect(path, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    for pragma in PRAGMAS:
+        db.execute(pragma)
+    try:
+        _migrate(db)
+    except BaseException:
+        db.close()
+        raise
     return db
 
 
@@ -910,32 +1101,33 @@ def _schema_sql() -> str:
     raise FileNotFoundError("schema.sql is missing from the installation")
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
-    """Create a new database, or move an older one forward step by step."""
-    version = await _scalar(db, "PRAGMA user_version")
+def _migrate(db: sqlite3.Connection) -> None:
+    """Create a new database, or move an older one forward step by step, in one transaction."""
+    version = _scalar(db, "PRAGMA user_version")
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"the database is version {version}, newer than this Zhiyi ({SCHEMA_VERSION}); "
             "upgrade Zhiyi"
         )
-    has_tables = await _scalar(db, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'users'")
     if version == SCHEMA_VERSION:
         return
-    await db.execute("BEGIN IMMEDIATE")
+    has_tables = _scalar(db, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'users'")
+    db.execute("BEGIN IMMEDIATE")
     try:
         if not has_tables:
-            for statement in _split_sql(_schema_sql()):
-                await db.execute(statement)
+            statements = _split_sql(_schema_sql())
         else:
+            statements = []
             for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
                 logger.info("migrating the database to version %d", step)
-                for statement in _split_sql(MIGRATIONS[step]):
-                    await db.execute(statement)
-        await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                statements += _split_sql(MIGRATIONS[step])
+        for statement in statements:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
-        await db.rollback()
+        db.execute("ROLLBACK")
         raise
-    await db.commit()
+    db.execute("COMMIT")
 
 
 def _split_sql(script: str) -> list[str]:
@@ -950,18 +1142,17 @@ def _split_sql(script: str) -> list[str]:
     return statements
 
 
-async def _scalar(db: aiosqlite.Connection, sql: str, args: Iterable[Any] = ()) -> Any:
-    async with db.execute(sql, tuple(args)) as cursor:
-        row = await cursor.fetchone()
-        return row[0] if row else None
+def _scalar(db: sqlite3.Connection, sql: str, args: Iterable[Any] = ()) -> Any:
+    row = db.execute(sql, tuple(args)).fetchone()
+    return row[0] if row else None
 
 
-async def _user_exists(db: aiosqlite.Connection, user_id: str) -> bool:
-    return bool(await _scalar(db, "SELECT 1 FROM users WHERE id = ?", (user_id,)))
+def _user_exists(db: sqlite3.Connection, user_id: str) -> bool:
+    return bool(_scalar(db, "SELECT 1 FROM users WHERE id = ?", (user_id,)))
 
 
-async def _check_active_limit(db: aiosqlite.Connection, user_id: str, limit: int) -> None:
-    active = await _scalar(
+def _check_active_limit(db: sqlite3.Connection, user_id: str, limit: int) -> None:
+    active = _scalar(
         db, "SELECT COUNT(*) FROM processing_tasks WHERE user_id = ? AND status IN (?, ?)",
         (user_id, *ACTIVE_STATUSES),
     )
@@ -969,27 +1160,27 @@ async def _check_active_limit(db: aiosqlite.Connection, user_id: str, limit: int
         raise TooManyActiveTasks(user_id)
 
 
-async def _owned_status(db: aiosqlite.Connection, task_id: int, user_id: str) -> TaskStatus:
-    row = await (
-        await db.execute("SELECT user_id, status FROM processing_tasks WHERE id = ?", (task_id,))
+def _owned_status(db: sqlite3.Connection, task_id: int, user_id: str) -> TaskStatus:
+    row = (
+        db.execute("SELECT user_id, status FROM processing_tasks WHERE id = ?", (task_id,))
     ).fetchone()
     if row is None or row["user_id"] != user_id:
         raise TaskNotFound(task_id)
     return TaskStatus(row["status"])
 
 
-async def _move_credits(
+def _move_credits(
     txn: _Txn, user_id: str, amount: int, reason: str, task_id: int | None
 ) -> int:
     """Change a balance and write its ledger row; never below zero."""
-    cursor = await txn.db.execute(
+    cursor = txn.db.execute(
         "UPDATE users SET credits = credits + ? WHERE id = ? AND credits + ? >= 0",
         (amount, user_id, amount),
     )
-    balance = await _scalar(txn.db, "SELECT credits FROM users WHERE id = ?", (user_id,))
+    balance = _scalar(txn.db, "SELECT credits FROM users WHERE id = ?", (user_id,))
     if cursor.rowcount != 1:
         raise InsufficientCredits(-amount, balance or 0)
-    await txn.db.execute(
+    txn.db.execute(
         """INSERT INTO credit_ledger (user_id, amount, reason, task_id, balance_after, created_at)
            VALUES (?,?,?,?,?,?)""",
         (user_id, amount, reason, task_id, balance, txn.now),
@@ -997,39 +1188,39 @@ async def _move_credits(
     return balance
 
 
-async def _charge(txn: _Txn, user_id: str, cost: int, task_id: int) -> None:
+def _charge(txn: _Txn, user_id: str, cost: int, task_id: int) -> None:
     if cost:
-        await _move_credits(txn, user_id, -cost, "charge", task_id)
+        _move_credits(txn, user_id, -cost, "charge", task_id)
 
 
-async def _refund(txn: _Txn, task_id: int) -> None:
+def _refund(txn: _Txn, task_id: int) -> None:
     """Give back what the task holds, once: ``credits_held`` drops to zero here."""
-    row = await (
-        await txn.db.execute(
+    row = (
+        txn.db.execute(
             "SELECT user_id, credits_held FROM processing_tasks WHERE id = ?", (task_id,)
         )
     ).fetchone()
     if row and row["credits_held"] > 0:
-        await txn.db.execute(
+        txn.db.execute(
             "UPDATE processing_tasks SET credits_held = 0 WHERE id = ?", (task_id,)
         )
-        await _move_credits(txn, row["user_id"], row["credits_held"], "refund", task_id)
+        _move_credits(txn, row["user_id"], row["credits_held"], "refund", task_id)
 
 
-async def _cancel(txn: _Txn, task_id: int) -> None:
-    await txn.db.execute(
+def _cancel(txn: _Txn, task_id: int) -> None:
+    txn.db.execute(
         """UPDATE processing_tasks SET status = 'cancelled', status_message = 'cancelled',
            eta_seconds = NULL, lease_owner = NULL, lease_until = NULL,
            external_deadline = NULL, completed_at = ?, updated_at = ? WHERE id = ?""",
         (txn.now, txn.now, task_id),
     )
-    await _refund(txn, task_id)
+    _refund(txn, task_id)
 
 
-async def _append_event(
+def _append_event(
     txn: _Txn, task_id: int | None, user_id: str, type_: str, data: dict[str, Any]
 ) -> Event:
-    cursor = await txn.db.execute(
+    cursor = txn.db.execute(
         "INSERT INTO task_events (task_id, user_id, type, data, created_at) VALUES (?,?,?,?,?)",
         (task_id, user_id, type_, json.dumps(data, ensure_ascii=False), txn.now),
     )

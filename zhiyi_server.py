@@ -792,21 +792,22 @@ async def sse_task(request: web.Request) -> web.StreamResponse:
     task_id = _task_id(request)
     task = await store.get_task_by_id(task_id, user_id)
     last_id = _last_event_id(request)
-    latest = await store.latest_event_id(task_id=task_id)
-    if last_id is not None and task.status.is_final and last_id >= latest:
-        return web.Response(status=204)
     sub = _subscribe(request, user_id, task_id)
     try:
         # Read after subscribing: whatever commits from now on is also in the buffer.
-        task = await store.get_task_by_id(task_id, user_id)
-        latest = await store.latest_event_id(task_id=task_id)
+        latest, state = await store.snapshot(task_id=task_id)
+        if state is None:  # history pruned: the task ended long ago and no longer changes
+            state = store.status_data(task)
+        final = state["status"] in FINAL_STATUS_VALUES
+        if last_id is not None and final and last_id >= latest:
+            return web.Response(status=204)  # tells EventSource to stop reconnecting
 
         async def replay(after: int) -> list[Any]:
             return await store.events_after(after, task_id=task_id)
 
-        preamble, start = await _preamble(store, last_id, latest, [task])
+        preamble, start = await _preamble(store, last_id, latest, state)
         plan = StreamPlan(preamble, start, replay, ends_on_final=True,
-                          already_final=last_id is None and task.status.is_final)
+                          already_final=bool(preamble) and final)
         return await _serve(request, sub, plan)
     finally:
         request.config_dict[HUB].unsubscribe(sub)
@@ -819,26 +820,35 @@ async def sse_notifications(request: web.Request) -> web.StreamResponse:
     last_id = _last_event_id(request)
     sub = _subscribe(request, user_id, None)
     try:
-        latest = await store.latest_event_id(user_id=user_id)
-        recent, _ = await store.get_user_tasks(user_id, limit=1)
+        latest, state = await store.snapshot(user_id=user_id)
+        if state is None:  # history pruned: the newest task ended long ago
+            recent, _ = await store.get_user_tasks(user_id, limit=1)
+            state = store.status_data(recent[0]) if recent else None
 
         async def replay(after: int) -> list[Any]:
             return await store.events_after(after, user_id=user_id)
 
-        preamble, start = await _preamble(store, last_id, latest, recent)
+        preamble, start = await _preamble(store, last_id, latest, state)
         return await _serve(request, sub, StreamPlan(preamble, start, replay,
                                                      ends_on_final=False))
     finally:
         request.config_dict[HUB].unsubscribe(sub)
 
 
+FINAL_STATUS_VALUES = frozenset(s.value for s in TaskStatus if s.is_final)
+
+
 async def _preamble(store: TaskStore, last_id: int | None, latest: int,
-                    tasks: list[Task]) -> tuple[list[bytes], int]:
-    """The snapshot (no Last-Event-ID) or a reset (history pruned), and where replay starts."""
+                    state: dict[str, Any] | None) -> tuple[list[bytes], int]:
+    """The snapshot (no Last-Event-ID) or a reset (history pruned), and where replay starts.
+
+    ``latest`` and ``state`` come from one statement, so the snapshot's id and
+    its content agree and the live events after it are exactly those > latest.
+    """
     if last_id is None:
-        return [encode_event(latest, "status_update", store.status_data(t)) for t in tasks], latest
+        return ([encode_event(latest, "status_update", state)] if state else []), latest
     if last_id < await store.events_pruned_through():
-        return [encode_event(latest, "reset", store.status_data(t)) for t in tasks], latest
+        return ([encode_event(latest, "reset", state)] if state else []), latest
     return [], last_id
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -312,10 +313,9 @@ async def test_deadline_and_restart(aiohttp_client, tmp_path, service) -> None:
     # Restart with a deadline that has passed while the server was down.
     client = await aiohttp_client(TestServer(create_app(base,
                                                         registry=registry_with_external())))
-    store = client.app[STORE]
-    await store._writer.execute(
-        "UPDATE processing_tasks SET external_deadline = '2000-01-01T00:00:00.000Z' "
-        "WHERE id = ?", (second,))
+    with sqlite3.connect(base.database) as db:  # as if the deadline passed while down
+        db.execute("UPDATE processing_tasks SET external_deadline = "
+                   "'2000-01-01T00:00:00.000Z' WHERE id = ?", (second,))
     await client.app[POOL].recover()
     task = await wait_status(client, headers, second, "failed")
     assert task["errorCode"] == "external_timeout"
