@@ -490,9 +490,7 @@ async def get_task(request: web.Request) -> web.Response:
 async def cancel_task(request: web.Request) -> web.Response:
     user_id = await current_user(request)
     task = await request.config_dict[STORE].cancel_task(_task_id(request), user_id)
-    pool = request.config_dict.get(POOL)
-    if pool is not None:
-        pool.cancel_running(task.id)
+    _stop_processor(request, task.id)
     return web.json_response({"success": True, "task": task_json(request, task)})
 
 
@@ -508,9 +506,7 @@ async def retry_task(request: web.Request) -> web.Response:
 async def delete_task(request: web.Request) -> web.Response:
     user_id = await current_user(request)
     task = await request.config_dict[STORE].delete_task(_task_id(request), user_id)
-    pool = request.config_dict.get(POOL)
-    if pool is not None:
-        pool.cancel_running(task.id)
+    _stop_processor(request, task.id)
     base = task_dirs(request.config_dict[CONFIG].data_path, task)[0]
     await asyncio.to_thread(shutil.rmtree, base, True)
     return web.json_response({"success": True, "taskId": task.id})
@@ -548,6 +544,13 @@ CONTENT_TYPES = {
 
 def _content_type(name: str) -> str:
     return CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+
+
+def _stop_processor(request: web.Request, task_id: int) -> None:
+    """The database already says cancelled: stop the coroutine if it runs here."""
+    pool = request.config_dict.get(POOL)
+    if pool is not None:
+        pool.cancel_running(task_id)
 
 
 def _wake_workers(request: web.Request) -> None:
