@@ -224,12 +224,13 @@ class ZhiyiClient:
     """An async client of one Zhiyi server; use as ``async with ZhiyiClient(url, token)``."""
 
     def __init__(self, server: str, token: str | None, *, read_timeout: float = 60.0,
-                 max_backoff: float = 10.0) -> None:
+                 max_backoff: float = 10.0, stall_seconds: float = 60.0) -> None:
         # A trailing slash makes every API path relative to a prefix, e.g. https://host/zhiyi/.
         self.server = server.rstrip("/") + "/"
         self.token = token
         self.read_timeout = read_timeout
         self.max_backoff = max_backoff
+        self.stall_seconds = stall_seconds
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ZhiyiClient:
@@ -389,16 +390,29 @@ class ZhiyiClient:
         ``on_reconnect(reason, delay)`` is told before each wait. If the server
         answers 204 (the stream is over: the last event was already seen), the
         task is fetched and its state yielded as a final ``status_update``.
+        As a safety net, a stream quiet (heartbeats only) for ``stall_seconds``
+        makes it look the task up; a final task ends the iteration the same way.
         Close it early with ``contextlib.aclosing``.
         """
         last_id = None if last_event_id is None else str(last_event_id)
         base_delay, delay = 1.0, 1.0
+        quiet_since = asyncio.get_running_loop().time()
         while True:
             parser = SSEParser()
             try:
                 stream = self._stream_once(int(task_id), last_id, parser)
                 async with contextlib.aclosing(stream) as events:
                     async for event in events:
+                        now = asyncio.get_running_loop().time()
+                        if event is None:  # a heartbeat
+                            if now - quiet_since < self.stall_seconds:
+                                continue
+                            quiet_since = now
+                            task = await self.get_task(task_id)
+                            if task.get("taskStatus") not in FINAL_STATUSES:
+                                continue
+                            event = SSEEvent(last_id, "status_update", status_data(task))
+                        quiet_since = now
                         if event.id is not None:
                             last_id = event.id
                         delay = base_delay
@@ -422,7 +436,8 @@ class ZhiyiClient:
             delay = min(delay * 2, max(self.max_backoff, base_delay))
 
     async def _stream_once(self, task_id: int, last_id: str | None,
-                           parser: SSEParser) -> AsyncIterator[SSEEvent]:
+                           parser: SSEParser) -> AsyncIterator[SSEEvent | None]:
+        """One connection's events; ``None`` for data that completed none (a heartbeat)."""
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
         if last_id:
             headers["Last-Event-ID"] = last_id
@@ -436,7 +451,10 @@ class ZhiyiClient:
             if response.status != 200:
                 raise await _error_from(response)
             async for chunk in response.content.iter_any():
-                for message in parser.feed(chunk):
+                messages = parser.feed(chunk)
+                if not messages:
+                    yield None
+                for message in messages:
                     yield SSEEvent.from_message(message)
             for message in parser.end():
                 yield SSEEvent.from_message(message)

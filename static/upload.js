@@ -24,6 +24,7 @@ export class UploadForm {
     this.files = []; // {file, key}: the key makes a repeated submit of one file idempotent
     this.values = {}; // parameter values typed so far, kept across re-renders
     this.busy = false;
+    this.submitted = false;
     this.q = (selector) => form.querySelector(selector);
     this.wire();
   }
@@ -201,7 +202,8 @@ export class UploadForm {
       return;
     }
     if (!this.form.reportValidity()) return;
-    this.onFirstSubmit();
+    if (!this.submitted) this.onFirstSubmit();
+    this.submitted = true;
     this.busy = true;
     const button = this.q('#upload-submit');
     button.disabled = true;

@@ -87,8 +87,12 @@ def cli_env(tmp_path: Path, server: ZhiyiServer | None = None, **extra: str) -> 
 
 def zhiyi(*args: str, cwd: Path, env: dict[str, str],
           timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "zhiyi_server", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run([sys.executable, "-m", "zhiyi_server", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"zhiyi {' '.join(args)} did not finish in {timeout} s:\n"
+                             f"{e.stdout}\n{e.stderr}") from None
 
 
 def zhiyi_background(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -369,3 +373,65 @@ async def test_client_methods(server: ZhiyiServer, tmp_path: Path) -> None:
             await client.get_task(second["taskId"])
         assert (gone.value.status, gone.value.code) == (404, "task_not_found")
         assert (await client.me())["credits"] == me["credits"] - task["creditsCost"]
+
+
+def _fake_task(status: str) -> dict[str, Any]:
+    return {"taskId": 1, "taskStatus": status, "progressPercent": 100 if status == "completed"
+            else 50, "statusMessage": status, "stage": None, "etaSeconds": None,
+            "resultUrl": "/api/tasks/1/result" if status == "completed" else None}
+
+
+async def test_follow_resumes_with_last_event_id_and_survives_a_quiet_stream(
+        aiohttp_server: Any) -> None:
+    """A scripted server: a dropped stream, a resume with Last-Event-ID, a lost final event."""
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Last-Event-ID"))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if len(seen) == 1:  # an event, then the connection drops
+            await response.write(b'retry: 50\n\nid: 5\ndata: {"type":"status_update","data":'
+                                 b'{"taskId":1,"status":"processing","progress":50}}\n\n')
+            return response
+        # Resumed: only heartbeats; the final event never comes (the task ended anyway).
+        for _ in range(100):
+            await response.write(b": ping\n\n")
+            await asyncio.sleep(0.05)
+        return response
+
+    async def task(request: web.Request) -> web.Response:
+        return web.json_response({"success": True, "task": _fake_task("completed")})
+
+    app = web.Application()
+    app.router.add_get("/api/sse/tasks/1", stream)
+    app.router.add_get("/api/tasks/1", task)
+    server = await aiohttp_server(app)
+    reconnects: list[str] = []
+    async with ZhiyiClient(str(server.make_url("/")), "t", stall_seconds=0.3) as client:
+        events = [e async for e in client.follow(
+            1, on_reconnect=lambda reason, delay: reconnects.append(reason))]
+    assert seen == [None, "5"]
+    assert len(reconnects) == 1
+    assert [(e.id, e.data["status"]) for e in events] == [("5", "processing"), ("5", "completed")]
+
+
+async def test_follow_204_means_over(aiohttp_server: Any) -> None:
+    from aiohttp import web
+
+    async def stream(request: web.Request) -> web.Response:
+        assert request.headers["Last-Event-ID"] == "9"
+        return web.Response(status=204)
+
+    async def task(request: web.Request) -> web.Response:
+        return web.json_response({"success": True, "task": _fake_task("cancelled")})
+
+    app = web.Application()
+    app.router.add_get("/api/sse/tasks/1", stream)
+    app.router.add_get("/api/tasks/1", task)
+    server = await aiohttp_server(app)
+    async with ZhiyiClient(str(server.make_url("/")), "t") as client:
+        events = [e async for e in client.follow(1, last_event_id=9)]
+    assert [(e.type, e.data["status"]) for e in events] == [("status_update", "cancelled")]
