@@ -979,12 +979,15 @@ def _store_ctx(config: Config) -> Callable[[web.Application], AsyncIterator[None
 
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     config, metrics_ = app[CONFIG], app[METRICS]
+
+    def count_published(delivered: int) -> None:
+        metrics_.events_published.inc()
+        metrics_.events_delivered.inc(delivered)
+
     hub = SSEHub(
         max_per_user=config.sse_max_per_user, max_total=config.sse_max_total,
         buffer_size=config.sse_buffer_events,
-        on_publish=lambda n: (metrics_.events_published.inc(),
-                              metrics_.events_delivered.inc(n)) and None,
-        on_drop=metrics_.slow_clients_dropped.inc,
+        on_publish=count_published, on_drop=metrics_.slow_clients_dropped.inc,
     )
     app[HUB] = hub
     app[STORE].add_listener(hub.publish)
