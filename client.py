@@ -681,7 +681,9 @@ def _progress_display(name: str) -> Iterator[Callable[[dict[str, Any]], None]]:
             line = (data.get("status"), int(data.get("progress") or 0), data.get("message"))
             if not last or last[-1] != line:
                 last[:] = [line]
-                print(f"[{line[1]:3d}%] {line[0]}: {line[2] or ''}", flush=True)
+                status, percent, message = line
+                detail = f": {message}" if message and message != status else ""
+                print(f"[{percent:3d}%] {status}{detail}", flush=True)
 
         yield plain
         return
@@ -694,7 +696,8 @@ def _progress_display(name: str) -> Iterator[Callable[[dict[str, Any]], None]]:
         bar = progress.add_task(name, total=100, status="")
 
         def fancy(data: dict[str, Any]) -> None:
-            text = " · ".join(str(p) for p in (data.get("status"), data.get("message")) if p)
+            status, message = data.get("status") or "", data.get("message") or ""
+            text = status if message in ("", status) else f"{status} · {message}"
             progress.update(bar, completed=float(data.get("progress") or 0), status=text)
 
         yield fancy
