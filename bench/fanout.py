@@ -1,6 +1,7 @@
 """Fan-out benchmark: N idle subscribers of one user's notification stream, one publisher.
 
-Usage: ``.venv/bin/python bench/fanout.py --n 1000 5000`` (``--quick`` for a short run).
+Usage: ``.venv/bin/python bench/fanout.py --n 1000 5000`` (``--quick`` for a short
+run, ``--repeat 3`` for medians over three rounds in rotated order).
 
 For each N and each server (Zhiyi through the real store and SSE hub, then
 reference (b) plain StreamResponse and (a) aiohttp-sse), in a fresh server
@@ -9,14 +10,16 @@ process:
 1. memory: RSS of the server before and after N streams connect and sit idle;
    ``(after - before) / N`` is the memory per idle connection;
 2. steady phase: the server publishes ``rate`` events/s for ``--seconds`` (rate
-   defaults to 10,000 deliveries/s over N, i.e. 10/s at N=1,000); every event
-   carries its publish time; figures: delivered events/s, p50/p99 latency from
-   publish to receipt, server CPU per delivered event, load generator CPU;
+   defaults to 10,000 deliveries/s over N: 10/s at N=1,000, 2/s at N=5,000);
+   every event carries its publish time; figures: delivered events/s, p50/p99
+   latency from publish to receipt, server CPU per delivered event, load
+   generator CPU per event; for Zhiyi also the time from publish to the
+   commit's hand-over to the SSE hub (the durable part of the latency);
 3. burst phase: ``--burst`` events as fast as the publisher goes; delivered
    events/s from the first publish to the last receipt, and CPU per event.
 
 Zhiyi's events are committed to ``task_events`` before they are pushed; the
-count in the database is checked after the run.
+count in the database is checked after the run (``durable`` column).
 """
 
 from __future__ import annotations
@@ -274,7 +277,7 @@ def start_profiler(server: ServerProcess, tag: str, seconds: float) -> subproces
     """py-spy on the server during the steady phase; collapsed stacks in bench/results/."""
     out = RESULTS / f"profile-{tag}.txt"
     return subprocess.Popen(
-        [str(Path(PYTHON).parent / "py-spy"), "record", "--nonblocking", "--format", "raw",
+        [str(Path(PYTHON).parent / "py-spy"), "record", "--format", "raw",
          "-r", "200", "-d", str(int(seconds)), "-o", str(out), "-p", str(server.pid)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -414,7 +417,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="events/s in the steady phase (default: --deliveries / N)")
     parser.add_argument("--deliveries", type=float, default=10_000,
                         help="deliveries/s the default rate aims at")
-    parser.add_argument("--seconds", type=float, default=20.0, help="steady phase length")
+    parser.add_argument("--seconds", type=float, default=10.0, help="steady phase length")
     parser.add_argument("--burst", type=int, default=100, help="events in the burst phase")
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds idle before the RSS sample")

@@ -59,8 +59,9 @@ from loadgen import tasks_client
 logger = logging.getLogger(__name__)
 
 SERVERS = ("zhiyi", "plain", "aiohttp-sse", "saq")
-EXTRA = ("zhiyi-coalesced",)
-LABELS = {"zhiyi": "zhiyi", "zhiyi-coalesced": "zhiyi (coalesced)", "plain": "(b) plain",
+EXTRA = ("zhiyi-coalesced", "zhiyi-nowait")
+LABELS = {"zhiyi": "zhiyi", "zhiyi-coalesced": "zhiyi (coalesced)",
+          "zhiyi-nowait": "zhiyi what-if: progress not awaited", "plain": "(b) plain",
           "aiohttp-sse": "(a) aiohttp-sse", "saq": "(c) saq+redis"}
 REDIS_URL = "redis://127.0.0.1:6379"
 USER = "bench"
@@ -73,6 +74,7 @@ class Run:
     server: str
     m: int
     c: int
+    workers: int
     ok: int
     errors: int
     tasks_per_s: float
@@ -87,6 +89,8 @@ class Run:
     durable_events: int | None = None
     #: Zhiyi per completed task: reader queries, write operations, COMMITs
     db_per_task: dict[str, float] = field(default_factory=dict)
+    #: Zhiyi, from its database: waiting for a worker and processing, p50/p99 ms
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,7 +152,8 @@ def deploy(kind: str, opts: argparse.Namespace) -> Deployment:
         env |= {"MAX_ACTIVE_TASKS_PER_USER": str(opts.c * 2 + 10),
                 "SSE_MAX_PER_USER": str(opts.c * 2 + 10), "ZHIYI_LOG_LEVEL": "WARNING",
                 "BENCH_COALESCE": "1" if kind == "zhiyi-coalesced" else "0",
-                "BENCH_COUNT_DB": "1"}
+                "BENCH_PROGRESS_NOWAIT": "1" if kind == "zhiyi-nowait" else "0",
+                "BENCH_COUNT_DB": "1", **dict(kv.split("=", 1) for kv in opts.zhiyi_env)}
         server = ServerProcess(kind, [PYTHON, "bench/zhiyi_launcher.py", str(port),
                                       str(work / "data")], env, log).start()
         return Deployment(kind, [server], f"http://127.0.0.1:{port}",
@@ -182,6 +187,19 @@ def count_task_events(db: Path) -> int:
     with sqlite3.connect(db) as conn:
         return int(conn.execute("SELECT COUNT(*) FROM task_events WHERE task_id IS NOT NULL")
                    .fetchone()[0])
+
+
+def task_timings(db: Path) -> dict[str, float]:
+    """From Zhiyi's own timestamps: p50/p99 of waiting for a worker and of processing (ms)."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            """SELECT (julianday(started_at) - julianday(created_at)) * 86400000,
+                      (julianday(completed_at) - julianday(started_at)) * 86400000
+               FROM processing_tasks WHERE status = 'completed'""").fetchall()
+    waits = sorted(r[0] for r in rows)
+    work = sorted(r[1] for r in rows)
+    return {"queue_wait_p50_ms": percentile(waits, 50), "queue_wait_p99_ms": percentile(waits, 99),
+            "processing_p50_ms": percentile(work, 50), "processing_p99_ms": percentile(work, 99)}
 
 
 @dataclass
@@ -250,6 +268,7 @@ def measure_all(kinds: list[str], clients: Clients, opts: argparse.Namespace) ->
         run = summarize(kind, opts, tallies[kind])
         if kind.startswith("zhiyi"):
             run.durable_events = count_task_events(deployment.work / "data" / "zhiyi.db")
+            run.timings = task_timings(deployment.work / "data" / "zhiyi.db")
         if deployment.queue:
             clean_redis(deployment.queue)
         remove_tree(deployment.work)
@@ -269,7 +288,7 @@ def start_profiler(deployment: Deployment) -> subprocess.Popen[bytes]:
     """py-spy on the (web) server process; collapsed stacks in bench/results/."""
     out = RESULTS / f"profile-tasks-{deployment.name}.txt"
     return subprocess.Popen(
-        [str(Path(PYTHON).parent / "py-spy"), "record", "--nonblocking", "--format", "raw",
+        [str(Path(PYTHON).parent / "py-spy"), "record", "--format", "raw",
          "-r", "200", "-o", str(out), "-p", str(deployment.processes[-1].pid)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -289,7 +308,8 @@ def summarize(kind: str, opts: argparse.Namespace, tally: Tally) -> Run:
         logger.warning("%s: %d tasks ended with %s", kind, count, failure)
     done = max(len(ok), 1)
     return Run(
-        server=kind, m=opts.m, c=opts.c, ok=len(ok), errors=len(results) - len(ok),
+        server=kind, m=opts.m, c=opts.c, workers=opts.workers, ok=len(ok),
+        errors=len(results) - len(ok),
         tasks_per_s=len(ok) / tally.span_s if tally.span_s else 0.0,
         p50_ms=percentile(durations, 50), p99_ms=percentile(durations, 99),
         events_per_task=statistics.fmean(r[2] for r in ok) if ok else 0.0,
@@ -323,6 +343,12 @@ def report(runs: list[Run]) -> dict[str, Any]:
         if r.db_per_task:
             calls = ", ".join(f"{k} {v:.1f}" for k, v in r.db_per_task.items())
             print(f"  {LABELS[r.server]}: database calls per task: {calls}")
+        if r.timings:
+            t = r.timings
+            print(f"  {LABELS[r.server]}: waiting for a worker p50/p99 "
+                  f"{t['queue_wait_p50_ms']:.0f}/{t['queue_wait_p99_ms']:.0f} ms, processing "
+                  f"p50/p99 {t['processing_p50_ms']:.0f}/{t['processing_p99_ms']:.0f} ms "
+                  f"(worker concurrency {r.workers})")
     ratios = ratio_rows(runs)
     print_table("Ratios, zhiyi / reference, same run",
                 ["reference", *(label for _, label, _ in FIGURES)],
@@ -378,6 +404,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="M is split into rounds; servers take turns each round")
     parser.add_argument("--profile", choices=(*SERVERS, *EXTRA), default=None,
                         help="record this server (its web process) with py-spy in round 1")
+    parser.add_argument("--zhiyi-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the Zhiyi server (repeatable)")
     parser.add_argument("--quick", action="store_true", help="short run: M=300")
     opts = parser.parse_args(argv)
     if opts.quick:

@@ -16,6 +16,13 @@ Bench-only additions, none of them in the server modules:
   so every event is durable before it is pushed. The message carries the
   publish time; the handler answers when the last event is committed, with
   the p50/p99 time from the stamp to the commit's hand-over to the hub.
+- ``BENCH_SWITCH_INTERVAL=<seconds>``: ``sys.setswitchinterval`` (a diagnostic:
+  how much of a write's round trip is the writer thread waiting for the GIL).
+- ``BENCH_PROGRESS_NOWAIT=1`` (a what-if, never on for the ``zhiyi`` rows): the
+  worker's ProgressReporter queues each progress write and goes on without
+  waiting for its COMMIT (writes stay in order; the one at 100 % is awaited,
+  so it commits before the completion). Measures what the 10 awaited round
+  trips per task cost in throughput.
 - ``BENCH_COUNT_DB=1``: counts the store's reader queries (``_fetchone``,
   ``_fetchall``), write operations (``_write``) and COMMITs (group-writer
   batches); ``GET /bench/stats`` answers the counters. One Python call per
@@ -79,6 +86,26 @@ def count_db_calls() -> None:
     writer = getattr(storage, "GroupWriter", None)
     if writer is not None:
         writer._run_batch = _counted_batches(writer._run_batch)
+
+
+PENDING_WRITES: set[asyncio.Future[Any]] = set()
+
+
+def progress_nowait() -> None:
+    """What-if: progress writes queued, not awaited, by the processor (this process only)."""
+    import worker
+
+    original = worker.ProgressReporter.flush
+
+    async def flush(self: worker.ProgressReporter) -> None:
+        if self.percent >= 100:
+            await original(self)
+            return
+        job = asyncio.ensure_future(original(self))
+        PENDING_WRITES.add(job)
+        job.add_done_callback(PENDING_WRITES.discard)
+
+    worker.ProgressReporter.flush = flush  # type: ignore[method-assign]
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -164,6 +191,10 @@ def main() -> None:
     port, data_dir = int(sys.argv[1]), Path(sys.argv[2])
     if COUNT_DB:
         count_db_calls()
+    if os.environ.get("BENCH_PROGRESS_NOWAIT") == "1":
+        progress_nowait()
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
     config = Config.from_env(data_path=data_dir, port=port)
     app = create_app(config, registry=build_registry())
     app[COMMITS] = []
