@@ -415,3 +415,32 @@ def test_load_more_and_keyboard(page: Page, server: ZhiyiServer, tmp_path: Path)
     outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
     assert outline != "none"
     shot(page, "16-keyboard-focus")
+
+
+DROP_TWO_FILES = """() => {
+  const data = new DataTransfer();
+  data.items.add(new File(['First file.\\n\\nHello.'], 'one.txt', { type: 'text/plain' }));
+  data.items.add(new File(['# Second\\n\\nWorld.'], 'two.md', { type: 'text/markdown' }));
+  return data;
+}"""
+
+
+def test_drop_several_files(page: Page, server: ZhiyiServer) -> None:
+    """Two files dropped at once become two tasks; unavailable engines show why."""
+    log_in(page, server)
+    argos = page.locator("#param-engine option[value=argos]")
+    expect(argos).to_be_disabled()
+    expect(argos).to_contain_text("unavailable")
+    expect(page.locator("#param-engine option[value=pseudo]")).to_be_enabled()
+    data = page.evaluate_handle(DROP_TWO_FILES)
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": data})
+    expect(page.locator("#file-list li")).to_have_count(2)
+    page.select_option("#task-type", "extract")
+    expect(page.locator("#cost-rule")).to_have_text(
+        "Cost: 1 credit per 10,000 characters, at least 1")
+    page.click("#upload-submit")
+    for name in ("one.txt", "two.md"):
+        expect(row(page, name)).to_have_attribute("data-status", "completed")
+    expect(page.locator("#file-list li")).to_have_count(0)
+    expect(page.locator("#upload-status")).to_contain_text("Task #2 created for two.md")
+    shot(page, "17-two-files-dropped")
