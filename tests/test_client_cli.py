@@ -362,8 +362,8 @@ async def test_client_methods(server: ZhiyiServer, tmp_path: Path) -> None:
         long = slow_document(tmp_path / "long.txt", 400)
         second = await client.create_task(long, "translate",
                                            {"targetLang": "zh", "engine": "openai"})
-        # Cancel once it runs. (Cancelling an attempt in its first milliseconds
-        # currently leaves the server's write transaction open: see the report.)
+        # Cancel it while it runs, then retry: cancelling a running attempt must leave
+        # the store writable (an earlier store left its write transaction open).
         while (await client.get_task(second["taskId"]))["progressPercent"] == 0:
             await asyncio.sleep(0.05)
         assert (await client.cancel(second["taskId"]))["taskStatus"] == "cancelled"
