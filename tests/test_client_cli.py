@@ -369,6 +369,12 @@ async def test_client_methods(server: ZhiyiServer, tmp_path: Path) -> None:
         assert (await client.cancel(second["taskId"]))["taskStatus"] == "cancelled"
         assert (await client.retry(second["taskId"]))["taskStatus"] == "pending"
         await client.delete(second["taskId"])  # cancels it, with a refund
+        # Cancelled in its first milliseconds (mid-write, as likely as not), then retried.
+        third = await client.create_task(long, "translate", {"targetLang": "zh",
+                                                              "engine": "openai"})
+        await client.cancel(third["taskId"])
+        assert (await client.retry(third["taskId"]))["taskStatus"] == "pending"
+        await client.delete(third["taskId"])
         with pytest.raises(ZhiyiError) as gone:
             await client.get_task(second["taskId"])
         assert (gone.value.status, gone.value.code) == (404, "task_not_found")
