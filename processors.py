@@ -391,7 +391,8 @@ class SegmentTranslation:
             await self.ctx.save_checkpoint({"segmentsDone": done, "segmentsTotal": total})
             await self._report(done, total)
         await self.ctx.progress(99, "writing the translated document", stage="writing")
-        out = self.ctx.result_path(self.doc.result_name(self.ctx.file_name))
+        out = self.ctx.result_path(translated_name(self.doc.result_name(self.ctx.file_name),
+                                                   self.target))
         await asyncio.to_thread(self.doc.render, self._read_journal(), out)
         return out
 
@@ -438,6 +439,13 @@ class SegmentTranslation:
         with self.journal.open(encoding="utf-8") as f:
             for line in f:
                 yield json.loads(line)
+
+
+def translated_name(name: str, target: str) -> str:
+    """``report.docx`` translated to zh is ``report.zh.docx``: never mistaken for the original."""
+    path = Path(name)
+    safe_target = "".join(c for c in target if c.isalnum() or c == "-")[:16] or "translated"
+    return f"{path.stem}.{safe_target}{path.suffix}"
 
 
 BATCH_MAX_CHARS = 4000

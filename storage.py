@@ -1190,7 +1190,14 @@ def _move_credits(
 
 def _charge(txn: _Txn, user_id: str, cost: int, task_id: int) -> None:
     if cost:
-        _move_credits(txn, user_id, -cost, "charge", task_id)
+        balance = _move_credits(txn, user_id, -cost, "charge", task_id)
+        _credits_notice(txn, user_id, balance, f"{cost} credits charged for task {task_id}")
+
+
+def _credits_notice(txn: _Txn, user_id: str, balance: int, message: str) -> None:
+    """Tell the user's streams the new balance, so pages need not poll ``/api/me``."""
+    _append_event(txn, None, user_id, "notification",
+                  {"level": "info", "message": message, "credits": balance})
 
 
 def _refund(txn: _Txn, task_id: int) -> None:
@@ -1204,7 +1211,9 @@ def _refund(txn: _Txn, task_id: int) -> None:
         txn.db.execute(
             "UPDATE processing_tasks SET credits_held = 0 WHERE id = ?", (task_id,)
         )
-        _move_credits(txn, row["user_id"], row["credits_held"], "refund", task_id)
+        balance = _move_credits(txn, row["user_id"], row["credits_held"], "refund", task_id)
+        _credits_notice(txn, row["user_id"], balance,
+                        f"{row['credits_held']} credits refunded for task {task_id}")
 
 
 def _cancel(txn: _Txn, task_id: int) -> None:

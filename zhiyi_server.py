@@ -530,7 +530,9 @@ async def task_result(request: web.Request) -> web.StreamResponse:
 def content_disposition(name: str) -> str:
     """RFC 6266 with an ASCII fallback and the UTF-8 name in ``filename*``."""
     fallback = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    fallback = re.sub(r'[^A-Za-z0-9._ -]', "_", fallback).strip() or "result"
+    fallback = re.sub(r'[^A-Za-z0-9._ -]', "_", fallback).strip()
+    if not fallback.split(".")[0].strip("_ "):  # nothing left of the stem (e.g. 报告.txt)
+        fallback = "result" + fallback[fallback.find("."):] if "." in fallback else "result"
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 

@@ -138,8 +138,8 @@ def test_submit_completes_and_downloads(server: ZhiyiServer, tmp_path: Path,
     assert task["taskStatus"] == "completed"
     assert f"task {task['taskId']} created ({task['creditsCost']} credits)" in done.stdout
     assert "[100%] completed" in done.stdout  # plain lines: stdout is not a terminal
-    # The result has the original's name, so it is saved beside it under another one.
-    result = workdir / "notes (1).txt"
+    # The translation is named for its language, beside the original.
+    result = workdir / "notes.zh.txt"
     assert f"saved {result}" in done.stdout
     _, _, served = api(server.url, server.local_token, "GET",
                        f"api/tasks/{task['taskId']}/result")
@@ -168,7 +168,7 @@ def test_submit_survives_server_restart(server: ZhiyiServer, tmp_path: Path,
     assert "reconnecting" in out
     final = only_task(server)
     assert final["taskId"] == task["taskId"] and final["taskStatus"] == "completed"
-    result = tmp_path / "long.txt"
+    result = tmp_path / "long.zh.txt"
     assert result.read_text(encoding="utf-8").count("[zh] Paragraph") == 400
 
 
@@ -184,7 +184,7 @@ def test_failed_task_exits_1_with_the_message(make_server: MakeServer, tmp_path:
     assert task["taskStatus"] == "failed"
     assert lines[0] == f"zhiyi: task {task['taskId']} failed: {task['errorMessage']}"
     assert "API key" in lines[0]
-    assert not (workdir / "doomed (1).txt").exists()
+    assert not (workdir / "doomed.zh.txt").exists()
 
 
 def test_cancelled_from_elsewhere_exits_1(server: ZhiyiServer, tmp_path: Path,
@@ -353,7 +353,7 @@ async def test_client_methods(server: ZhiyiServer, tmp_path: Path) -> None:
         resumed = [e async for e in client.follow(task["taskId"], last_event_id=ids[-1])]
         assert [e.data["status"] for e in resumed] == ["completed"]
         saved = await client.download_result(task["taskId"], tmp_path)
-        assert saved == tmp_path / "c (1).txt"
+        assert saved == tmp_path / "c.zh.txt"
         tasks, cursor = await client.list_tasks(limit=1)
         assert [t["taskId"] for t in tasks] == [task["taskId"]] and cursor is None
         with pytest.raises(ZhiyiError) as refused:

@@ -57,7 +57,9 @@ async def test_translate_docx_keeps_structure(client: TestClient) -> None:
     text = "\n".join(p.text for p in translated.paragraphs)
     assert "{percent}" in text and "Quarterly report" not in text
     resp = await client.get(f"/api/tasks/{task['taskId']}/result", headers=headers)
-    assert "filename*=UTF-8''%E6%8A%A5%E5%91%8A.docx" in resp.headers["Content-Disposition"]
+    disposition = resp.headers["Content-Disposition"]
+    assert "filename*=UTF-8''%E6%8A%A5%E5%91%8A.zh.docx" in disposition
+    assert 'filename="result.zh.docx"' in disposition
 
 
 async def test_analyze_quote_equals_translate_charge(client: TestClient) -> None:

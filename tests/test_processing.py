@@ -201,7 +201,8 @@ async def test_notifications_stream_carries_all_tasks(tclient, gates) -> None:
         if message.type == "status_update" and message.payload["status"] == "completed":
             done.add(message.payload["taskId"])
     await tclient.app[STORE].grant_credits("alice", 5)
-    while (message := await reader.next()).type != "notification":
+    while not ((message := await reader.next()).type == "notification"
+               and message.payload["message"] == "+5 credits"):
         pass
     assert message.payload["credits"] == 100 - 3 + 5
     resp.close()
