@@ -418,7 +418,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deliveries", type=float, default=10_000,
                         help="deliveries/s the default rate aims at")
     parser.add_argument("--seconds", type=float, default=10.0, help="steady phase length")
-    parser.add_argument("--burst", type=int, default=100, help="events in the burst phase")
+    parser.add_argument("--burst", type=int, default=50, help="events in the burst phase")
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds idle before the RSS sample")
     parser.add_argument("--heartbeat", type=float, default=15.0,
