@@ -295,14 +295,18 @@ class GroupWriter:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
         self._executor.shutdown(wait=True)
 
-    async def run(self, op: WriteOp) -> Any:
+    def submit(self, op: WriteOp) -> asyncio.Future[Any]:
+        """Queue a write; the future resolves after its batch committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((op, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush(), name="zhiyi-sqlite-flush")
+        return future
+
+    async def run(self, op: WriteOp) -> Any:
         # Shielded: once queued, a write commits even if its caller is cancelled.
-        return await asyncio.shield(future)
+        return await asyncio.shield(self.submit(op))
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
@@ -403,6 +407,8 @@ class TaskStore:
         self._listeners: list[EventListener] = []
         self._writer = GroupWriter(path, clock, self._publish)
         self._reader: aiosqlite.Connection | None = None
+        #: token hash -> user, for tokens seen valid (revocation goes through this store)
+        self._token_users: dict[str, str] = {}
         #: how completed events name their result's URL (set by the server to its route)
         self.result_url: Callable[[int], str] = default_result_url
 
@@ -517,12 +523,23 @@ class TaskStore:
         return token
 
     async def user_for_token(self, token: str) -> str | None:
+        """The user of a token. Known tokens are remembered: every request asks."""
+        digest = hash_token(token)
+        if (user := self._token_users.get(digest)) is not None:
+            return user
         row = await self._fetchone(
-            "SELECT user_id FROM api_tokens WHERE token_hash = ?", (hash_token(token),)
+            "SELECT user_id FROM api_tokens WHERE token_hash = ?", (digest,)
         )
-        return row["user_id"] if row else None
+        if row is None:
+            return None
+        if len(self._token_users) >= TOKEN_CACHE_SIZE:
+            self._token_users.clear()
+        self._token_users[digest] = row["user_id"]
+        return row["user_id"]
 
     async def revoke_token(self, token: str) -> None:
+        self._token_users.pop(hash_token(token), None)
+
         def _op(txn: _Txn) -> Any:
             txn.db.execute(
                 "DELETE FROM api_tokens WHERE token_hash = ?", (hash_token(token),)
@@ -692,7 +709,25 @@ class TaskStore:
         stage: str | None = None,
         eta_seconds: float | None = None,
     ) -> bool:
-        """Record progress of the running attempt; ``False`` if the task moved on.
+        """Record progress of the running attempt; ``False`` if the task moved on."""
+        return await asyncio.shield(self.queue_task_status(
+            task_id, attempt, progress=progress, message=message, stage=stage,
+            eta_seconds=eta_seconds))
+
+    def queue_task_status(
+        self,
+        task_id: int,
+        attempt: int,
+        *,
+        progress: int,
+        message: str,
+        stage: str | None = None,
+        eta_seconds: float | None = None,
+    ) -> asyncio.Future[bool]:
+        """:meth:`update_task_status` without waiting for the commit.
+
+        Writes commit in the order they were queued, so a processor may go on
+        while its progress is being written; a later completion cannot overtake it.
 
         Progress never goes backwards within an attempt: a lower value keeps
         the higher one already stored.
@@ -715,7 +750,8 @@ class TaskStore:
                 "message": message, "stage": row["stage"], "etaSeconds": eta_seconds,
                 "attempts": row["attempts"]})
             return True
-        return await self._write(_op)
+
+        return self._writer.submit(_op)
 
     async def save_checkpoint(self, task_id: int, attempt: int, checkpoint: Any) -> bool:
         def _op(txn: _Txn) -> Any:
@@ -1048,6 +1084,7 @@ class TaskStore:
         return data
 
 
+TOKEN_CACHE_SIZE = 10_000
 INTERRUPTED = "interrupted too many times (the server stopped while it ran)"
 
 

@@ -102,16 +102,24 @@ class ProgressReporter:
         self.written_percent = int(self.percent)
         self.written_stage = self.stage
         self.written_at = time.monotonic()
-        await self.store.update_task_status(
+        # Not awaited: the writer commits in queue order, so the processor goes on
+        # and its completion, queued later, still lands after this update.
+        written = self.store.queue_task_status(
             self.task.id, self.task.attempts, progress=int(self.percent),
             message=self.message, stage=self.stage, eta_seconds=self._eta(),
         )
+        written.add_done_callback(_log_write_error)
 
     def _eta(self) -> float | None:
         elapsed = time.monotonic() - self.started
         if self.percent <= 0 or elapsed < 0.5:
             return None
         return round(elapsed * (100 - self.percent) / self.percent, 1)
+
+
+def _log_write_error(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("a progress write failed: %s", future.exception())
 
 
 class WorkerPool:
