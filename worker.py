@@ -17,6 +17,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -144,7 +145,9 @@ class WorkerPool:
         self.submit_external = submit_external
         self._observe = observe or (lambda outcome, task, seconds: None)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._wake = asyncio.Event()
+        #: idle workers, each waiting on its own future: a new task wakes one, not all
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._missed_wake = False
         self._running: dict[int, tuple[Task, asyncio.Task[Any]]] = {}
         self._cancel_requested: set[int] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -166,8 +169,14 @@ class WorkerPool:
         self._loops.clear()
 
     def wake(self) -> None:
-        """A task became runnable (created or retried)."""
-        self._wake.set()
+        """A task became runnable (created or retried): wake one idle worker."""
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        # No worker is idle right now; the next one about to sleep looks again.
+        self._missed_wake = True
 
     @property
     def running_count(self) -> int:
@@ -204,9 +213,13 @@ class WorkerPool:
         next_run = await self.store.next_run_after()
         if next_run is not None:
             timeout = min(timeout, max(0.0, (next_run - self.store.now()).total_seconds()))
-        self._wake.clear()
+        if self._missed_wake:
+            self._missed_wake = False
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
             pass
 
@@ -229,7 +242,7 @@ class WorkerPool:
         requeued = await self.store.requeue_orphans(self.settings.max_attempts, expired_only=True)
         for task in requeued:
             logger.warning("task %s lost its lease: now %s", task.id, task.status)
-        if requeued:
+        for _ in requeued:
             self.wake()
         await self.fail_overdue_external()
         for user, (balance, total) in (await self.store.balance_drift()).items():
