@@ -124,8 +124,8 @@ class TaskContext:
         return AwaitExternal(external_id)
 
     def result_path(self, name: str) -> Path:
-        self.result_dir.mkdir(parents=True, exist_ok=True)
-        return self.result_dir / name
+        """Where to write a result file (the runner made the folder; no I/O here)."""
+        return self.result_dir / Path(name).name
 
 
 Processor = Callable[[TaskContext], Awaitable["Path | AwaitExternal"]]

@@ -295,6 +295,7 @@ class WorkerPool:
             if task_type is None:
                 raise PermanentError(f"No processor for task type {task.task_type!r}.")
             ctx = self._context(task, reporter)
+            await asyncio.to_thread(_make_dirs, ctx.result_dir, ctx.work_dir)
             if task_type.external or task_type.processor is None:
                 outcome: Path | AwaitExternal = await ctx.submit_external()
             else:
@@ -344,7 +345,7 @@ class WorkerPool:
                                           deadline)
             return
         result_dir = task_dirs(self.data_path, task)[2]
-        if outcome.parent.resolve() != result_dir.resolve():
+        if not _is_inside(outcome, result_dir):
             raise PermanentError("The processor wrote its result outside the result folder.")
         done = await self.store.complete_task(task.id, outcome.name, attempt=task.attempts)
         if done is None:
@@ -367,6 +368,16 @@ class WorkerPool:
         await self.store.schedule_retry(
             task.id, task.attempts, delay, f"{message}; retrying in {delay:g} s")
         self._observe("retried", task, 0.0)
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    """A pure path comparison: resolve() would touch the file system on the loop."""
+    return os.path.normpath(path.parent) == os.path.normpath(folder)
+
+
+def _make_dirs(*dirs: Path) -> None:
+    for folder in dirs:
+        folder.mkdir(parents=True, exist_ok=True)
 
 
 def _remove_partial_files(data_path: Path, task: Task, keep_work: bool = False) -> None:
