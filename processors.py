@@ -128,7 +128,12 @@ class TaskContext:
         return self.result_dir / Path(name).name
 
 
-Processor = Callable[[TaskContext], Awaitable["Path | AwaitExternal"]]
+class Processor(Protocol):
+    """What ``@registry.processor`` accepts: a coroutine function of the context."""
+
+    __name__: str
+
+    def __call__(self, ctx: TaskContext) -> Awaitable[Path | AwaitExternal]: ...
 
 
 @dataclass(frozen=True)

@@ -442,3 +442,18 @@ async def test_metrics_after_work(tclient) -> None:
     assert 'zhiyi_task_attempts_total{outcome="completed",task_type="steps"} 1.0' in text
     assert "zhiyi_processing_seconds_bucket" in text
     assert "zhiyi_sse_events_published_total" in text
+
+
+def test_registry_refuses_duplicates_and_plain_functions() -> None:
+    registry = Registry()
+
+    @registry.processor("once", extensions=(".txt",))
+    async def once(ctx: TaskContext) -> Path:
+        raise AssertionError("never run")
+
+    with pytest.raises(ValueError, match="already registered"):
+        registry.processor("once", extensions=(".txt",))(once)
+    with pytest.raises(TypeError, match="async function"):
+        registry.processor("sync", extensions=(".txt",))(lambda ctx: ctx)  # type: ignore[arg-type]
+    assert "once" in registry and "sync" not in registry
+    assert "translate" in default_registry() and "once" not in default_registry()
