@@ -64,7 +64,7 @@ def test_serve_first_start_prints_a_login_url(tmp_path: Path) -> None:
             assert json.load(resp) == {"success": True, "userId": "local", "credits": 1000}
     finally:
         os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(20)
+        proc.communicate(timeout=20)
     assert proc.returncode == 0
     # A second start reuses the same login URL and does not add users.
     assert zhiyi("user", "list", data=data).stdout.split() == ["local", "1000"]

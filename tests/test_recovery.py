@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -35,6 +37,8 @@ class ServerProcess:
         self.env = {**os.environ, "WORKER_CONCURRENCY": "4", "RECONCILE_SECONDS": "3600",
                     "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+        self._drainer: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -47,13 +51,21 @@ class ServerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if "READY" in line:
+                # Keep reading its log, or a chatty server would block on a full pipe.
+                self._drainer = threading.Thread(target=self._drain, args=(self.proc.stdout,),
+                                                 daemon=True)
+                self._drainer.start()
                 return
         raise AssertionError("the server did not start")
+
+    def _drain(self, stream: Any) -> None:
+        for line in stream:
+            self.log.append(line)
 
     def kill(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        self._reap()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -62,7 +74,17 @@ class ServerProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        if self.proc:
+            self._reap()
+
+    def _reap(self) -> None:
+        assert self.proc is not None
+        self.proc.wait(10)
+        if self._drainer is not None:
+            self._drainer.join(10)  # the pipe ends when the process is gone
+            self._drainer = None
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @pytest.fixture
