@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -383,6 +384,17 @@ async def ledger(request: web.Request) -> web.Response:
     })
 
 
+MAX_SQLITE_INT = 2**63 - 1
+
+
+def _sqlite_int(text: str) -> int:
+    """An integer SQLite can hold; ValueError otherwise (a huge id is as unknown as any)."""
+    value = int(text)
+    if not -MAX_SQLITE_INT <= value <= MAX_SQLITE_INT:
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _paging(request: web.Request) -> tuple[int, int | None]:
     raw_limit = request.query.get("limit", "50")
     try:
@@ -395,7 +407,7 @@ def _paging(request: web.Request) -> tuple[int, int | None]:
     if raw_cursor in (None, ""):
         return min(limit, 100), None
     try:
-        return min(limit, 100), int(raw_cursor)
+        return min(limit, 100), _sqlite_int(raw_cursor)
     except ValueError as e:
         raise ApiError(400, "bad_request", "cursor must be a value from nextCursor.") from e
 
@@ -459,7 +471,7 @@ def _url(request: web.Request, name: str, **parts: str) -> str:
 
 def _task_id(request: web.Request) -> int:
     try:
-        return int(request.match_info["taskId"])
+        return _sqlite_int(request.match_info["taskId"])
     except ValueError as e:
         raise ApiError(404, "task_not_found",
                        "Task does not exist or you have no permission to access it.") from e
@@ -774,7 +786,7 @@ def _last_event_id(request: web.Request) -> int | None:
     if raw in (None, ""):
         return None
     try:
-        return max(0, int(raw))
+        return max(0, _sqlite_int(raw))
     except ValueError as e:
         raise ApiError(400, "bad_request", "Last-Event-ID must be an event id.") from e
 
@@ -906,7 +918,8 @@ def _parse_report(body: bytes) -> dict[str, Any]:
         raise ApiError(400, "bad_request",
                        "status must be one of processing, completed, failed.")
     progress = report.get("progress", 0)
-    if not isinstance(progress, int | float) or isinstance(progress, bool):
+    if (not isinstance(progress, int | float) or isinstance(progress, bool)
+            or not math.isfinite(progress)):
         raise ApiError(400, "bad_request", "progress must be a number from 0 to 100.")
     return report
 

@@ -77,7 +77,7 @@ async def test_list_pagination_and_filters(idle_client: TestClient) -> None:
     await idle_client.post(f"/api/tasks/{ids[0]}/cancel", headers=headers)
     page = await (await idle_client.get("/api/tasks?status=cancelled", headers=headers)).json()
     assert [t["taskId"] for t in page["tasks"]] == [ids[0]]
-    for bad in ("limit=0", "limit=x", "status=bogus", "cursor=abc"):
+    for bad in ("limit=0", "limit=x", "status=bogus", "cursor=abc", f"cursor={10**30}"):
         resp = await idle_client.get(f"/api/tasks?{bad}", headers=headers)
         assert resp.status == 400, bad
         assert (await resp.json())["code"] == "bad_request"
@@ -94,7 +94,8 @@ async def test_other_users_task_is_404(idle_client: TestClient) -> None:
                          ("POST", f"/api/tasks/{task_id}/retry"),
                          ("GET", f"/api/tasks/{task_id}/result"),
                          ("GET", f"/api/sse/tasks/{task_id}"),
-                         ("GET", "/api/tasks/999999"), ("GET", "/api/tasks/notanumber")):
+                         ("GET", "/api/tasks/999999"), ("GET", "/api/tasks/notanumber"),
+                         ("GET", f"/api/tasks/{10**30}"), ("GET", f"/api/sse/tasks/{10**30}")):
         resp = await idle_client.request(method, path, headers=bob)
         assert resp.status == 404, (method, path)
         assert (await resp.json())["code"] == "task_not_found"

@@ -195,7 +195,10 @@ async def test_unknown_id_404_and_malformed_400(zclient, service) -> None:
     assert resp.status == 404
     ts = int(time.time())
     for body in (b"{not json", b"[]", json.dumps({"externalTaskId": "ext-1",
-                                                  "status": "weird"}).encode()):
+                                                  "status": "weird"}).encode(),
+                 b'{"externalTaskId": "ext-1", "status": "processing", "progress": NaN}',
+                 b'{"externalTaskId": "ext-1", "status": "processing", "progress": 1e999}',
+                 b'{"externalTaskId": 7, "status": "processing"}'):
         resp = await zclient.post("/api/tasks/webhook", data=body, headers={
             "X-Zhiyi-Timestamp": str(ts), "X-Zhiyi-Signature": sign(SECRET, ts, body)})
         assert resp.status == 400, body
