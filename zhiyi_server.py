@@ -29,6 +29,7 @@ from urllib.parse import quote, unquote
 import aiofiles
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 import engines
 import formats
@@ -672,8 +673,10 @@ async def _read_upload(request: web.Request, original_dir: Path, config: Config)
                 upload.params_text = await _read_field(part)
             else:
                 await part.release()
-    except (ValueError, AssertionError, aiohttp.ClientPayloadError) as e:
-        raise ApiError(400, "bad_request", f"The multipart body is malformed: {e}") from e
+    except (ValueError, AssertionError, aiohttp.ClientPayloadError,
+            HttpProcessingError) as e:
+        reason = getattr(e, "message", None) or str(e)
+        raise ApiError(400, "bad_request", f"The multipart body is malformed: {reason}") from e
     return upload
 
 

@@ -138,6 +138,10 @@ async def test_create_errors_leave_nothing(idle_client: TestClient, config, kwar
 
 async def test_create_not_multipart_and_missing_file(idle_client: TestClient, config) -> None:
     headers = await add_user(idle_client, credits=10)
+    broken = (b'--zz\r\nContent-Disposition: form-data; name="i\x12"\r\n\r\nx\r\n--zz--\r\n')
+    resp = await idle_client.post("/api/tasks/create", data=broken, headers={
+        **headers, "Content-Type": "multipart/form-data; boundary=zz"})
+    assert resp.status == 400 and (await resp.json())["code"] == "bad_request"
     resp = await idle_client.post("/api/tasks/create", json={"taskType": "analyze"},
                                   headers=headers)
     assert resp.status == 400
