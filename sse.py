@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from storage import Event
 
@@ -61,30 +61,90 @@ class StreamLimitReached(Exception):
 
 @dataclass(eq=False)
 class Subscriber:
-    """One live stream: a bounded buffer of encoded events and a wake-up flag."""
+    """One stream: a bounded buffer until it is live, then its socket directly.
+
+    While the stream sends its snapshot and replay, published events wait in
+    ``buffer``. Once live, :meth:`offer` writes each event straight to the
+    connection's transport (no coroutine wakes per event), and the bytes still
+    unsent by the kernel are the bound: past it the client is too slow.
+    """
 
     user_id: str
     task_id: int | None
     max_buffer: int
     buffer: deque[tuple[int, bytes, bool]] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    #: set when the buffer overflowed; the stream ends so the client resumes from the DB
+    #: set when the client fell behind; the stream ends so it resumes from the DB
     overflowed: bool = False
     closed: bool = False
-    #: set by the hub's heartbeat; the stream writes a ``: ping`` comment
+    #: set by the hub's heartbeat (buffered phase); the stream writes a ``: ping``
     ping_due: bool = False
+    #: the stream sent its final event (task streams end then)
+    finished: bool = False
+    transport: asyncio.WriteTransport | None = None
+    chunked: bool = True
+    ends_on_final: bool = False
+    last_id: int = 0
+
+    @property
+    def max_pending_bytes(self) -> int:
+        return max(64 * 1024, self.max_buffer * 1024)
 
     def offer(self, event_id: int, payload: bytes, final: bool) -> bool:
-        if self.overflowed or self.closed:
+        if self.overflowed or self.closed or self.finished:
             return False
+        if self.transport is not None:
+            return self._write_now(event_id, payload, final)
         if len(self.buffer) >= self.max_buffer:
-            self.overflowed = True
-            self.buffer.clear()
-            self.wakeup.set()
+            self._overflow()
             return False
         self.buffer.append((event_id, payload, final))
         self.wakeup.set()
         return True
+
+    def go_live(self, transport: asyncio.WriteTransport, *, chunked: bool, last_id: int,
+                ends_on_final: bool) -> None:
+        """From now on, events are written to ``transport`` as they are published."""
+        self.transport = transport
+        self.chunked = chunked
+        self.last_id = last_id
+        self.ends_on_final = ends_on_final
+
+    def ping(self) -> None:
+        if self.transport is None:
+            self.ping_due = True
+            self.wakeup.set()
+        elif not self._send(PING):
+            self.wakeup.set()
+
+    def _write_now(self, event_id: int, payload: bytes, final: bool) -> bool:
+        if event_id <= self.last_id:
+            return True
+        if not self._send(payload):
+            return False
+        self.last_id = event_id
+        if final and self.ends_on_final:
+            self.finished = True
+            self.wakeup.set()
+        return True
+
+    def _send(self, data: bytes) -> bool:
+        """Write one message (as one HTTP chunk when the response is chunked)."""
+        transport = self.transport
+        assert transport is not None
+        if transport.is_closing():  # the client went away: end the stream
+            self.closed = True
+            self.wakeup.set()
+            return False
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        if transport.get_write_buffer_size() > self.max_pending_bytes:
+            self._overflow()
+        return True
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self.buffer.clear()
+        self.wakeup.set()
 
     def close(self) -> None:
         self.closed = True
@@ -181,8 +241,7 @@ class SSEHub:
         while True:
             await asyncio.sleep(interval)
             for sub in self.subscribers():
-                sub.ping_due = True
-                sub.wakeup.set()
+                sub.ping()
 
     def close_all(self) -> None:
         """End every stream (graceful shutdown)."""
@@ -241,7 +300,7 @@ async def stream_events(
             last_id = events[-1].id
             if plan.ends_on_final and any(e.is_final for e in events):
                 return response
-        await _live(response, sub, last_id, plan.ends_on_final)
+        await _live(request, response, sub, last_id, plan.ends_on_final)
     except (ConnectionResetError, asyncio.CancelledError) as exc:
         if isinstance(exc, asyncio.CancelledError):
             raise
@@ -250,32 +309,36 @@ async def stream_events(
 
 
 async def _live(
+    request: web.Request,
     response: web.StreamResponse,
     sub: Subscriber,
     last_id: int,
     ends_on_final: bool,
 ) -> None:
-    while not sub.closed:
+    """Send what was buffered during the replay, then let the hub write directly."""
+    chunks, final_seen = [], False
+    while sub.buffer:
+        event_id, payload, final = sub.buffer.popleft()
+        if event_id <= last_id:
+            continue
+        chunks.append(payload)
+        last_id = event_id
+        if final and ends_on_final:
+            final_seen = True
+            break
+    if chunks:
+        await response.write(b"".join(chunks))
+    if final_seen or sub.overflowed or sub.closed:
+        return
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return
+    # aiohttp frames a body without Content-Length as chunks on HTTP/1.1; the hub's
+    # direct writes must frame theirs the same way.
+    sub.go_live(transport, chunked=request.version >= HttpVersion11, last_id=last_id,
+                ends_on_final=ends_on_final)
+    while not (sub.closed or sub.finished or sub.overflowed):
         await sub.wakeup.wait()
         sub.wakeup.clear()
-        if sub.overflowed:
-            logger.info("dropping a slow stream of user %s", sub.user_id)
-            return
-        chunks, final_seen = [], False
-        while sub.buffer:
-            event_id, payload, final = sub.buffer.popleft()
-            if event_id <= last_id:
-                continue
-            chunks.append(payload)
-            last_id = event_id
-            if final and ends_on_final:
-                final_seen = True
-                break
-        if sub.ping_due:
-            # The heartbeat write is also how a dead connection is found.
-            sub.ping_due = False
-            chunks.append(PING)
-        if chunks:
-            await response.write(b"".join(chunks))
-        if final_seen:
-            return
+    if sub.overflowed:
+        logger.info("dropping a slow stream of user %s", sub.user_id)
