@@ -1,13 +1,15 @@
 """Server-Sent Events: the registry of live connections and the streams themselves.
 
 The seed's two managers are the two maps of :class:`SSEHub`: subscribers by
-task id and by user. Publishing encodes an event's bytes once and appends them
-to every subscriber's bounded buffer; a subscriber that falls behind is
-dropped (its stream ends, and the client resumes with ``Last-Event-ID`` from
-the database), so one slow reader never delays the others.
+task id and by user. Publishing encodes an event's bytes once. A stream that
+is still sending its snapshot and replay gets them in a bounded buffer; a live
+stream gets them written straight to its socket in the publish call, so no
+coroutine wakes per event and subscriber. A client whose socket backs up past
+the bound is dropped (its stream ends, and it resumes with ``Last-Event-ID``
+from the database), so one slow reader never delays the others.
 
 Framing is written by hand rather than with aiohttp-sse: the fan-out benchmark
-(``bench/fanout.py``) shows encode-once costs a quarter of the server CPU per
+(``bench/fanout.py``) shows aiohttp-sse spending about twice the server CPU per
 delivered event; see the README.
 """
 
