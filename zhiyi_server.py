@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 import aiofiles
@@ -77,30 +77,32 @@ class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
-def _env_int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+Number = TypeVar("Number", int, float)
+
+
+def _env_number(env: dict[str, str], name: str, default: Number, parse: type[Number],
+                minimum: Number) -> Number:
     raw = env.get(name)
     if raw in (None, ""):
         return default
+    kind = "a whole number" if parse is int else "a number"
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError as e:
-        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from e
+        raise ConfigError(f"{name} must be {kind}, not {raw!r}") from e
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, not {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, not {value}")
     return value
 
 
+def _env_int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
+    return _env_number(env, name, default, int, minimum)
+
+
 def _env_float(env: dict[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except ValueError as e:
-        raise ConfigError(f"{name} must be a number, not {raw!r}") from e
-    if value < 0:
-        raise ConfigError(f"{name} must not be negative")
-    return value
+    return _env_number(env, name, default, float, 0.0)
 
 
 @dataclass(frozen=True)
