@@ -28,8 +28,9 @@ from urllib.parse import quote, unquote
 
 import aiofiles
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 import engines
 import formats
@@ -666,13 +667,17 @@ async def _read_upload(request: web.Request, original_dir: Path, config: Config)
         while (part := await reader.next()) is not None:
             if not isinstance(part, aiohttp.BodyPartReader):
                 continue
-            name = part.name  # parsed from the header on every access
+            # Parsed once here: aiohttp re-parses the header on every .name/.filename.
+            _, disposition = parse_content_disposition(
+                part.headers.get(hdrs.CONTENT_DISPOSITION))
+            name = content_disposition_filename(disposition, "name")
             if name == "file":
-                await _save_file(part, upload, original_dir, config)
+                filename = content_disposition_filename(disposition, "filename")
+                await _save_file(part, filename, upload, original_dir, config)
             elif name == "taskType":
-                upload.task_type = (await _read_field(part)).strip()
+                upload.task_type = (await _read_field(part, name)).strip()
             elif name == "params":
-                upload.params_text = await _read_field(part)
+                upload.params_text = await _read_field(part, name)
             else:
                 await part.release()
     except (ValueError, AssertionError, aiohttp.ClientPayloadError,
@@ -682,19 +687,22 @@ async def _read_upload(request: web.Request, original_dir: Path, config: Config)
     return upload
 
 
-async def _read_field(part: aiohttp.BodyPartReader) -> str:
-    data = await part.read(decode=True)
-    if len(data) > MAX_FIELD_BYTES:
-        raise ApiError(400, "bad_request", f"The field {part.name} is too long.")
-    return data.decode("utf-8", errors="replace")
+async def _read_field(part: aiohttp.BodyPartReader, name: str) -> str:
+    """A small text field, read no further than its cap."""
+    data = bytearray()
+    while chunk := await part.read_chunk(16 * 1024):
+        data += chunk
+        if len(data) > MAX_FIELD_BYTES:
+            raise ApiError(400, "bad_request", f"The field {name} is longer than 64 KB.")
+    return bytes(data).decode("utf-8", errors="replace")
 
 
-async def _save_file(part: aiohttp.BodyPartReader, upload: Upload, original_dir: Path,
-                     config: Config) -> None:
+async def _save_file(part: aiohttp.BodyPartReader, filename: str | None, upload: Upload,
+                     original_dir: Path, config: Config) -> None:
     """Stream one file part to disk, enforcing the size cap as bytes arrive."""
     if upload.file_path is not None:
         raise ApiError(400, "bad_request", "Send exactly one file per task.")
-    upload.file_name = clean_file_name(part.filename)
+    upload.file_name = clean_file_name(filename)
     await asyncio.to_thread(original_dir.mkdir, parents=True, exist_ok=True)
     upload.file_path = original_dir / upload.file_name
     async with aiofiles.open(upload.file_path, "wb") as f:

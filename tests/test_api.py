@@ -117,6 +117,7 @@ async def assert_nothing_changed(client: TestClient, headers: dict[str, str], cr
     ({"task_type": "nonsense"}, 400, "unknown_task_type"),
     ({"params": "{not json"}, 400, "bad_params"),
     ({"params": "[1, 2]"}, 400, "bad_params"),
+    ({"params": "{" + " " * 70_000 + "}"}, 400, "bad_request"),
     ({"params": {"engine": "pseudo"}}, 400, "bad_params"),
     ({"params": {"targetLang": "zh", "engine": "warp-drive"}}, 400, "unknown_engine"),
     ({"params": {"targetLang": "zh", "engine": "openai"}}, 400, "unknown_engine"),
