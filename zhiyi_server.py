@@ -1194,6 +1194,9 @@ def _serve_command(args: argparse.Namespace) -> int:
 
     def announce(_: str) -> None:
         print(f"Zhiyi is running. Open {login}", flush=True)
+        if token is None:
+            print(f"Log in with a token from `zhiyi user token NAME --data {config.data_path}` "
+                  "(new users: `zhiyi user add NAME --credits N`).", flush=True)
         print(f"Data: {config.data_path.resolve()}  (Ctrl-C to stop)", flush=True)
 
     try:
