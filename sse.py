@@ -46,10 +46,13 @@ SSE_HEADERS = {
 PING = b": ping\n\n"
 
 
-def encode_event(event_id: int, type_: str, data: dict[str, Any]) -> bytes:
-    """One SSE message: ``id:`` and one ``data:`` line of JSON (default event name)."""
-    body = json.dumps({"type": type_, "data": data}, ensure_ascii=False, separators=(",", ":"))
-    return f"id: {event_id}\ndata: {body}\n\n".encode()
+def encode_event(event_id: int, type_: str, data: dict[str, Any], raw: str = "") -> bytes:
+    """One SSE message: ``id:`` and one ``data:`` line of JSON (default event name).
+
+    ``raw`` is ``data`` already encoded as compact JSON (as the store keeps it).
+    """
+    body = raw or json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f'id: {event_id}\ndata: {{"type":"{type_}","data":{body}}}\n\n'.encode()
 
 
 class StreamLimitReached(Exception):
@@ -218,7 +221,7 @@ class SSEHub:
         user_subs = self._by_user.get(event.user_id, ())
         if not task_subs and not user_subs:
             return
-        payload = encode_event(event.id, event.type, event.data)
+        payload = encode_event(event.id, event.type, event.data, event.raw)
         final = event.is_final
         delivered = 0
         for sub in (*task_subs, *user_subs):
@@ -298,7 +301,7 @@ async def stream_events(
             if not events:
                 break
             await response.write(b"".join(
-                encode_event(e.id, e.type, e.data) for e in events))
+                encode_event(e.id, e.type, e.data, e.raw) for e in events))
             last_id = events[-1].id
             if plan.ends_on_final and any(e.is_final for e in events):
                 return response

@@ -211,6 +211,8 @@ class Event:
     user_id: str
     type: str
     data: dict[str, Any]
+    #: ``data`` as compact JSON, as stored: the SSE layer frames it without encoding again
+    raw: str = ""
 
     @property
     def is_final(self) -> bool:
@@ -1266,15 +1268,17 @@ def _cancel(txn: _Txn, task_id: int) -> None:
 def _append_event(
     txn: _Txn, task_id: int | None, user_id: str, type_: str, data: dict[str, Any]
 ) -> Event:
+    raw = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     cursor = txn.db.execute(
         "INSERT INTO task_events (task_id, user_id, type, data, created_at) VALUES (?,?,?,?,?)",
-        (task_id, user_id, type_, json.dumps(data, ensure_ascii=False), txn.now),
+        (task_id, user_id, type_, raw, txn.now),
     )
     assert cursor.lastrowid is not None
-    event = Event(cursor.lastrowid, task_id, user_id, type_, data)
+    event = Event(cursor.lastrowid, task_id, user_id, type_, data, raw)
     txn.events.append(event)
     return event
 
 
 def _event_from_row(row: sqlite3.Row) -> Event:
-    return Event(row["id"], row["task_id"], row["user_id"], row["type"], json.loads(row["data"]))
+    return Event(row["id"], row["task_id"], row["user_id"], row["type"],
+                 json.loads(row["data"]), row["data"])
