@@ -228,7 +228,8 @@ class SSEHub:
             was_overflowed = sub.overflowed
             if sub.offer(event.id, payload, final):
                 delivered += 1
-            elif sub.overflowed and not was_overflowed and self._on_drop is not None:
+            # A live stream can overflow on a write that still went out: count it either way.
+            if sub.overflowed and not was_overflowed and self._on_drop is not None:
                 self._on_drop()
         if self._on_publish is not None:
             self._on_publish(delivered)

@@ -457,3 +457,39 @@ def test_registry_refuses_duplicates_and_plain_functions() -> None:
         registry.processor("sync", extensions=(".txt",))(lambda ctx: ctx)  # type: ignore[arg-type]
     assert "once" in registry and "sync" not in registry
     assert "translate" in default_registry() and "once" not in default_registry()
+
+
+class RecordingTransport:
+    """Stands in for a socket whose peer stopped reading: everything stays buffered."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.written)
+
+
+def test_live_streams_get_chunks_written_directly_until_they_back_up() -> None:
+    from storage import Event
+
+    drops: list[int] = []
+    hub = SSEHub(buffer_size=8, on_drop=lambda: drops.append(1))
+    sub = hub.subscribe("alice")
+    transport = RecordingTransport()
+    sub.go_live(transport, chunked=True, last_id=0, ends_on_final=False)  # type: ignore[arg-type]
+    hub.publish(Event(1, None, "alice", "notification", {"n": 1}))
+    message = encode_event(1, "notification", {"n": 1})
+    assert bytes(transport.written) == b"%x\r\n" % len(message) + message + b"\r\n"
+    big = {"text": "x" * 4000}
+    for i in range(2, 40):
+        hub.publish(Event(i, None, "alice", "notification", big))
+    assert sub.overflowed and drops == [1]  # past 64 KiB unsent: dropped, counted once
+    size = len(transport.written)
+    hub.publish(Event(41, None, "alice", "notification", big))
+    assert len(transport.written) == size  # nothing more is written to a dropped stream
