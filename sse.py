@@ -28,6 +28,7 @@ from aiohttp import HttpVersion11, web
 from storage import Event
 
 __all__ = [
+    "REPLAY_PAGE",
     "SSEHub",
     "StreamLimitReached",
     "Subscriber",
@@ -44,6 +45,8 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 PING = b": ping\n\n"
+#: events per replay query; the replay callable returns at most this many
+REPLAY_PAGE = 500
 
 
 def encode_event(event_id: int, type_: str, data: dict[str, Any], raw: str = "") -> bytes:
@@ -299,17 +302,16 @@ async def stream_events(
             return response
         while True:
             events = await plan.replay(last_id)
-            if not events:
+            if events:
+                await response.write(b"".join(
+                    encode_event(e.id, e.type, e.data, e.raw) for e in events))
+                last_id = events[-1].id
+                if plan.ends_on_final and any(e.is_final for e in events):
+                    return response
+            if len(events) < REPLAY_PAGE:  # a short page is the last one
                 break
-            await response.write(b"".join(
-                encode_event(e.id, e.type, e.data, e.raw) for e in events))
-            last_id = events[-1].id
-            if plan.ends_on_final and any(e.is_final for e in events):
-                return response
         await _live(request, response, sub, last_id, plan.ends_on_final)
-    except (ConnectionResetError, asyncio.CancelledError) as exc:
-        if isinstance(exc, asyncio.CancelledError):
-            raise
+    except ConnectionResetError:
         logger.debug("stream of user %s closed by the client", sub.user_id)
     return response
 

@@ -38,7 +38,14 @@ from external import ExternalService, ResultFetchError, SignatureError, verify_s
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import Metrics
 from processors import Quote, Registry, TaskType, default_registry
-from sse import SSEHub, StreamLimitReached, StreamPlan, encode_event, stream_events
+from sse import (
+    REPLAY_PAGE,
+    SSEHub,
+    StreamLimitReached,
+    StreamPlan,
+    encode_event,
+    stream_events,
+)
 from storage import (
     InsufficientCredits,
     InvalidTransition,
@@ -836,7 +843,7 @@ async def sse_task(request: web.Request) -> web.StreamResponse:
             return web.Response(status=204)  # tells EventSource to stop reconnecting
 
         async def replay(after: int) -> list[Any]:
-            return await store.events_after(after, task_id=task_id)
+            return await store.events_after(after, task_id=task_id, limit=REPLAY_PAGE)
 
         preamble, start = await _preamble(store, last_id, latest, state)
         plan = StreamPlan(preamble, start, replay, ends_on_final=True,
@@ -859,7 +866,7 @@ async def sse_notifications(request: web.Request) -> web.StreamResponse:
             state = store.status_data(recent[0]) if recent else None
 
         async def replay(after: int) -> list[Any]:
-            return await store.events_after(after, user_id=user_id)
+            return await store.events_after(after, user_id=user_id, limit=REPLAY_PAGE)
 
         preamble, start = await _preamble(store, last_id, latest, state)
         return await _serve(request, sub, StreamPlan(preamble, start, replay,

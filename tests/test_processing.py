@@ -493,3 +493,17 @@ def test_live_streams_get_chunks_written_directly_until_they_back_up() -> None:
     size = len(transport.written)
     hub.publish(Event(41, None, "alice", "notification", big))
     assert len(transport.written) == size  # nothing more is written to a dropped stream
+
+
+async def test_replay_spans_several_pages_without_gaps(idle_client) -> None:
+    headers = await add_user(idle_client, credits=0)
+    store = idle_client.app[STORE]
+    await asyncio.gather(*(store.grant_credits("alice", 1) for _ in range(1200)))
+    expected = [e.id for e in await store.events_after(0, user_id="alice", limit=10_000)]
+    assert len(expected) == 1200
+    resp = await idle_client.get("/api/sse/notifications",
+                                 headers={**headers, "Last-Event-ID": "0"})
+    reader = SSEReader(resp)
+    got = [int((await reader.next()).id) for _ in range(1200)]
+    assert got == expected
+    resp.close()
