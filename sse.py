@@ -85,8 +85,6 @@ class Subscriber:
     #: set when the client fell behind; the stream ends so it resumes from the DB
     overflowed: bool = False
     closed: bool = False
-    #: set by the hub's heartbeat (buffered phase); the stream writes a ``: ping``
-    ping_due: bool = False
     #: the stream sent its final event (task streams end then)
     finished: bool = False
     transport: asyncio.WriteTransport | None = None
@@ -107,7 +105,6 @@ class Subscriber:
             self._overflow()
             return False
         self.buffer.append((event_id, payload, final))
-        self.wakeup.set()
         return True
 
     def go_live(self, transport: asyncio.WriteTransport, *, chunked: bool, last_id: int,
@@ -119,10 +116,8 @@ class Subscriber:
         self.ends_on_final = ends_on_final
 
     def ping(self) -> None:
-        if self.transport is None:
-            self.ping_due = True
-            self.wakeup.set()
-        elif not self._send(PING):
+        # Before going live the stream is busy writing its replay: no ping needed.
+        if self.transport is not None and not self._send(PING):
             self.wakeup.set()
 
     def _write_now(self, event_id: int, payload: bytes, final: bool) -> bool:
@@ -316,15 +311,9 @@ async def stream_events(
     return response
 
 
-async def _live(
-    request: web.Request,
-    response: web.StreamResponse,
-    sub: Subscriber,
-    last_id: int,
-    ends_on_final: bool,
-) -> None:
-    """Send what was buffered during the replay, then let the hub write directly."""
-    chunks, final_seen = [], False
+def _drain(sub: Subscriber, last_id: int, ends_on_final: bool) -> tuple[list[bytes], int, bool]:
+    """Buffered events after ``last_id``, up to the final one for a task stream."""
+    chunks: list[bytes] = []
     while sub.buffer:
         event_id, payload, final = sub.buffer.popleft()
         if event_id <= last_id:
@@ -332,11 +321,30 @@ async def _live(
         chunks.append(payload)
         last_id = event_id
         if final and ends_on_final:
-            final_seen = True
-            break
-    if chunks:
-        await response.write(b"".join(chunks))
-    if final_seen or sub.overflowed or sub.closed:
+            return chunks, last_id, True
+    return chunks, last_id, False
+
+
+async def _live(
+    request: web.Request,
+    response: web.StreamResponse,
+    sub: Subscriber,
+    last_id: int,
+    ends_on_final: bool,
+) -> None:
+    """Send what was buffered during the replay, then let the hub write directly.
+
+    The buffer is drained until it stays empty across a write: events published
+    while a write was awaited land in it too. Going live follows the last check
+    with no await in between, so nothing falls between buffer and socket.
+    """
+    while sub.buffer:
+        chunks, last_id, final_seen = _drain(sub, last_id, ends_on_final)
+        if chunks:
+            await response.write(b"".join(chunks))
+        if final_seen:
+            return
+    if sub.overflowed or sub.closed:
         return
     transport = request.transport
     if transport is None or transport.is_closing():
