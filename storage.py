@@ -747,10 +747,9 @@ class TaskStore:
             ).fetchone()
             if row is None:
                 return False
-            _append_event(txn, task_id, row["user_id"], "status_update", {
-                "taskId": task_id, "status": "processing", "progress": row["progress"],
-                "message": message, "stage": row["stage"], "etaSeconds": eta_seconds,
-                "attempts": row["attempts"]})
+            _append_event(txn, task_id, row["user_id"], "status_update", _status_payload(
+                task_id, TaskStatus.PROCESSING, row["progress"], message, row["stage"],
+                eta_seconds, row["attempts"]))
             return True
 
         return self._writer.submit(_op)
@@ -1069,21 +1068,23 @@ class TaskStore:
 
     def status_data(self, task: Task) -> dict[str, Any]:
         """The ``data`` of a task's ``status_update`` (the seed's shape, plus extras)."""
-        data: dict[str, Any] = {
-            "taskId": task.id,
-            "status": task.status.value,
-            "progress": task.progress,
-            "message": task.status_message,
-            "stage": task.stage,
-            "etaSeconds": task.eta_seconds,
-            "attempts": task.attempts,
-        }
+        data = _status_payload(task.id, task.status, task.progress, task.status_message,
+                               task.stage, task.eta_seconds, task.attempts)
         if task.status is TaskStatus.COMPLETED:
             data["resultUrl"] = self.result_url(task.id)
         if task.status is TaskStatus.FAILED:
             data["error"] = task.error_message
             data["errorCode"] = task.error_code
         return data
+
+
+def _status_payload(task_id: int, status: TaskStatus, progress: int, message: str,
+                    stage: str | None, eta_seconds: float | None,
+                    attempts: int) -> dict[str, Any]:
+    """The fields every ``status_update`` carries (one place for the shape)."""
+    return {"taskId": task_id, "status": status.value, "progress": progress,
+            "message": message, "stage": stage, "etaSeconds": eta_seconds,
+            "attempts": attempts}
 
 
 TOKEN_CACHE_SIZE = 10_000
