@@ -901,13 +901,6 @@ class TaskStore:
         )
         return [Task.from_row(r) for r in rows]
 
-    async def next_external_deadline(self) -> datetime | None:
-        row = await self._fetchone(
-            """SELECT MIN(external_deadline) AS t FROM processing_tasks
-               WHERE status = 'processing' AND external_deadline IS NOT NULL"""
-        )
-        return parse_time(row["t"]) if row and row["t"] else None
-
     # ----------------------------------------------------------- user actions
     async def cancel_task(self, task_id: int, user_id: str) -> Task:
         """``pending``/``processing`` → ``cancelled`` with a refund; else InvalidTransition."""
