@@ -149,7 +149,6 @@ class WorkerPool:
         self._idle: deque[asyncio.Future[None]] = deque()
         self._missed_wake = False
         self._running: dict[int, tuple[Task, asyncio.Task[Any]]] = {}
-        self._cancel_requested: set[int] = set()
         self._loops: list[asyncio.Task[None]] = []
 
     # -------------------------------------------------------------- lifetime
@@ -187,7 +186,6 @@ class WorkerPool:
         entry = self._running.get(task_id)
         if entry is None:
             return False
-        self._cancel_requested.add(task_id)
         entry[1].cancel()
         return True
 
@@ -283,7 +281,6 @@ class WorkerPool:
             self._observe("cancelled", task, 0.0)
         finally:
             self._running.pop(task.id, None)
-            self._cancel_requested.discard(task.id)
 
     async def _attempt(self, task: Task) -> None:
         task_type = self.registry.get(task.task_type)
