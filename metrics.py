@@ -1,20 +1,45 @@
-"""Prometheus metrics of one app (seed 6.3), on a registry of its own.
+"""Prometheus metrics of one app, on a registry of its own.
 
 A per-app ``CollectorRegistry`` rather than the global one, so two apps in one
-process (or an embedding app with its own metrics) never collide.
+process (or an embedding app with its own metrics) never collide. The figures
+the alert rules in ``alerts/`` watch are read from the database at scrape time
+(``TaskStore.health_figures``), so whichever process is scraped reports them
+for every process sharing that database.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+from storage import HealthFigures
+
+__all__ = ["CONTENT_TYPE", "DiskSpace", "Metrics", "disk_space"]
 
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    """Free and total bytes of the file system holding the data folder."""
+
+    free: int
+    total: int
+
+    def is_low(self, low_bytes: int) -> bool:
+        return self.free < low_bytes
+
+
+def disk_space(path: Path) -> DiskSpace:
+    """Blocking (a ``statvfs``): call it in a thread."""
+    usage = shutil.disk_usage(path)
+    return DiskSpace(free=usage.free, total=usage.total)
 
 
 class Metrics:
@@ -27,6 +52,18 @@ class Metrics:
                            ["status", "task_type"], registry=r)
         self.queue_depth = Gauge("zhiyi_queue_depth", "Pending tasks waiting for a worker",
                                  registry=r)
+        self.queue_oldest_seconds = Gauge(
+            "zhiyi_queue_oldest_seconds",
+            "How long the oldest runnable pending task has waited (0: none waiting)", registry=r)
+        self.failed_tasks = Gauge("zhiyi_failed_tasks", "Failed tasks kept, by error code",
+                                  ["error_code"], registry=r)
+        self.ledger_drift_users = Gauge(
+            "zhiyi_ledger_drift_users", "Users whose balance differs from their ledger sum",
+            registry=r)
+        self.disk_free_bytes = Gauge("zhiyi_disk_free_bytes",
+                                     "Free bytes on the data folder's file system", registry=r)
+        self.disk_total_bytes = Gauge("zhiyi_disk_total_bytes",
+                                      "Size of the data folder's file system", registry=r)
         self.running = Gauge("zhiyi_tasks_running", "Tasks being processed in this process",
                              registry=r)
         self.processing_seconds = Histogram(
@@ -54,6 +91,17 @@ class Metrics:
             if status == "pending":
                 pending += n
         self.queue_depth.set(pending)
+
+    def set_health(self, figures: HealthFigures) -> None:
+        self.queue_oldest_seconds.set(figures.oldest_pending_seconds)
+        self.ledger_drift_users.set(figures.drifting_users)
+        self.failed_tasks.clear()
+        for code, n in figures.failed_by_code.items():
+            self.failed_tasks.labels(error_code=code).set(n)
+
+    def set_disk(self, space: DiskSpace) -> None:
+        self.disk_free_bytes.set(space.free)
+        self.disk_total_bytes.set(space.total)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,6 +29,7 @@ import aiosqlite
 __all__ = [
     "SCHEMA_VERSION",
     "Event",
+    "HealthFigures",
     "InsufficientCredits",
     "InvalidTransition",
     "LedgerEntry",
@@ -400,6 +401,16 @@ class _Failed:
 WriteOp = Callable[[_Txn], Any]
 
 
+
+@dataclass(frozen=True)
+class HealthFigures:
+    """Store-wide figures for monitoring (see ``TaskStore.health_figures``)."""
+
+    oldest_pending_seconds: float  #: how long the oldest runnable pending task has waited
+    failed_by_code: dict[str, int]  #: failed tasks by ``error_code``
+    drifting_users: int  #: users whose balance differs from their ledger sum
+
+
 class TaskStore:
     """The whole database behind one object. Open with :meth:`open`."""
 
@@ -656,6 +667,23 @@ class TaskStore:
             "SELECT task_type, status, COUNT(*) AS n FROM processing_tasks GROUP BY 1, 2"
         )
         return [(r["task_type"], r["status"], r["n"]) for r in rows]
+
+    async def health_figures(self) -> HealthFigures:
+        """What the alert rules watch, read from the database (so any process can export it)."""
+        oldest = await self._fetchone(
+            "SELECT MIN(COALESCE(run_after, created_at)) AS t FROM processing_tasks"
+            " WHERE status = 'pending'")
+        failed = await self._fetchall(
+            "SELECT COALESCE(error_code, 'unknown') AS code, COUNT(*) AS n"
+            " FROM processing_tasks WHERE status = 'failed' GROUP BY 1")
+        waiting = 0.0
+        if oldest is not None and oldest["t"] is not None:
+            waiting = max(0.0, (self._clock() - parse_time(oldest["t"])).total_seconds())
+        return HealthFigures(
+            oldest_pending_seconds=waiting,
+            failed_by_code={r["code"]: r["n"] for r in failed},
+            drifting_users=len(await self.balance_drift()),
+        )
 
     # --------------------------------------------------------- worker actions
     async def claim_next_task(self, owner: str, lease_seconds: float) -> Task | None:

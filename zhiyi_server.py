@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,7 +37,7 @@ import engines
 import formats
 from external import ExternalService, ResultFetchError, SignatureError, verify_signature
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from metrics import Metrics
+from metrics import DiskSpace, Metrics, disk_space
 from processors import Quote, Registry, TaskType, default_registry
 from sse import (
     REPLAY_PAGE,
@@ -140,6 +141,7 @@ class Config:
     reconcile_seconds: float = 30.0
     lease_seconds: float = 60.0
     starter_credits: int = 1000
+    disk_low_mb: int = 1024
     libretranslate_url: str | None = None
     libretranslate_api_key: str | None = None
     openai_base_url: str | None = None
@@ -174,6 +176,7 @@ class Config:
             external_timeout_seconds=_env_float(e, "EXTERNAL_TIMEOUT_SECONDS", 3600.0),
             reconcile_seconds=_env_float(e, "RECONCILE_SECONDS", 30.0),
             starter_credits=_env_int(e, "STARTER_CREDITS", 1000, 0),
+            disk_low_mb=_env_int(e, "DISK_LOW_MB", 1024, 0),
             libretranslate_url=e.get("LIBRETRANSLATE_URL") or None,
             libretranslate_api_key=e.get("LIBRETRANSLATE_API_KEY") or None,
             openai_base_url=e.get("OPENAI_BASE_URL") or None,
@@ -362,11 +365,42 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     m = request.config_dict[METRICS]
-    m.set_task_counts(await request.config_dict[STORE].count_tasks())
+    store, config = request.config_dict[STORE], request.config_dict[CONFIG]
+    m.set_task_counts(await store.count_tasks())
+    m.set_health(await store.health_figures())
+    m.set_disk(await _check_disk(config))
     m.sse_connections.set(request.config_dict[HUB].connection_count)
     pool = request.config_dict.get(POOL)
     m.running.set(pool.running_count if pool else 0)
     return web.Response(body=m.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def _check_disk(config: Config) -> DiskSpace:
+    """Free space of the data folder's file system; a warning in the log while it is low."""
+    space = await asyncio.to_thread(disk_space, config.data_path)
+    if space.is_low(config.disk_low_mb * 1024 * 1024):
+        logger.warning("low disk space: %d MB free on the file system of %s (DISK_LOW_MB=%d)",
+                       space.free // (1024 * 1024), config.data_path, config.disk_low_mb)
+    return space
+
+
+async def _disk_watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Warns in the log before the data folder's disk fills, between scrapes too."""
+    config, metrics_ = app[CONFIG], app[METRICS]
+
+    async def watch() -> None:
+        while True:
+            try:
+                metrics_.set_disk(await _check_disk(config))
+            except OSError as e:
+                logger.error("cannot read the free space of %s: %s", config.data_path, e)
+            await asyncio.sleep(config.reconcile_seconds)
+
+    watcher = asyncio.create_task(watch(), name="zhiyi-disk-watch")
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
 
 
 async def openapi(request: web.Request) -> web.FileResponse:
@@ -1095,7 +1129,8 @@ def create_app(config: Config | None = None, *, registry: Registry | None = None
     app[CONFIG] = config
     app[REGISTRY] = registry or default_registry()
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_store_ctx(config), _hub_ctx, _http_ctx, _pool_ctx])
+    app.cleanup_ctx.extend([_store_ctx(config), _hub_ctx, _http_ctx, _pool_ctx,
+                           _disk_watch_ctx])
     app.on_shutdown.append(_close_streams)
     _add_routes(app)
     return app
