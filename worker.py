@@ -70,13 +70,15 @@ class ProgressReporter:
     goes backwards within an attempt; the last report is flushed at the end.
     """
 
-    def __init__(self, store: TaskStore, task: Task, interval: float) -> None:
+    def __init__(self, store: TaskStore, task: Task, interval: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.task = task
         self.interval = interval
-        self.started = time.monotonic()
+        #: seconds, monotonic; a test passes a fake one to drive the interval
+        self.clock = clock
+        self.started = clock()
         self.written_percent = -1
-        self.written_stage: str | None = None
         self.written_at = 0.0
         self.percent = 0.0
         self.message = ""
@@ -90,7 +92,7 @@ class ProgressReporter:
         if stage is not None:
             self.stage = stage
         self.dirty = True
-        now = time.monotonic()
+        now = self.clock()
         if stage_changed or (
             int(self.percent) > self.written_percent and now - self.written_at >= self.interval
         ):
@@ -101,8 +103,7 @@ class ProgressReporter:
             return
         self.dirty = False
         self.written_percent = int(self.percent)
-        self.written_stage = self.stage
-        self.written_at = time.monotonic()
+        self.written_at = self.clock()
         # Not awaited: the writer commits in queue order, so the processor goes on
         # and its completion, queued later, still lands after this update.
         written = self.store.queue_task_status(
@@ -112,7 +113,7 @@ class ProgressReporter:
         written.add_done_callback(_log_write_error)
 
     def _eta(self) -> float | None:
-        elapsed = time.monotonic() - self.started
+        elapsed = self.clock() - self.started
         if self.percent <= 0 or elapsed < 0.5:
             return None
         return round(elapsed * (100 - self.percent) / self.percent, 1)
@@ -136,6 +137,7 @@ class WorkerPool:
         engine_factory: Callable[[str], engines.Engine],
         submit_external: ExternalSubmitter | None = None,
         observe: Callable[[str, Task, float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -144,6 +146,8 @@ class WorkerPool:
         self.engine_factory = engine_factory
         self.submit_external = submit_external
         self._observe = observe or (lambda outcome, task, seconds: None)
+        #: the progress reporters' clock (a test replaces it to drive the write interval)
+        self.clock = clock
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         #: idle workers, each waiting on its own future: a new task wakes one, not all
         self._idle: deque[asyncio.Future[None]] = deque()
@@ -285,7 +289,8 @@ class WorkerPool:
     async def _attempt(self, task: Task) -> None:
         task_type = self.registry.get(task.task_type)
         started = time.monotonic()
-        reporter = ProgressReporter(self.store, task, self.settings.progress_interval)
+        reporter = ProgressReporter(self.store, task, self.settings.progress_interval,
+                                    self.clock)
         logger.info("task %s of user %s: attempt %d of %s", task.id, task.user_id,
                     task.attempts, task.task_type)
         try:

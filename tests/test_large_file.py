@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 from pathlib import Path
 
@@ -66,8 +65,13 @@ async def test_twenty_megabytes_bounded_memory_steady_progress(tmp_path: Path) -
     # The document is streamed: the server never holds it in memory even once whole.
     print(f"peak server memory grew by {growth:.0f} MB for a 20 MB document")
     assert growth < SIZE / (1024 * 1024), f"peak memory grew by {growth:.0f} MB"
+    # Progress, as behaviour rather than speed: how many writes a run gets depends on how
+    # long it takes (at most one per whole percent and progress interval; the exact rule
+    # is tested with a fake clock in test_processing.py), so only what holds at any
+    # speed is asserted here.
+    ids = [int(m.id) for m in messages]
+    assert ids == sorted(set(ids))
     progress = [m.payload["progress"] for m in messages
                 if m.payload["status"] == "processing" and m.payload["stage"] == "translating"]
-    assert len(progress) >= 20 and progress == sorted(progress)
-    steps = [b - a for a, b in itertools.pairwise(progress)]
-    assert max(steps) <= 10  # steady: no big jumps
+    assert progress == sorted(set(progress))  # one write per whole percent, never back
+    assert progress[0] == 0 and progress[-1] <= 98  # the last percent is for writing

@@ -287,6 +287,96 @@ async def test_progress_writes_are_coalesced(tclient) -> None:
     assert events[-1].data["progress"] == 100
 
 
+class FakeClock:
+    """Monotonic seconds that move only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowEngine:
+    """A translation engine on which each batch takes ``seconds`` of fake time."""
+
+    name = "pseudo"
+    paid = False
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.batches: list[int] = []
+        #: when set, each batch after the first waits for one token (lockstep with a test)
+        self.go: asyncio.Queue[None] | None = None
+
+    async def translate(self, texts, source: str, target: str) -> list[str]:
+        if self.go is not None and self.batches:
+            await self.go.get()
+        self.clock.now += self.seconds
+        self.batches.append(len(texts))
+        return [text.upper() for text in texts]
+
+
+async def slow_translation_client(make_client, seconds: float) -> tuple[TestClient, SlowEngine]:
+    client = await make_client()
+    clock = FakeClock()
+    engine = SlowEngine(clock, seconds)
+    pool = client.app[POOL]
+    pool.clock = clock
+    pool.engine_factory = lambda name: engine
+    return client, engine
+
+
+#: 200 one-line paragraphs: 8 batches of 25 segments, 12.5 percent each
+TWO_HUNDRED_SEGMENTS = "".join(f"Segment number {i}.\n\n" for i in range(200))
+
+
+@pytest.mark.parametrize(("seconds_per_batch", "expected"), [
+    # Every batch is past the 0.25 s interval: one write per batch; 100 % shows as 98
+    # (the last percent is left for writing the document).
+    (1.0, [0, 12, 25, 37, 50, 62, 75, 87, 98]),
+    # 0.1 s per batch: written after batches 3 and 6 (0.3 s since the last write each);
+    # batches 7 and 8 are 0.1 and 0.2 s after, so the next write is the writing stage.
+    (0.1, [0, 37, 75]),
+    # No time passes: only the stage change writes.
+    (0.0, [0]),
+])
+async def test_progress_count_follows_the_coalescing_rule(
+        make_client, seconds_per_batch: float, expected: list[int]) -> None:
+    client, engine = await slow_translation_client(make_client, seconds_per_batch)
+    headers = await add_user(client)
+    task_id = (await create(client, headers, content=TWO_HUNDRED_SEGMENTS))["taskId"]
+    resp = await client.get(sse_url(task_id), headers={**headers, "Last-Event-ID": "0"})
+    messages = await SSEReader(resp).collect_until_final()
+    assert engine.batches == [25] * 8
+    stages = [(m.payload["stage"], m.payload["progress"]) for m in messages
+              if m.payload["status"] == "processing"]
+    assert stages == [("starting", 0), ("parsing", 0)] + [("translating", p) for p in expected] + [
+        ("writing", 99)]
+    assert messages[-1].payload["status"] == "completed"
+    assert messages[-1].payload["progress"] == 100
+
+
+async def test_progress_arrives_live_before_completion(make_client) -> None:
+    """Each batch waits until the test has read the previous batch's progress live."""
+    client, engine = await slow_translation_client(make_client, 1.0)
+    engine.go = asyncio.Queue()
+    headers = await add_user(client)
+    task_id = (await create(client, headers, content=TWO_HUNDRED_SEGMENTS))["taskId"]
+    reader = SSEReader(await client.get(sse_url(task_id), headers=headers))
+    seen: list[int] = []
+    while (message := await reader.next()) is not None:
+        payload = message.payload
+        if payload["status"] == "processing" and payload["stage"] == "translating":
+            seen.append(payload["progress"])
+            if payload["progress"] > 0:  # the engine is now held before its next batch
+                assert len(engine.batches) == len(seen) - 1
+                engine.go.put_nowait(None)
+    assert seen == [0, 12, 25, 37, 50, 62, 75, 87, 98]
+    assert payload["status"] == "completed"
+
+
 async def test_a_reader_that_stops_does_not_slow_the_others(make_client, gates) -> None:
     client = await make_client(registry=make_registry(gates), sse_buffer_events=8)
     headers = await add_user(client, credits=1000)
