@@ -10,10 +10,16 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import venv
 import zipfile
 from pathlib import Path
 
+import aiohttp
 import pytest
+from helpers import SSEReader
+from page_helpers import ZhiyiServer, base_env
+
+from engines import pseudo_localize
 
 ROOT = Path(__file__).resolve().parent.parent
 #: top-level folders that are not part of the installed program
@@ -132,3 +138,84 @@ def test_resources_and_the_command_are_in_the_wheel(wheel: Path, wheel_names: se
     with zipfile.ZipFile(wheel) as zf:
         (entry_points,) = (n for n in wheel_names if n.endswith(".dist-info/entry_points.txt"))
         assert "zhiyi = zhiyi_server:main" in zf.read(entry_points).decode()
+
+
+# ------------------------------------------------- the installed program, end to end
+def install_wheel(wheel: Path, venv_dir: Path) -> Path:
+    """A fresh venv with the wheel installed (not editable); its ``bin`` folder.
+
+    pip reuses its cache and the machine's configured indexes for the dependencies.
+    """
+    venv.EnvBuilder(with_pip=True).create(venv_dir)
+    bin_dir = venv_dir / "bin"
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", str(wheel)],
+                   check=True, capture_output=True, timeout=600, env=base_env())
+    return bin_dir
+
+
+def run_installed(bin_dir: Path, *args: str, cwd: Path) -> str:
+    done = subprocess.run([str(bin_dir / args[0]), *args[1:]], cwd=cwd, env=base_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_the_installed_wheel_serves_a_task_end_to_end(
+    wheel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # nothing may come from the source tree
+    bin_dir = install_wheel(wheel, tmp_path / "venv")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    where = run_installed(bin_dir, "python", "-c",
+                          "import zhiyi_server; print(zhiyi_server.__file__)", cwd=elsewhere)
+    assert Path(where.strip()).is_relative_to(tmp_path / "venv"), where
+
+    data = tmp_path / "data"
+    out = run_installed(bin_dir, "zhiyi", "user", "add", "alice", "--credits", "50",
+                        "--data", str(data), cwd=elsewhere)
+    token = out.strip().splitlines()[-1]
+    server = ZhiyiServer(data, command=[str(bin_dir / "zhiyi"), "serve", "--port", "{port}",
+                                        "--data", "{data}"])
+    server.start(timeout=60)
+    try:
+        await _complete_a_task(server.url, token)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
+
+
+async def _complete_a_task(base: str, token: str) -> None:
+    """Resources from the wheel, then upload → SSE to completion → download, over HTTP."""
+    auth = {"Authorization": f"Bearer {token}"}
+    text = "Hello world.\n\nSecond paragraph.\n"
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(base, timeout=timeout) as http:
+        async with http.get("/") as page:  # static/ and openapi.yaml come from zhiyi_resources
+            assert page.status == 200 and "<html" in (await page.text()).lower()
+        async with http.get("/api/openapi.yaml") as spec:
+            assert await spec.read() == (ROOT / "openapi.yaml").read_bytes()
+
+        form = aiohttp.FormData()
+        form.add_field("taskType", "translate")
+        form.add_field("params", '{"targetLang": "zh", "engine": "pseudo"}')
+        form.add_field("file", text.encode(), filename="hello.txt")
+        async with http.post("/api/tasks/create", data=form, headers=auth) as created:
+            body = await created.json()
+            assert created.status == 201, body
+
+        async with http.get(body["sseUrl"], headers=auth) as stream:
+            assert stream.status == 200
+            messages = await SSEReader(stream).collect_until_final(timeout=60)
+        final = messages[-1].payload
+        assert final["status"] == "completed", final
+
+        async with http.get(f"/api/tasks/{body['taskId']}", headers=auth) as got:
+            result_url = (await got.json())["task"]["resultUrl"]
+        async with http.get(result_url, headers=auth) as result:
+            assert result.status == 200
+            translated = await result.text()
+    assert translated == "\n\n".join(
+        pseudo_localize(p) for p in ("Hello world.", "Second paragraph.")) + "\n"
