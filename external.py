@@ -1,4 +1,4 @@
-"""The external-service protocol, both directions (seed 3.1 and 5).
+"""The external-service protocol, both directions: submission out, signed webhook in.
 
 Out: a task's document is POSTed to ``EXTERNAL_SERVICE_URL`` with the callback
 URL; the service answers with its ``externalTaskId``. In: the service reports

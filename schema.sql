@@ -1,4 +1,5 @@
--- Zhiyi's database, current version. Applied with executescript to a new file;
+-- Zhiyi's database, current version. A new file gets these statements one by one
+-- inside one transaction (storage._migrate; executescript would commit first);
 -- an older file is moved forward by the numbered steps in storage.MIGRATIONS.
 -- The version is kept in PRAGMA user_version (set by storage.py, not here).
 

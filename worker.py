@@ -373,7 +373,10 @@ class WorkerPool:
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
-    """A pure path comparison: resolve() would touch the file system on the loop."""
+    """``path`` is directly in ``folder`` (results are single files, never in a subfolder).
+
+    A pure path comparison: resolve() would touch the file system on the loop.
+    """
     return os.path.normpath(path.parent) == os.path.normpath(folder)
 
 

@@ -1,4 +1,4 @@
-// The seed's useTaskStatus hook (design document, section 3.4) as plain JavaScript:
+// The useTaskStatus React hook the project started from, as plain JavaScript:
 // no React, the same behaviour. It opens an EventSource on the task's stream,
 // parses each message's JSON, acts on `status_update`, records an error on
 // `failed`, and closes the source on an error and once the task is final.
