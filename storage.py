@@ -34,6 +34,7 @@ __all__ = [
     "InvalidTransition",
     "LedgerEntry",
     "NewTask",
+    "SQLiteTooOld",
     "StoreError",
     "Task",
     "TaskNotFound",
@@ -43,6 +44,7 @@ __all__ = [
     "User",
     "UserExists",
     "UserNotFound",
+    "WriterStopped",
     "isoformat",
     "parse_time",
 ]
@@ -120,6 +122,14 @@ class InsufficientCredits(StoreError):
 
 class TooManyActiveTasks(StoreError):
     """The user already has the maximum of pending and processing tasks."""
+
+
+class WriterStopped(StoreError):
+    """The writer was stopped (shutdown) before a queued write ran; nothing changed."""
+
+
+class SQLiteTooOld(StoreError):
+    """The SQLite library is older than the store needs (``RETURNING``: 3.35)."""
 
 
 class InvalidTransition(StoreError):
@@ -316,21 +326,42 @@ class GroupWriter:
         while self._queue:
             batch = self._queue[: self.MAX_BATCH]
             del self._queue[: self.MAX_BATCH]
-            ops = [op for op, _ in batch]
+            running = loop.run_in_executor(self._executor, self._run_batch,
+                                           [op for op, _ in batch])
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._run_batch, ops)
-            except BaseException as e:  # the executor itself failed: fail the batch
-                outcomes = [_Failed(e)] * len(batch)
-            events = [e for o in outcomes if isinstance(o, _Done) for e in o.events]
-            if events:
-                self._on_commit(events)
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if isinstance(outcome, _Failed):
-                    future.set_exception(outcome.error)
-                else:
-                    future.set_result(outcome.result)
+                await asyncio.shield(running)
+            except asyncio.CancelledError:
+                # The thread goes on and may commit: its callers hear what really
+                # happened, the writes not started hear that they never ran, and the
+                # cancellation goes on up.
+                await _settled(running)
+                self._settle(batch, _outcomes(running, len(batch)))
+                self._abandon_queue()
+                raise
+            except Exception:
+                pass  # the executor itself failed: _outcomes fails each write with it
+            self._settle(batch, _outcomes(running, len(batch)))
+
+    def _settle(self, batch: list[tuple[WriteOp, asyncio.Future[Any]]],
+                outcomes: list[_Done | _Failed]) -> None:
+        """Publish the batch's events, then resolve each caller's future."""
+        events = [e for o in outcomes if isinstance(o, _Done) for e in o.events]
+        if events:
+            self._on_commit(events)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, _Failed):
+                future.set_exception(outcome.error)
+            else:
+                future.set_result(outcome.result)
+
+    def _abandon_queue(self) -> None:
+        queued, self._queue = self._queue, []
+        for _, future in queued:
+            if not future.done():
+                future.set_exception(WriterStopped("the database writer stopped before "
+                                                   "this write ran; nothing was changed"))
 
     def _run_batch(self, ops: list[WriteOp]) -> list[_Done | _Failed]:
         """In the writer thread: all the writes in one transaction.
@@ -342,7 +373,13 @@ class GroupWriter:
         """
         try:
             return self._transaction(ops, isolate=len(ops) == 1)
-        except _RetryIsolated:
+        except _RetryIsolated as e:
+            cause = e.__cause__
+            # A refusal (StoreError) is an expected answer; anything else is worth a look.
+            level = logging.INFO if isinstance(cause, StoreError) else logging.WARNING
+            logger.log(level, "a write failed in a batch of %d (%s: %s); running the batch "
+                       "again with one savepoint per write", len(ops),
+                       type(cause).__name__, cause)
             return self._transaction(ops, isolate=True)
         except Exception as e:
             logger.exception("a write batch failed to commit")
@@ -387,6 +424,27 @@ def _run_op(db: sqlite3.Connection, op: WriteOp, now: str, isolate: bool) -> _Do
     return _Done(result, txn.events)
 
 
+async def _settled(running: asyncio.Future[Any]) -> None:
+    """Wait for ``running`` to end even if cancelled again meanwhile."""
+    while not running.done():
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            continue
+        except Exception:
+            return
+
+
+def _outcomes(running: asyncio.Future[Any], size: int) -> list[_Done | _Failed]:
+    """The batch's outcomes, or the executor's own failure for each of its writes."""
+    if running.cancelled():
+        return [_Failed(WriterStopped("the write batch was abandoned"))] * size
+    error = running.exception()
+    if error is not None:
+        return [_Failed(error)] * size
+    return running.result()
+
+
 @dataclass(slots=True)
 class _Done:
     result: Any
@@ -429,6 +487,7 @@ class TaskStore:
     @classmethod
     async def open(cls, path: Path | str, *, clock: Callable[[], datetime] = utcnow) -> TaskStore:
         """Open (creating or migrating) the database file at ``path``."""
+        check_sqlite_version()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         store = cls(path, clock=clock)
@@ -1138,6 +1197,17 @@ async def _connect_reader(path: Path) -> aiosqlite.Connection:
     for pragma in PRAGMAS:
         await db.execute(pragma)
     return db
+
+
+MIN_SQLITE = (3, 35, 0)
+
+
+def check_sqlite_version() -> None:
+    """Raise :class:`SQLiteTooOld` unless this Python's SQLite has ``RETURNING``."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise SQLiteTooOld(
+            f"SQLite {sqlite3.sqlite_version} is too old: Zhiyi needs 3.35 or newer "
+            "(for RETURNING). Use a Python built with a newer SQLite.")
 
 
 def _open_writer(path: Path) -> sqlite3.Connection:

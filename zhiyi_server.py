@@ -51,6 +51,7 @@ from storage import (
     InsufficientCredits,
     InvalidTransition,
     NewTask,
+    SQLiteTooOld,
     StoreError,
     Task,
     TaskNotFound,
@@ -1313,7 +1314,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "user":
             return _user_command(args)
         return int(args.run(args) or 0)
-    except (CliError, ConfigError) as e:
+    except (CliError, ConfigError, SQLiteTooOld) as e:
         print(f"zhiyi: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,12 @@ from storage import (
     InsufficientCredits,
     InvalidTransition,
     NewTask,
+    SQLiteTooOld,
     TaskNotFound,
     TaskStatus,
     TaskStore,
     UserExists,
+    WriterStopped,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -191,3 +195,72 @@ async def test_events_are_appended_in_the_same_transaction(store: TaskStore) -> 
     assert [e.data["status"] for e in events] == ["pending", "cancelled"]
     assert [e.id for e in seen if e.task_id == task.id] == [e.id for e in events]
     assert events[-1].is_final
+
+
+# ------------------------------------------------------- the writer's edges
+async def test_cancelled_flusher_tells_callers_the_real_outcome(store: TaskStore) -> None:
+    """A batch that commits while its flusher is cancelled: the caller hears 'committed'."""
+    await store.add_user("alice", 0)
+    in_thread, release = threading.Event(), threading.Event()
+
+    def slow_grant(txn) -> int:
+        in_thread.set()
+        release.wait(10)
+        txn.db.execute("UPDATE users SET credits = 7 WHERE id = 'alice'")
+        return 7
+
+    writer = store._writer
+    caller = asyncio.ensure_future(writer.run(slow_grant))
+    await asyncio.to_thread(in_thread.wait, 10)
+    queued = writer.submit(lambda txn: txn.db.execute("UPDATE users SET credits = 9"))
+    flusher = writer._flusher
+    assert flusher is not None
+    flusher.cancel()
+    await asyncio.sleep(0)
+    release.set()
+
+    assert await caller == 7  # committed, and told so
+    with pytest.raises(asyncio.CancelledError):
+        await flusher  # the cancellation was not swallowed
+    with pytest.raises(WriterStopped):
+        await queued  # never ran, and says so
+    user = await store.get_user("alice")
+    assert user is not None and user.credits == 7
+
+
+async def test_failed_write_in_a_batch_is_logged_and_fails_alone(
+    store: TaskStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    await store.add_user("alice", 1)
+
+    def boom(txn) -> None:
+        raise sqlite3.OperationalError("disk says no")
+
+    caplog.set_level(logging.INFO, logger="storage")
+    good = asyncio.ensure_future(store.grant_credits("alice", 2))
+    await asyncio.sleep(0)  # queue the grant first, then the failing write: one batch
+    bad = store._writer.submit(boom)
+    assert await good == 3
+    with pytest.raises(sqlite3.OperationalError):
+        await bad
+    retries = [r for r in caplog.records if "one savepoint per write" in r.getMessage()]
+    assert len(retries) == 1 and retries[0].levelno == logging.WARNING
+    assert "disk says no" in retries[0].getMessage()
+
+
+async def test_old_sqlite_is_refused_at_start(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(SQLiteTooOld, match=r"SQLite 3\.31\.1 is too old.*3\.35"):
+        await TaskStore.open(tmp_path / "zhiyi.db")
+    assert not (tmp_path / "zhiyi.db").exists()
+
+
+def test_old_sqlite_is_one_line_from_the_cli(tmp_path: Path, monkeypatch, capsys) -> None:
+    import zhiyi_server
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    assert zhiyi_server.main(["user", "list", "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("zhiyi: SQLite 3.31.1 is too old") and "\n" not in err
