@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import sqlite3
 import sys
 import unicodedata
 import uuid
@@ -33,6 +34,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
+import backup
 import engines
 import formats
 from external import ExternalService, ResultFetchError, SignatureError, verify_signature
@@ -1269,6 +1271,32 @@ def _user_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup_command(args: argparse.Namespace) -> int:
+    config = Config.from_env(data_path=Path(args.data) if args.data else None)
+    database = None if args.files_only else config.database
+    try:
+        report = backup.backup(config.data_path, database, Path(args.dest))
+    except (backup.BackupError, OSError, sqlite3.Error) as e:
+        raise CliError(f"backup failed: {e}") from e
+    print(f"backed up {report.tasks} tasks ({report.task_folders} folders, "
+          f"{report.bytes / 1e6:.1f} MB) to {args.dest}")
+    if report.missing:
+        print(f"{len(report.missing)} task(s) were removed while the backup ran "
+              "and are kept without their files")
+    return 0
+
+
+def _restore_command(args: argparse.Namespace) -> int:
+    config = Config.from_env(data_path=Path(args.data) if args.data else None)
+    try:
+        report = backup.restore(Path(args.src), config.data_path, config.database)
+    except (backup.BackupError, OSError, sqlite3.Error) as e:
+        raise CliError(f"restore failed: {e}") from e
+    print(f"restored {report.tasks} tasks into {config.data_path}; {report.requeued} "
+          "unfinished task(s) resume when the server starts (zhiyi serve)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zhiyi", description="Zhiyi document server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1288,6 +1316,15 @@ def build_parser() -> argparse.ArgumentParser:
     credit.add_argument("amount", type=int)
     user_commands.add_parser("list", help="users and balances")
     for sub in (add, token, credit, user_commands.choices["list"]):
+        sub.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
+    save = commands.add_parser("backup", help="copy the database and documents to DEST "
+                               "(safe while the server runs)")
+    save.add_argument("dest", help="a new or empty folder")
+    save.add_argument("--files-only", action="store_true",
+                      help="documents only (PostgreSQL: back the database up with pg_dump)")
+    load = commands.add_parser("restore", help="put a backup into a new data folder")
+    load.add_argument("src", help="a folder made by zhiyi backup")
+    for sub in (save, load):
         sub.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
     _add_client_commands(commands)
     return parser
@@ -1313,6 +1350,10 @@ def main(argv: list[str] | None = None) -> int:
             return _serve_command(args)
         if args.command == "user":
             return _user_command(args)
+        if args.command == "backup":
+            return _backup_command(args)
+        if args.command == "restore":
+            return _restore_command(args)
         return int(args.run(args) or 0)
     except (CliError, ConfigError, SQLiteTooOld) as e:
         print(f"zhiyi: {e}", file=sys.stderr)
