@@ -1,0 +1,236 @@
+"""The shared model: segments, tokens, the Document protocol and its base classes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+
+# Translation engines limit their input; longer paragraphs are cut into several segments.
+_MAX_SEGMENT_CHARS = 2000
+_READ_CHARS = 1 << 16
+# A line longer than this (a file with no line breaks) is read in pieces, to bound memory.
+_MAX_LINE_CHARS = 1 << 18
+_MISSING: Any = object()
+
+
+class BadDocument(Exception):
+    """The file cannot be read as its extension says.
+
+    ``str(exc)`` is one sentence a person can act on, e.g. "This .docx file is not a
+    valid Word document (it is not a zip archive)."
+    """
+
+
+@dataclass(frozen=True)
+class DocumentStats:
+    """What `document_stats` measures over a document's translatable segments."""
+
+    characters: int  #: sum of len() of all translatable segments
+    words: int  #: words; each CJK character (Han, Kana, Hangul) counts as one
+    segments: int  #: number of translatable segments
+    language: str  #: ISO 639-1 guess ("en", "zh", ...) or "unknown"
+
+
+class Document(Protocol):
+    """An opened document; see `open_document`."""
+
+    extension: str  #: ".txt", ".md", ...
+
+    def segments(self) -> Iterator[str]:
+        """The translatable segments in document order; each call starts over.
+
+        Never yields blank segments. Text formats stream from the file.
+        """
+        ...
+
+    def render(self, translations: Iterable[str], out: Path) -> None:
+        """Write the document to `out` with segment i replaced by the i-th translation.
+
+        Consumes `translations` lazily and in order; everything that is not a segment is
+        kept. Text output is UTF-8. Raises ValueError if the counts differ (and then
+        leaves no file at `out`).
+        """
+        ...
+
+    def plain_text(self) -> Iterator[str]:
+        """The document's plain text, in chunks."""
+        ...
+
+    def result_name(self, file_name: str) -> str:
+        """The file name of the translated result ("report.pdf" -> "report.txt")."""
+        ...
+
+
+# --------------------------------------------------------------------------- tokens
+
+_NEWLINE = re.compile(r"\r\n?")
+_TOKEN = re.compile(r"\{\{\s*(\d+)\s*\}\}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """A translatable piece of a text document.
+
+    `raw` is its exact source text; `text` is what the translator sees (line breaks as
+    "\\n", markup that must survive replaced by ``{{N}}`` tokens whose values are in
+    `protected`). A translated line break becomes `eol` followed by `cont`, the prefix
+    (indentation, "> ") continuation lines need.
+    """
+
+    raw: str
+    text: str
+    eol: str = "\n"
+    cont: str = ""
+    protected: tuple[str, ...] = ()
+    escape: Callable[[str], str] | None = None
+
+    def render(self, translation: str) -> str:
+        if translation == self.text:
+            return self.raw  # an unchanged segment keeps its exact source
+        text = _NEWLINE.sub("\n", translation)
+        if self.escape is not None:
+            return self.escape(text)
+        return _restore(text, self.protected).replace("\n", self.eol + self.cont)
+
+
+_Token = str | _Segment
+
+
+class _Translations:
+    """Hands out translations in order and checks their number matches the segments."""
+
+    def __init__(self, translations: Iterable[str]) -> None:
+        self._items = iter(translations)
+        self.count = 0
+
+    def take(self) -> str:
+        translation = next(self._items, _MISSING)
+        if translation is _MISSING:
+            raise ValueError(
+                f"Too few translations: got {self.count} for a document with more segments."
+            )
+        self.count += 1
+        return translation
+
+    def finish(self) -> None:
+        if next(self._items, _MISSING) is not _MISSING:
+            raise ValueError(f"Too many translations: the document has {self.count} segments.")
+
+
+def _restore(text: str, values: tuple[str, ...]) -> str:
+    """Put protected values back in place of their ``{{N}}`` tokens."""
+    if not values:
+        return text
+    used: set[int] = set()
+
+    def value(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        if index >= len(values):
+            return match.group()
+        used.add(index)
+        return values[index]
+
+    text = _TOKEN.sub(value, text)
+    missing = [v for i, v in enumerate(values) if i not in used]
+    if missing:
+        # Code and URLs must survive even a sloppy translation: keep them, out of place.
+        logger.warning("a translation dropped %d protected fragment(s); appended", len(missing))
+        text = " ".join([text, *missing])
+    return text
+
+
+def _has_words(text: str) -> bool:
+    """Whether there is anything to translate: "---", "{{0}}" or "♪" need no translator."""
+    return any(ch.isalnum() for ch in _TOKEN.sub("", text))
+
+
+@contextlib.contextmanager
+def _atomic_output(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out`, renamed to it on success, so no half-written result."""
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.part")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _chunked(pieces: Iterable[str], size: int = _READ_CHARS) -> Iterator[str]:
+    """Join small strings into chunks of about `size` characters."""
+    buffer: list[str] = []
+    length = 0
+    for piece in pieces:
+        buffer.append(piece)
+        length += len(piece)
+        if length >= size:
+            yield "".join(buffer)
+            buffer, length = [], 0
+    if buffer:
+        yield "".join(buffer)
+
+
+# --------------------------------------------------------------------------- base documents
+
+
+class _BaseDocument:
+    """What every format shares; subclasses implement the `Document` methods."""
+
+    def __init__(self, path: Path, extension: str) -> None:
+        self.path = path
+        self.extension = extension
+
+    def segments(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    def render(self, translations: Iterable[str], out: Path) -> None:
+        raise NotImplementedError
+
+    def plain_text(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    def result_name(self, file_name: str) -> str:
+        """The translated result keeps the file name."""
+        return file_name
+
+    def _no_text_message(self) -> str:
+        return f"This {self.extension} file contains no text to translate."
+
+
+class _TokenDocument(_BaseDocument):
+    """A document read as a stream of tokens (see the module docstring)."""
+
+    def _tokens(self) -> Iterator[_Token]:
+        raise NotImplementedError
+
+    def segments(self) -> Iterator[str]:
+        """The translatable segments in document order; each call starts over."""
+        for token in self._tokens():
+            if isinstance(token, _Segment):
+                yield token.text
+
+    def render(self, translations: Iterable[str], out: Path) -> None:
+        """Write the document with its segments translated, streaming, as UTF-8."""
+        feed = _Translations(translations)
+        # errors="replace": a stray surrogate from an engine must not fail a whole job.
+        with (
+            _atomic_output(out) as tmp,
+            tmp.open("w", encoding="utf-8", newline="", errors="replace") as f,
+        ):
+            for token in self._tokens():
+                f.write(token if isinstance(token, str) else token.render(feed.take()))
+            feed.finish()
+
+    def plain_text(self) -> Iterator[str]:
+        """The document's text as it is, in chunks."""
+        return _chunked(t if isinstance(t, str) else t.raw for t in self._tokens())
+

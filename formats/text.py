@@ -1,0 +1,263 @@
+"""Plain text and SubRip subtitles: encodings, lines, paragraphs, cues."""
+
+from __future__ import annotations
+
+import bisect
+import codecs
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model import (
+    _MAX_LINE_CHARS,
+    _MAX_SEGMENT_CHARS,
+    _READ_CHARS,
+    BadDocument,
+    _chunked,
+    _has_words,
+    _Segment,
+    _Token,
+    _TokenDocument,
+)
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- reading text
+
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF32_LE, "utf-32"),  # before UTF-16 LE, whose BOM is its prefix
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_EOL = re.compile(r"\r\n|\r|\n")
+
+
+def _detect_encoding(path: Path, extension: str, declared: str | None = None) -> str:
+    """UTF-8/16/32 by byte-order mark, else UTF-8, `declared`, GB18030: the first that fits."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    candidates = next(([name] for bom, name in _BOMS if head.startswith(bom)), None)
+    if candidates is None:
+        candidates = ["utf-8", *([declared] if declared else []), "gb18030"]
+    for encoding in candidates:
+        if _decodes_as_text(path, encoding, extension):
+            return encoding
+    raise BadDocument(
+        f"This {extension} file is not readable text: it is not UTF-8, UTF-16 with a "
+        "byte-order mark, or GB18030; save it as UTF-8 and upload it again."
+    )
+
+
+def _decodes_as_text(path: Path, encoding: str, extension: str) -> bool:
+    """Decode the whole file in blocks (validation must not load a 20 MB file at once)."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    try:
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                _reject_binary(decoder.decode(block), extension)
+            _reject_binary(decoder.decode(b"", final=True), extension)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _reject_binary(text: str, extension: str) -> None:
+    if "\x00" in text:
+        raise BadDocument(
+            f"This {extension} file contains binary data, not text (if it is UTF-16, "
+            "save it with a byte-order mark or as UTF-8)."
+        )
+
+
+def _read_lines(path: Path, encoding: str) -> Iterator[tuple[str, str]]:
+    """(content, line ending) pairs, streamed; "\\r\\n" is never split across reads.
+
+    A line longer than `_MAX_LINE_CHARS` comes in pieces with an empty line ending.
+    """
+    with path.open(encoding=encoding, newline="") as f:
+        buffer = ""
+        while True:
+            chunk = f.read(_READ_CHARS)
+            buffer += chunk
+            start = 0
+            for match in _EOL.finditer(buffer):
+                if chunk and match.end() == len(buffer) and match.group() == "\r":
+                    break  # may be the first half of "\r\n"; decide after the next read
+                yield buffer[start : match.start()], match.group()
+                start = match.end()
+            buffer = buffer[start:]
+            if not chunk:
+                if buffer:
+                    yield buffer, ""
+                return
+            while len(buffer) > _MAX_LINE_CHARS:
+                yield buffer[:_MAX_LINE_CHARS], ""
+                buffer = buffer[_MAX_LINE_CHARS:]
+
+
+# --------------------------------------------------------------------------- paragraphs
+
+
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """A source line: `prefix` (indentation, markers) + `text` + `trail` + `eol`."""
+
+    prefix: str
+    text: str
+    trail: str
+    eol: str
+
+
+def _line(prefix: str, body: str, eol: str, suffix: str = "") -> _Line:
+    text = body.strip()
+    lead = len(body) - len(body.lstrip())
+    return _Line(prefix + body[:lead], text, body[lead + len(text) :] + suffix, eol)
+
+
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*\s+|[。！？；][\"'”’」』）]*\s*")
+
+
+def _split_long(text: str, spans: list[tuple[int, int]]) -> list[str]:
+    """Cut `text` into pieces of at most ~_MAX_SEGMENT_CHARS: at sentence ends, else at a
+    space, else anywhere; never inside one of the (sorted) protected `spans`."""
+    starts = [s for s, _ in spans]
+
+    def allowed(i: int) -> bool:
+        k = bisect.bisect_left(starts, i) - 1
+        return k < 0 or spans[k][1] <= i
+
+    cuts = [m.end() for m in _SENTENCE_END.finditer(text) if allowed(m.end())]
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > _MAX_SEGMENT_CHARS:
+        end = start + _MAX_SEGMENT_CHARS
+        k = bisect.bisect_right(cuts, end) - 1
+        cut = cuts[k] if k >= 0 and cuts[k] > start else 0
+        if not cut:
+            space = text.rfind(" ", start + 1, end)
+            while space > start and not allowed(space + 1):
+                space = text.rfind(" ", start + 1, space)
+            cut = space + 1 if space > start else end
+        if not allowed(cut):  # a hard cut inside a code span: cut before it, or after it
+            span = spans[bisect.bisect_left(starts, cut) - 1]
+            cut = span[0] if span[0] > start else span[1]
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _paragraph_tokens(
+    lines: list[_Line], cont: str = "", markdown: bool = False, eol: str | None = None
+) -> Iterator[_Token]:
+    """Tokens of consecutive lines that make one segment (or several, if it is too long).
+
+    The first prefix and the last line's trailing space stay outside the segment; the
+    text joins the lines with "\\n".
+    """
+    from .markdown import _inline_spans, _protect_inline  # markdown imports this module
+
+    first, last = lines[0], lines[-1]
+    eol = eol or next((line.eol for line in lines if line.eol), "\n")
+    yield first.prefix
+    if len(lines) == 1 and len(first.text) > _MAX_SEGMENT_CHARS:
+        pieces = _split_long(first.text, _inline_spans(first.text) if markdown else [])
+    else:
+        pieces = []
+    if len(pieces) > 1:  # one piece: a single code span too long to cut
+        for piece in pieces:
+            yield from _paragraph_tokens([_line("", piece, "")], "", markdown, eol)
+    else:
+        parts = []
+        for line in lines:
+            if line is not first:
+                parts.append(line.prefix)
+            parts.append(line.text)
+            if line is not last:
+                parts.append(line.trail + line.eol)
+        raw = "".join(parts)
+        text = "\n".join(line.text for line in lines)
+        protected: tuple[str, ...] = ()
+        if markdown:
+            text, protected = _protect_inline(text)
+        if len(lines) > 1:
+            cont = lines[1].prefix
+        yield _Segment(raw, text, eol, cont, protected) if _has_words(text) else raw
+    yield last.trail + last.eol
+
+
+def _text_tokens(lines: Iterable[tuple[str, str]]) -> Iterator[_Token]:
+    """Plain text: paragraphs (runs of non-blank lines) are segments."""
+    para: list[_Line] = []
+    size = 0
+    for content, eol in lines:
+        if para and (not content.strip() or size + len(content) > _MAX_SEGMENT_CHARS):
+            yield from _paragraph_tokens(para)
+            para, size = [], 0
+        if not content.strip():
+            yield content + eol
+            continue
+        para.append(_line("", content, eol))
+        size += len(content) + 1
+    if para:
+        yield from _paragraph_tokens(para)
+
+
+_SRT_TIMING = re.compile(r"\s*\d+:\d{2}:\d{2}[,.]\d{1,3}\s*-->\s*\d+:\d{2}:\d{2}[,.]\d{1,3}")
+
+
+def _subtitle_tokens(lines: Iterable[tuple[str, str]]) -> Iterator[_Token]:
+    """SubRip: the text lines of each cue are one segment; indices and timings are kept."""
+    cue: list[_Line] = []
+    in_cue = False
+    for content, eol in lines:
+        if in_cue and content.strip():
+            cue.append(_line("", content, eol))
+            continue
+        if cue:
+            yield from _paragraph_tokens(cue)
+            cue = []
+        in_cue = bool(_SRT_TIMING.match(content))
+        yield content + eol
+    if cue:
+        yield from _paragraph_tokens(cue)
+
+
+class _TextFileDocument(_TokenDocument):
+    def __init__(self, path: Path, extension: str) -> None:
+        super().__init__(path, extension)
+        self.encoding = _detect_encoding(path, extension)
+
+    def _lines(self) -> Iterator[tuple[str, str]]:
+        return _read_lines(self.path, self.encoding)
+
+
+class TextDocument(_TextFileDocument):
+    """Plain text: paragraphs are segments; lines and blank lines are kept."""
+
+    def _tokens(self) -> Iterator[_Token]:
+        return _text_tokens(self._lines())
+
+
+class SubtitleDocument(_TextFileDocument):
+    """SubRip subtitles: each cue's text is a segment."""
+
+    def _tokens(self) -> Iterator[_Token]:
+        return _subtitle_tokens(self._lines())
+
+    def plain_text(self) -> Iterator[str]:
+        """The cues' text, a blank line between cues."""
+        return _chunked(t.text + "\n\n" for t in self._tokens() if isinstance(t, _Segment))
+
+    def _no_text_message(self) -> str:
+        if not any(_SRT_TIMING.match(content) for content, _ in self._lines()):
+            return (
+                "This .srt file has no subtitle cues (no timing lines such as "
+                '"00:00:01,000 --> 00:00:04,000").'
+            )
+        return "This .srt file has subtitle cues but no text in them."
+
