@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion11, hdrs, web
 
 from storage import Event
 
@@ -38,10 +38,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# No "Connection: keep-alive": aiohttp says what holds for the request's HTTP version
+# (an HTTP/1.0 stream ends by closing the connection).
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
-    "Connection": "keep-alive",
     "X-Accel-Buffering": "no",
 }
 PING = b": ping\n\n"
@@ -261,6 +262,18 @@ class SSEHub:
 Replay = Callable[[int], Awaitable[list[Event]]]
 
 
+class EventStreamResponse(web.StreamResponse):
+    """A stream response that stays uncompressed.
+
+    The hub writes live events straight to the socket, framed as the prepared
+    response says; a compressed body would be corrupted by those writes, so a
+    hook that asks for compression is refused (and logged).
+    """
+
+    def enable_compression(self, *args: Any, **kwargs: Any) -> None:
+        logger.warning("compression of an event stream was asked for and refused")
+
+
 @dataclass(frozen=True)
 class StreamPlan:
     """What a stream sends before going live, decided by the handler from the database."""
@@ -290,8 +303,13 @@ async def stream_events(
     committed meanwhile is in its buffer; ids at or below the last one sent are
     skipped, which makes the hand-over gap-free and duplicate-free.
     """
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    response = EventStreamResponse(headers=SSE_HEADERS)
+    if request.version < HttpVersion11:
+        # HTTP/1.0 has no chunks: the stream's end is the connection's end.
+        response.force_close()
     await response.prepare(request)
+    if request.method == hdrs.METH_HEAD:
+        return response  # the headers a GET would get, and no stream
     last_id = plan.last_id
     try:
         await response.write(f"retry: {retry_ms}\n\n".encode() + b"".join(plan.preamble))
