@@ -8,6 +8,7 @@ wheel against the source tree so the two cannot drift apart (a hand-kept list on
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import venv
@@ -160,24 +161,28 @@ def run_installed(bin_dir: Path, *args: str, cwd: Path) -> str:
     return done.stdout
 
 
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``bin`` folder of a fresh venv holding the wheel; checks nothing comes from here."""
+    assert "PYTHONPATH" not in os.environ, "the installed program must not see the source tree"
+    root = tmp_path_factory.mktemp("installed")
+    bin_dir = install_wheel(wheel, root / "venv")
+    where = run_installed(bin_dir, "python", "-c",
+                          "import zhiyi_server; print(zhiyi_server.__file__)", cwd=root)
+    assert Path(where.strip()).is_relative_to(root / "venv"), where
+    return bin_dir
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_the_installed_wheel_serves_a_task_end_to_end(
-    wheel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    installed: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.delenv("PYTHONPATH", raising=False)  # nothing may come from the source tree
-    bin_dir = install_wheel(wheel, tmp_path / "venv")
-    elsewhere = tmp_path / "cwd"
-    elsewhere.mkdir()
-    where = run_installed(bin_dir, "python", "-c",
-                          "import zhiyi_server; print(zhiyi_server.__file__)", cwd=elsewhere)
-    assert Path(where.strip()).is_relative_to(tmp_path / "venv"), where
-
     data = tmp_path / "data"
-    out = run_installed(bin_dir, "zhiyi", "user", "add", "alice", "--credits", "50",
-                        "--data", str(data), cwd=elsewhere)
+    out = run_installed(installed, "zhiyi", "user", "add", "alice", "--credits", "50",
+                        "--data", str(data), cwd=tmp_path)
     token = out.strip().splitlines()[-1]
-    server = ZhiyiServer(data, command=[str(bin_dir / "zhiyi"), "serve", "--port", "{port}",
+    server = ZhiyiServer(data, command=[str(installed / "zhiyi"), "serve", "--port", "{port}",
                                         "--data", "{data}"])
     server.start(timeout=60)
     try:
@@ -185,6 +190,19 @@ async def test_the_installed_wheel_serves_a_task_end_to_end(
     finally:
         server.stop()
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_installed_modules_refuse_an_app_module_of_the_same_name(
+    installed: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "worker.py").write_text("")  # an app's own module, in the folder it runs from
+    done = subprocess.run([str(installed / "python"), "-c", "import zhiyi_server"],
+                          cwd=tmp_path, env=base_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    assert f"'worker' resolves to {tmp_path / 'worker.py'}, not to Zhiyi's own" in done.stderr
 
 
 async def _complete_a_task(base: str, token: str) -> None:
@@ -219,3 +237,75 @@ async def _complete_a_task(base: str, token: str) -> None:
             translated = await result.text()
     assert translated == "\n\n".join(
         pseudo_localize(p) for p in ("Hello world.", "Second paragraph.")) + "\n"
+
+
+# ------------------------------------------------------------------- module names
+def import_in_subprocess(code: str, path_first: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``code`` with ``path_first`` at the head of sys.path, as an embedding app would."""
+    env = {**base_env(), "PYTHONPATH": str(path_first)}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_guarded_names_are_every_module_zhiyi_ships() -> None:
+    import zhiyi_server
+
+    guarded = set(zhiyi_server.SIBLING_MODULES) | {"client", "zhiyi_server"}
+    assert guarded == source_modules(), (
+        "a new top-level module belongs in zhiyi_server.SIBLING_MODULES (or is imported "
+        "lazily and checked where it is, like client)"
+    )
+
+
+@pytest.mark.parametrize("shadow", ["storage.py", "sse.py", "formats/__init__.py"])
+def test_an_app_module_earlier_on_sys_path_is_refused_naming_both_files(
+    tmp_path: Path, shadow: str
+) -> None:
+    app = tmp_path / "app"
+    (app / shadow).parent.mkdir(parents=True, exist_ok=True)
+    (app / shadow).write_text("TaskStore = None  # the app's own module\n")
+    done = import_in_subprocess("import zhiyi_server", app, cwd=tmp_path)
+    name = shadow.split("/")[0].removesuffix(".py")
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: Zhiyi's module")
+    assert str(app / shadow) in last
+    own = ROOT / name if shadow.endswith("__init__.py") else ROOT / shadow
+    assert str(own) in last, last
+
+
+def test_an_app_module_imported_first_is_refused(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "metrics.py").write_text("COUNT = 0\n")
+    done = import_in_subprocess(
+        # the app imported its own metrics, then left sys.path: found through sys.modules
+        f"import sys, metrics; sys.path.remove({str(app)!r}); import zhiyi_server",
+        app, cwd=tmp_path)
+    assert done.returncode != 0
+    assert f"'metrics' resolves to {app / 'metrics.py'}" in done.stderr
+
+
+def test_a_shadowed_client_stops_the_cli_instead_of_dropping_its_commands(
+    tmp_path: Path,
+) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "client.py").write_text("")
+    done = import_in_subprocess(
+        "import sys, zhiyi_server; sys.argv = ['zhiyi', '--help']; zhiyi_server.main()",
+        app, cwd=tmp_path)
+    assert done.returncode != 0
+    assert f"'client' resolves to {app / 'client.py'}" in done.stderr
+
+
+def test_app_modules_with_other_names_import_fine(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    (app / "myapp").mkdir(parents=True)
+    for name in ("myapp/__init__.py", "myapp/storage.py", "app_storage.py"):
+        (app / name).write_text("")
+    done = import_in_subprocess(
+        "import myapp.storage, app_storage, zhiyi_server, client; print(zhiyi_server.__file__)",
+        app, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(ROOT / "zhiyi_server.py")
