@@ -6,6 +6,7 @@ import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pypdf import PdfReader
 from pypdf.errors import DependencyError, PyPdfError
@@ -55,6 +56,9 @@ def _pdf_paragraphs(page_text: str) -> Iterator[str]:
         yield _join_pdf_lines(para)
 
 
+_DAMAGED = ("This .pdf file is damaged and cannot be read; save or export it as PDF again "
+            "and upload the new file.")
+
 class PdfDocument(_TokenDocument):
     """A PDF's text layer, as paragraphs; the translation is a UTF-8 .txt file."""
 
@@ -77,14 +81,24 @@ class PdfDocument(_TokenDocument):
         # pypdf raises plain ValueError/KeyError on some malformed files, too.
         except (PyPdfError, ValueError, KeyError) as e:
             logger.info("%s: unreadable PDF: %s", path.name, e)
-            raise BadDocument(
-                "This .pdf file is damaged and cannot be read; save or export it as PDF "
-                "again and upload the new file."
-            ) from e
+            raise BadDocument(_DAMAGED) from e
         self._texts: list[str] = []  # extraction is slow: each page's text, once
 
+    def _pages(self) -> Iterator[Any]:
+        # pypdf reads the page tree lazily: a damaged one fails here, not at open.
+        pages = iter(self._reader.pages)
+        while True:
+            try:
+                page = next(pages)
+            except StopIteration:
+                return
+            except (PyPdfError, ValueError, KeyError, TypeError, AttributeError) as e:
+                logger.info("%s: unreadable page tree: %s", self.path.name, e)
+                raise BadDocument(_DAMAGED) from e
+            yield page
+
     def _page_texts(self) -> Iterator[str]:
-        for index, page in enumerate(self._reader.pages):
+        for index, page in enumerate(self._pages()):
             if index == len(self._texts):
                 try:
                     self._texts.append(page.extract_text() or "")

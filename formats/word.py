@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,11 @@ def _load_docx(path: Path) -> Any:
             "This .docx file is a zip archive but not a Word document (it may be another "
             "Office format)."
         ) from e
-    except (PackageNotFoundError, KeyError, zipfile.BadZipFile, etree.XMLSyntaxError) as e:
+    # A corrupt member fails while it is inflated: zlib.error, EOFError (cut short),
+    # NotImplementedError (a compression method zipfile lacks), OSError (a seek before the
+    # start of the file, from offsets in a damaged directory).
+    except (PackageNotFoundError, KeyError, zipfile.BadZipFile, etree.XMLSyntaxError,
+            zlib.error, EOFError, NotImplementedError, OSError) as e:
         raise BadDocument(
             "This .docx file is damaged: it is a zip archive without a readable Word document "
             "inside; open and save it again in Word."
