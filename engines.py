@@ -21,13 +21,23 @@ and raise :class:`TransientEngineError` once their retries are spent or
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import email.utils
 import functools
 import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import ModuleType
@@ -38,10 +48,13 @@ from yarl import URL
 
 __all__ = [
     "ENGINE_NAMES",
+    "AdaptiveLimit",
     "Engine",
     "EngineError",
+    "EngineLimits",
     "EngineSettings",
     "EngineStatus",
+    "RateLimited",
     "TransientEngineError",
     "UnknownEngine",
     "batch_segments",
@@ -96,6 +109,14 @@ class TransientEngineError(EngineError):
         self.retry_after = retry_after
 
 
+class RateLimited(TransientEngineError):
+    """The service said "too many requests" (429, or an answer carrying Retry-After).
+
+    Not a failure of the batch: the engine's concurrency limit shrinks and the batch
+    waits its turn again, without spending one of its retries.
+    """
+
+
 class UnknownEngine(ValueError):
     """The engine name is not one of :data:`ENGINE_NAMES`."""
 
@@ -122,6 +143,10 @@ class EngineSettings:
     retry_base_seconds: float = 1.0
     batch_max_chars: int = 4000
     batch_max_items: int = 25
+    #: Requests in flight to one engine across every task of the process (the AIMD ceiling).
+    max_inflight: int = 16
+    #: Total seconds one batch may spend waiting out rate limits before it fails (transient).
+    rate_limit_patience: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -349,25 +374,162 @@ def _backoff_seconds(attempt: int, settings: EngineSettings, retry_after: float 
     return min(settings.retry_base_seconds * 2**attempt, _MAX_RETRY_WAIT_SECONDS)
 
 
-async def _with_retries(attempt: Callable[[], Awaitable[_T]], settings: EngineSettings) -> _T:
-    """Await ``attempt()`` until it stops raising TransientEngineError or retries run out."""
+async def _with_retries(
+    attempt: Callable[[], Awaitable[_T]],
+    settings: EngineSettings,
+    limit: AdaptiveLimit | None = None,
+) -> _T:
+    """Await ``attempt()`` in a slot of ``limit`` until it stops raising, or gives up.
+
+    Failures (5xx, timeouts, garbled answers) spend one of ``max_retries``; a rate
+    limit (:class:`RateLimited`) spends none: it shrinks the engine's limit and the
+    batch waits (Retry-After, or a doubling pause) for another slot, up to
+    ``rate_limit_patience`` seconds in all.
+    """
+    limit = limit or AdaptiveLimit(1_000_000)
     attempts = max(settings.max_retries, 0) + 1
-    for number in range(attempts):
-        try:
-            return await attempt()
-        except TransientEngineError as e:
-            if number + 1 >= attempts:
-                if attempts == 1:
-                    raise
+    failures = rate_limits = 0
+    waited = 0.0
+    while True:
+        async with limit.slot() as slot:
+            try:
+                return await attempt()
+            except RateLimited as e:
+                slot.rate_limited()
+                error: TransientEngineError = e
+            except TransientEngineError as e:
+                error = e
+        if isinstance(error, RateLimited):
+            delay = _backoff_seconds(rate_limits, settings, error.retry_after)
+            rate_limits += 1
+            if waited + delay > settings.rate_limit_patience:
                 raise TransientEngineError(
-                    f"{e} Gave up after {attempts} attempts.", retry_after=e.retry_after
-                ) from e
-            delay = _backoff_seconds(number, settings, e.retry_after)
-            logger.warning(
-                "%s Retrying in %.2f s (attempt %d of %d).", e, delay, number + 2, attempts
-            )
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+                    f"{error} Still rate limited after waiting {waited:g} s.",
+                    retry_after=error.retry_after,
+                ) from error
+            waited += delay
+        else:
+            failures += 1
+            if failures >= attempts:
+                if attempts == 1:
+                    raise error
+                raise TransientEngineError(
+                    f"{error} Gave up after {attempts} attempts.", retry_after=error.retry_after
+                ) from error
+            delay = _backoff_seconds(failures - 1, settings, error.retry_after)
+        logger.warning("%s Retrying in %.2f s.", error, delay)
+        await asyncio.sleep(delay)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+class AdaptiveLimit:
+    """How many requests may be in flight to one engine: AIMD, as TCP does.
+
+    Starts at ``maximum``. A rate-limited answer halves the limit (multiplicative
+    decrease), once per round: rejections of requests sent before the last decrease
+    do not cut again. Every successful answer adds ``1 / limit`` (additive increase:
+    about one more slot per round of successes), up to ``maximum``. Waiters get slots
+    in arrival order.
+    """
+
+    def __init__(self, maximum: int, *, minimum: int = 1) -> None:
+        if maximum < 1:
+            raise ValueError("maximum must be at least 1")
+        self.maximum = maximum
+        self.minimum = max(1, min(minimum, maximum))
+        self.limit = float(maximum)
+        self.inflight = 0
+        #: highest number of requests seen in flight at once (for tests and benchmarks)
+        self.peak = 0
+        #: how many times the limit was cut
+        self.decreases = 0
+        self._round = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def slots(self) -> int:
+        """Whole requests allowed in flight now."""
+        return max(self.minimum, int(self.limit))
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[_Slot]:
+        """Hold one slot for the duration of the block (one request)."""
+        await self._acquire()
+        held = _Slot(self, self._round)
+        try:
+            yield held
+        finally:
+            if held.ok and held.round == self._round:
+                self._grow()  # answers to requests sent before a cut say nothing new
+            self.inflight -= 1
+            self._wake()
+
+    async def _acquire(self) -> None:
+        if self.inflight < self.slots and not self._waiters:
+            self._take()
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.inflight -= 1  # granted just as we were cancelled: give it back
+                self._wake()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def _take(self) -> None:
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+
+    def _wake(self) -> None:
+        while self._waiters and self.inflight < self.slots:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._take()
+                waiter.set_result(None)
+
+    def _grow(self) -> None:
+        self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+
+    def _shrink(self, round_: int) -> None:
+        if round_ != self._round:
+            return  # this round already paid for the rejection
+        self._round += 1
+        self.decreases += 1
+        self.limit = max(float(self.minimum), self.limit / 2)
+        logger.info("engine rate limited: at most %d requests in flight now", self.slots)
+
+
+class _Slot:
+    """One request's hold on an :class:`AdaptiveLimit`; says how the request went."""
+
+    def __init__(self, owner: AdaptiveLimit, round_: int) -> None:
+        self._owner = owner
+        #: the limit's round when the request was sent
+        self.round = round_
+        self.ok = True
+
+    def rate_limited(self) -> None:
+        self.ok = False
+        self._owner._shrink(self.round)
+
+
+class EngineLimits:
+    """One :class:`AdaptiveLimit` per engine name, shared by every task of a process."""
+
+    def __init__(self, max_inflight: int) -> None:
+        self.max_inflight = max_inflight
+        self._limits: dict[str, AdaptiveLimit] = {}
+
+    def __getitem__(self, engine: str) -> AdaptiveLimit:
+        if engine not in self._limits:
+            self._limits[engine] = AdaptiveLimit(self.max_inflight)
+        return self._limits[engine]
 
 
 # --------------------------------------------------------------------------- shared pipeline
@@ -376,7 +538,11 @@ _SendBatch = Callable[[list[str]], Awaitable[list[str]]]
 
 
 async def _translate_protected(
-    texts: Sequence[str], send: _SendBatch, settings: EngineSettings, label: str
+    texts: Sequence[str],
+    send: _SendBatch,
+    settings: EngineSettings,
+    label: str,
+    limit: AdaptiveLimit | None = None,
 ) -> list[str]:
     """Protect placeholders, send each distinct segment once in batches, restore.
 
@@ -407,7 +573,8 @@ async def _translate_protected(
             return answer
 
         logger.debug("%s: sending %d segments", label, len(batch))
-        translated.update(zip(batch, await _with_retries(attempt, settings), strict=True))
+        answer = await _with_retries(attempt, settings, limit)
+        translated.update(zip(batch, answer, strict=True))
 
     return [
         restore_placeholders(translated[protected], originals) if protected in translated else text
@@ -478,13 +645,19 @@ def _sentence(head: str, detail: str = "") -> str:
 
 
 def _raise_for_retryable(reply: _Reply, label: str) -> None:
-    """Raise TransientEngineError for 408, 429 and 5xx answers."""
+    """Raise TransientEngineError for 408, 429 and 5xx answers.
+
+    A 429, or a 503 that says when to come back (Retry-After), is :class:`RateLimited`.
+    """
     if reply.status not in (408, 429) and reply.status < 500:
         return
     what = "rate-limited the request" if reply.status == 429 else "failed"
-    raise TransientEngineError(
+    retry_after = _parse_retry_after(reply.headers.get("Retry-After"))
+    error = RateLimited if reply.status == 429 or (
+        reply.status == 503 and retry_after is not None) else TransientEngineError
+    raise error(
         _sentence(f"{label} {what} (HTTP {reply.status})", _error_detail(reply.body)),
-        retry_after=_parse_retry_after(reply.headers.get("Retry-After")),
+        retry_after=retry_after,
     )
 
 
@@ -510,15 +683,23 @@ class _LibreTranslateEngine:
     name = "libretranslate"
     paid = True
 
-    def __init__(self, settings: EngineSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        session: aiohttp.ClientSession,
+        limit: AdaptiveLimit | None = None,
+    ) -> None:
         self._settings = settings
         self._session = session
+        self._limit = limit
         base = _required_url(settings.libretranslate_url, "LIBRETRANSLATE_URL")
         self._url = f"{base}/translate"
 
     async def translate(self, texts: Sequence[str], source: str, target: str) -> list[str]:
         send = functools.partial(self._send, source=source or "auto", target=target)
-        return await _translate_protected(texts, send, self._settings, _LIBRE_LABEL)
+        return await _translate_protected(
+            texts, send, self._settings, _LIBRE_LABEL, self._limit
+        )
 
     async def _send(self, batch: list[str], source: str, target: str) -> list[str]:
         payload: dict[str, Any] = {"q": batch, "source": source, "target": target}
@@ -576,9 +757,15 @@ class _OpenAIEngine:
     name = "openai"
     paid = True
 
-    def __init__(self, settings: EngineSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        session: aiohttp.ClientSession,
+        limit: AdaptiveLimit | None = None,
+    ) -> None:
         self._settings = settings
         self._session = session
+        self._limit = limit
         base = _required_url(settings.openai_base_url, "OPENAI_BASE_URL")
         self._url = f"{base}/chat/completions"
         self._headers = (
@@ -589,7 +776,9 @@ class _OpenAIEngine:
 
     async def translate(self, texts: Sequence[str], source: str, target: str) -> list[str]:
         send = functools.partial(self._send, source=source or "auto", target=target)
-        return await _translate_protected(texts, send, self._settings, _OPENAI_LABEL)
+        return await _translate_protected(
+            texts, send, self._settings, _OPENAI_LABEL, self._limit
+        )
 
     async def _send(self, batch: list[str], source: str, target: str) -> list[str]:
         numbered = {str(number): text for number, text in enumerate(batch, 1)}
@@ -804,8 +993,16 @@ def engine_statuses(settings: EngineSettings) -> list[EngineStatus]:
     return [_STATUSES[name](settings) for name in ENGINE_NAMES]
 
 
-def make_engine(name: str, settings: EngineSettings, session: aiohttp.ClientSession) -> Engine:
+def make_engine(
+    name: str,
+    settings: EngineSettings,
+    session: aiohttp.ClientSession,
+    limits: EngineLimits | None = None,
+) -> Engine:
     """Build the engine called ``name``; HTTP engines use ``session`` for every request.
+
+    ``limits`` holds the process-wide in-flight limit of each engine; HTTP engines
+    take a slot of theirs for every request.
 
     Raises :class:`UnknownEngine` for a name not in :data:`ENGINE_NAMES` and
     :class:`EngineError` (with the reason) for an engine that is not configured.
@@ -819,6 +1016,7 @@ def make_engine(name: str, settings: EngineSettings, session: aiohttp.ClientSess
         return _PseudoEngine()
     if name == "argos":
         return _ArgosEngine(settings, cast(ModuleType, _argos()))  # available: it imported
+    limit = limits[name] if limits is not None else None
     if name == "libretranslate":
-        return _LibreTranslateEngine(settings, session)
-    return _OpenAIEngine(settings, session)
+        return _LibreTranslateEngine(settings, session, limit)
+    return _OpenAIEngine(settings, session, limit)

@@ -21,10 +21,10 @@ import inspect
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import engines
 import formats
@@ -98,6 +98,8 @@ class TaskContext:
     _save_checkpoint: CheckpointFn
     _engine: EngineFactory
     _submit_external: ExternalSubmitter | None = None
+    #: batches a translate attempt keeps in flight at once (ENGINE_CONCURRENCY)
+    engine_concurrency: int = 4
 
     async def progress(self, percent: float, message: str, *, stage: str | None = None) -> None:
         """Report progress; cheap to call often (the runner coalesces writes)."""
@@ -362,12 +364,14 @@ async def translate(ctx: TaskContext) -> Path | AwaitExternal:
 
 
 class SegmentTranslation:
-    """One translate attempt: batches to the engine, a journal of done segments, render.
+    """One translate attempt: concurrent batches to the engine, a journal, render.
 
-    Translations are appended to a journal file in the task's work directory
-    (one JSON string per line, flushed per batch) and the count is the
-    checkpoint, so a resumed attempt sends no segment twice and holds nothing
-    but the current batch in memory.
+    Up to ``ctx.engine_concurrency`` batches are in flight at once and finish in any
+    order. Each finished batch appends ``[index, translation]`` lines to a journal in
+    the task's work directory (flushed per batch), so a resumed attempt sends no
+    segment the journal already holds, whatever order the batches ended in; the
+    checkpoint counts segments done. The translations are kept until the document
+    is rendered (about the size of its text).
     """
 
     def __init__(self, ctx: TaskContext, doc: formats.Document, engine: engines.Engine) -> None:
@@ -377,29 +381,48 @@ class SegmentTranslation:
         self.journal = ctx.work_dir / "translated.jsonl"
         self.source = ctx.params.get("sourceLang") or "auto"
         self.target = str(ctx.params["targetLang"])
+        self.translations: dict[int, str] = {}
+        self.total = 0
+        # One journal writer at a time: lines of two batches must not interleave.
+        self._journal_lock = asyncio.Lock()
 
     async def run(self) -> Path:
-        total = await asyncio.to_thread(_count, self.doc.segments())
-        done = await asyncio.to_thread(self._journal_length)
-        if done:
-            logger.info("task %s resumes at segment %d of %d", self.ctx.task_id, done, total)
-        await self._report(done, total)
-        segments = self.doc.segments()
-        await asyncio.to_thread(_skip, segments, done)
-        while done < total:
-            batch = await asyncio.to_thread(_next_batch, segments)
-            if not batch:
-                break
-            translated = await self._translate(batch)
-            await asyncio.to_thread(self._append, translated)
-            done += len(batch)
-            await self.ctx.save_checkpoint({"segmentsDone": done, "segmentsTotal": total})
-            await self._report(done, total)
+        self.total = await asyncio.to_thread(_count, self.doc.segments())
+        self.translations = await asyncio.to_thread(self._load_journal)
+        if self.translations:
+            logger.info("task %s resumes with %d of %d segments done", self.ctx.task_id,
+                        len(self.translations), self.total)
+        await self._report()
+        segments = enumerate(self.doc.segments())
+        resumed = frozenset(self.translations)
+        await _bounded_gather(self._batches(segments, resumed), self._translate_batch,
+                              max(1, self.ctx.engine_concurrency))
         await self.ctx.progress(99, "writing the translated document", stage="writing")
         out = self.ctx.result_path(translated_name(self.doc.result_name(self.ctx.file_name),
                                                    self.target))
-        await asyncio.to_thread(self.doc.render, self._read_journal(), out)
+        in_order = (self.translations[i] for i in range(self.total))
+        await asyncio.to_thread(self.doc.render, in_order, out)
         return out
+
+    async def _batches(self, segments: Iterator[tuple[int, str]],
+                       resumed: frozenset[int]) -> AsyncIterator[_Batch]:
+        """The segments an earlier attempt did not journal, in batches (read off the loop)."""
+        while batch := await asyncio.to_thread(_next_batch, segments, resumed):
+            yield batch
+
+    async def _translate_batch(self, batch: _Batch) -> None:
+        texts = [text for _, text in batch]
+        translated = await self._translate(texts)
+        done = [(index, text) for (index, _), text in zip(batch, translated, strict=True)]
+        await self._journal_batch(done)
+
+    async def _journal_batch(self, done: list[tuple[int, str]]) -> None:
+        async with self._journal_lock:
+            await asyncio.to_thread(self._append, done)
+            self.translations.update(done)
+            await self.ctx.save_checkpoint({"segmentsDone": len(self.translations),
+                                            "segmentsTotal": self.total})
+        await self._report()
 
     async def _translate(self, batch: list[str]) -> list[str]:
         try:
@@ -413,37 +436,74 @@ class SegmentTranslation:
                 f"the engine returned {len(result)} segments for {len(batch)}")
         return result
 
-    async def _report(self, done: int, total: int) -> None:
+    async def _report(self) -> None:
+        done, total = len(self.translations), self.total
         percent = 100 * done / total if total else 100
         # Leave the last percent for writing the document.
         await self.ctx.progress(min(percent, 98), f"segment {done} of {total}",
                                 stage="translating")
 
-    def _journal_length(self) -> int:
-        """Complete lines in the journal; a torn last line (crash mid-write) is cut off."""
+    def _load_journal(self) -> dict[int, str]:
+        """The journalled translations by segment index; a torn last line is cut off.
+
+        A line is ``[index, translation]``; a bare string (journals written before
+        batches ran concurrently) is the translation of the segment at its line number.
+        """
+        translations: dict[int, str] = {}
         if not self.journal.exists():
-            return 0
-        count, good_bytes = 0, 0
+            return translations
+        good_bytes = 0
         with self.journal.open("rb") as f:
-            for line in f:
+            for number, line in enumerate(f):
                 if not line.endswith(b"\n"):
                     break
-                count += 1
+                entry = json.loads(line)
+                index, text = (number, entry) if isinstance(entry, str) else entry
+                translations[int(index)] = text
                 good_bytes += len(line)
         with self.journal.open("r+b") as f:
             f.truncate(good_bytes)
-        return count
+        return translations
 
-    def _append(self, translated: list[str]) -> None:
+    def _append(self, done: list[tuple[int, str]]) -> None:
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         with self.journal.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in translated)
+            f.write("".join(json.dumps([i, t], ensure_ascii=False) + "\n" for i, t in done))
             f.flush()
 
-    def _read_journal(self) -> Iterator[str]:
-        with self.journal.open(encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)
+
+_Batch = list[tuple[int, str]]
+_Item = TypeVar("_Item")
+
+
+async def _bounded_gather(items: AsyncIterator[_Item],
+                          work: Callable[[_Item], Awaitable[None]], limit: int) -> None:
+    """Run ``work(item)`` for every item, at most ``limit`` at once, items taken as slots free.
+
+    The first failure cancels the rest and is raised as itself (not an
+    ExceptionGroup), so the runner tells transient errors from permanent ones.
+    """
+    running: set[asyncio.Task[None]] = set()
+    try:
+        async for item in items:
+            running.add(asyncio.ensure_future(work(item)))
+            if len(running) >= limit:
+                finished, running = await asyncio.wait(
+                    running, return_when=asyncio.FIRST_COMPLETED)
+                _raise_first(finished)
+        while running:
+            finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            _raise_first(finished)
+    finally:
+        for job in running:
+            job.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+def _raise_first(finished: set[asyncio.Task[None]]) -> None:
+    for job in finished:
+        if not job.cancelled() and job.exception() is not None:
+            raise cast(BaseException, job.exception())
 
 
 def translated_name(name: str, target: str) -> str:
@@ -461,16 +521,14 @@ def _count(items: Iterator[str]) -> int:
     return sum(1 for _ in items)
 
 
-def _skip(items: Iterator[str], n: int) -> None:
-    for _ in range(n):
-        next(items, None)
-
-
-def _next_batch(segments: Iterator[str]) -> list[str]:
-    batch: list[str] = []
+def _next_batch(segments: Iterator[tuple[int, str]], done: frozenset[int]) -> _Batch:
+    """The next segments not in ``done``, up to the batch caps."""
+    batch: _Batch = []
     size = 0
-    for segment in segments:
-        batch.append(segment)
+    for index, segment in segments:
+        if index in done:
+            continue
+        batch.append((index, segment))
         size += len(segment)
         if len(batch) >= BATCH_MAX_ITEMS or size >= BATCH_MAX_CHARS:
             break

@@ -53,6 +53,8 @@ class WorkerSettings:
     external_timeout_seconds: float = 3600.0
     #: minimum time between two progress writes of one task (the final state is always written)
     progress_interval: float = 0.25
+    #: batches one translate attempt keeps in flight (ENGINE_CONCURRENCY)
+    engine_concurrency: int = 4
 
 
 def task_dirs(data_path: Path, task: Task) -> tuple[Path, Path, Path, Path]:
@@ -332,6 +334,7 @@ class WorkerPool:
             result_dir=result, work_dir=work, checkpoint=task.checkpoint, attempt=task.attempts,
             _progress=reporter.report, _save_checkpoint=save_checkpoint,
             _engine=self._engine, _submit_external=self.submit_external,
+            engine_concurrency=self.settings.engine_concurrency,
         )
 
     def _engine(self, name: str) -> engines.Engine:

@@ -195,6 +195,8 @@ class Config:
     openai_base_url: str | None = None
     openai_api_key: str | None = None
     openai_model: str = "gpt-4o-mini"
+    engine_concurrency: int = 4
+    engine_max_inflight: int = 16
     #: run the workers in this process (an embedding app may run them elsewhere)
     run_workers: bool = True
 
@@ -230,6 +232,8 @@ class Config:
             openai_base_url=e.get("OPENAI_BASE_URL") or None,
             openai_api_key=e.get("OPENAI_API_KEY") or None,
             openai_model=e.get("OPENAI_MODEL") or "gpt-4o-mini",
+            engine_concurrency=_env_int(e, "ENGINE_CONCURRENCY", 4, 1),
+            engine_max_inflight=_env_int(e, "ENGINE_MAX_INFLIGHT", 16, 1),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -249,6 +253,7 @@ class Config:
             openai_base_url=self.openai_base_url,
             openai_api_key=self.openai_api_key,
             openai_model=self.openai_model,
+            max_inflight=self.engine_max_inflight,
         )
 
     def worker_settings(self) -> WorkerSettings:
@@ -261,6 +266,7 @@ class Config:
             reconcile_seconds=self.reconcile_seconds,
             retention_days=self.retention_days,
             external_timeout_seconds=self.external_timeout_seconds,
+            engine_concurrency=self.engine_concurrency,
         )
 
 
@@ -1144,9 +1150,11 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics_ = app[METRICS]
     engine_settings = config.engine_settings()
     session = app[HTTP]
+    # Per process, not per task: ten tasks share one engine's in-flight limit.
+    limits = engines.EngineLimits(config.engine_max_inflight)
 
     def engine_factory(name: str) -> engines.Engine:
-        return engines.make_engine(name, engine_settings, session)
+        return engines.make_engine(name, engine_settings, session, limits)
 
     def observe(outcome: str, task: Task, seconds: float) -> None:
         metrics_.attempts.labels(task.task_type, outcome).inc()

@@ -80,14 +80,38 @@ class Step:
 
 
 class _FakeService:
-    """Recording, scripting and serving shared by the fakes."""
+    """Recording, scripting and serving shared by the fakes.
 
-    def __init__(self, api_key: str | None = None) -> None:
+    ``latency`` delays every answer; ``capacity`` is the service's own concurrency cap:
+    a request arriving while ``capacity`` are being worked on gets 429 at once (with
+    ``Retry-After: retry_after`` when set), as a small self-hosted server's rate
+    limiter does. ``max_inflight`` is the most requests it ever worked on at once.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        latency: float = 0.0,
+        capacity: int | None = None,
+        retry_after: str | None = None,
+    ) -> None:
         #: When set, requests without this key are refused like the real service does.
         self.api_key = api_key
+        self.latency = latency
+        self.capacity = capacity
+        self.retry_after = retry_after
         self.requests: list[RecordedRequest] = []
         self.script: deque[Step] = deque()
+        #: Texts of the requests answered with translations, in answer order.
+        self.answered: list[str] = []
+        #: Requests refused for being past ``capacity``.
+        self.refused = 0
+        self.inflight = 0
+        self.max_inflight = 0
         self._arrived = asyncio.Condition()
+        self._open = asyncio.Event()
+        self._open.set()
         self.app = web.Application()
         self._add_routes(self.app)
 
@@ -117,6 +141,13 @@ class _FakeService:
     def reply_next(self, body: Any, status: int = 200, times: int = 1) -> None:
         """Answer the next ``times`` requests with this exact JSON body."""
         self.script.extend([Step(status=status, body=body)] * times)
+
+    def hold(self) -> None:
+        """Keep every request from now on waiting (in flight) until :meth:`release`."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
 
     # -- inspection
 
@@ -162,6 +193,29 @@ class _FakeService:
         if step.delay:
             await _linger(request, step.delay)
         return body, step
+
+    async def _work(self, request: web.Request, answer: Any) -> web.Response:
+        """Answer ``answer()`` after the latency, or 429 past the capacity."""
+        if self.capacity is not None and self.inflight >= self.capacity:
+            self.refused += 1
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return web.json_response(self._busy_body(), status=429, headers=headers)
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            if self.latency:
+                await _linger(request, self.latency)
+            await self._open.wait()
+            body, segments = answer()
+            transport = request.transport
+            if transport is not None and not transport.is_closing():
+                self.answered.extend(segments)
+            return web.json_response(body)
+        finally:
+            self.inflight -= 1
+
+    def _busy_body(self) -> dict[str, Any]:
+        return {"error": "Too many requests"}
 
     def _scripted(self, step: Step, error_body: dict[str, Any]) -> web.Response | None:
         if step.body is not None:
@@ -220,7 +274,8 @@ class FakeLibreTranslate(_FakeService):
             )
         if self.api_key is not None and body.get("api_key") != self.api_key:
             return web.json_response({"error": "Invalid API key"}, status=403)
-        return web.json_response(_libre_answer(body, step.wrong_count))
+        return await self._work(
+            request, lambda: (_libre_answer(body, step.wrong_count), _libre_segments(body)))
 
 
 _LIBRE_MESSAGES = {
@@ -280,7 +335,19 @@ class FakeOpenAI(_FakeService):
             )
         if not isinstance(body, dict) or not body.get("model") or not body.get("messages"):
             return web.json_response(_openai_error("Missing model or messages.", 400), status=400)
-        return web.json_response(_completion(body, self._content(body, step.wrong_count)))
+
+        def answer() -> tuple[Any, list[str]]:
+            content = self._content(body, step.wrong_count)
+            try:
+                sent = list(_openai_request(body)[1].values())
+            except (KeyError, TypeError, ValueError):
+                sent = []
+            return _completion(body, content), sent
+
+        return await self._work(request, answer)
+
+    def _busy_body(self) -> dict[str, Any]:
+        return _openai_error("Rate limit reached for requests.", 429)
 
     def _content(self, body: dict[str, Any], wrong_count: bool) -> str:
         try:

@@ -157,8 +157,9 @@ async def test_kill_9_mid_translation_resumes_without_resending(tmp_path: Path,
     counts = Counter(fake.segments)
     assert set(counts) == set(paragraphs)
     resent = [s for s, n in counts.items() if n > 1]
-    # Only the batch in flight when the process died can have been sent twice.
-    assert len(resent) <= 25 and all(n == 2 for n in counts.values() if n > 1)
+    # Only the batches in flight when the process died (ENGINE_CONCURRENCY = 4 of 25
+    # segments) can have been sent twice; test_engine_concurrency pins down which.
+    assert len(resent) <= 4 * 25 and all(n == 2 for n in counts.values() if n > 1)
 
 
 async def test_bad_documents_are_refused_at_create(client: TestClient) -> None:
