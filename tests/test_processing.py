@@ -319,7 +319,8 @@ class SlowEngine:
 
 
 async def slow_translation_client(make_client, seconds: float) -> tuple[TestClient, SlowEngine]:
-    client = await make_client()
+    # One batch at a time: the fake clock then moves as a sequence of batches would.
+    client = await make_client(engine_concurrency=1)
     clock = FakeClock()
     engine = SlowEngine(clock, seconds)
     pool = client.app[POOL]
