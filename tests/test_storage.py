@@ -197,6 +197,56 @@ async def test_events_are_appended_in_the_same_transaction(store: TaskStore) -> 
     assert events[-1].is_final
 
 
+def add_refusing_trigger(path: Path, name: str, table: str, when: str) -> None:
+    """Make the database itself refuse some writes, from outside the store."""
+    with sqlite3.connect(path) as db:
+        db.execute(f"""CREATE TRIGGER {name} BEFORE {table} WHEN {when}
+                       BEGIN SELECT RAISE(ABORT, 'refused by the test'); END""")
+
+
+async def everything(store: TaskStore, user: str) -> tuple[list, list, list, int]:
+    """Every row a state change can touch: tasks, events, ledger, balance."""
+    tasks = [(t.id, t.status, t.credits_held)
+             for t in (await store.get_user_tasks(user, limit=100))[0]]
+    events = [(e.id, e.type, e.data) for e in await store.events_after(0, user_id=user)]
+    ledger = [(e.amount, e.reason, e.task_id) for e in (await store.get_ledger(user))[0]]
+    return tasks, events, ledger, (await store.get_user(user)).credits
+
+
+@pytest.mark.parametrize(("table", "when"), [
+    # The event row cannot be written: the cancel, the refund and its ledger row go too.
+    ("INSERT ON task_events", """NEW.task_id = 1 AND NEW.data LIKE '%"cancelled"%'"""),
+    # The state change cannot be written: no event row is left behind (nor published).
+    ("UPDATE OF status ON processing_tasks", "NEW.id = 1 AND NEW.status = 'cancelled'"),
+])
+async def test_state_change_and_its_event_commit_or_fail_together(
+        tmp_path: Path, store: TaskStore, table: str, when: str) -> None:
+    await store.add_user("alice", 5)
+    first, _ = await store.create_processing_task(new_task("alice", cost=2))
+    second, _ = await store.create_processing_task(new_task("alice", cost=2))
+    assert first.id == 1
+    before = await everything(store, "alice")
+    seen = []
+    store.add_listener(seen.append)
+    add_refusing_trigger(tmp_path / "zhiyi.db", "refuse", table, when)
+    # Both cancels go in one write batch: the refused one must fail alone and whole.
+    refused, cancelled = await asyncio.gather(
+        store.cancel_task(first.id, "alice"), store.cancel_task(second.id, "alice"),
+        return_exceptions=True)
+    assert isinstance(refused, sqlite3.IntegrityError)
+    assert not isinstance(cancelled, BaseException) and cancelled.id == second.id
+    tasks, events, ledger, credits = await everything(store, "alice")
+    assert (first.id, TaskStatus.PENDING, 2) in tasks
+    assert (second.id, TaskStatus.CANCELLED, 0) in tasks
+    assert credits == before[3] + 2 == 1 + 2  # only the second task's refund
+    assert ledger[1:] == before[2] and ledger[0] == (2, "refund", second.id)
+    new_events = events[len(before[1]):]
+    assert events[:len(before[1])] == before[1]
+    assert [(t, d.get("taskId"), d.get("status")) for _, t, d in new_events] == [
+        ("notification", None, None), ("status_update", second.id, "cancelled")]
+    assert [e.id for e in seen] == [e[0] for e in new_events]
+
+
 # ------------------------------------------------------- the writer's edges
 async def test_cancelled_flusher_tells_callers_the_real_outcome(store: TaskStore) -> None:
     """A batch that commits while its flusher is cancelled: the caller hears 'committed'."""
