@@ -1,10 +1,12 @@
-"""Test helpers: users, uploads, and a real SSE parser."""
+"""Test helpers: users, uploads, polling, and SSE reading with the client's parser."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
+from client import SSEMessage as WireMessage
+from client import SSEParser
 from zhiyi_server import STORE
 
 
@@ -74,55 +78,55 @@ async def wait_status(
 
 @dataclass
 class SSEMessage:
+    """One dispatched message of a Zhiyi stream, its data parsed as JSON."""
+
     id: str | None
-    data: dict[str, Any] | None
-    retry: int | None = None
+    data: dict[str, Any]
+
+    @classmethod
+    def from_wire(cls, message: WireMessage) -> SSEMessage:
+        return cls(message.id, json.loads(message.data))
 
     @property
-    def type(self) -> str | None:
-        return self.data["type"] if self.data else None
+    def type(self) -> str:
+        return self.data["type"]
 
     @property
     def payload(self) -> dict[str, Any]:
-        assert self.data is not None
         return self.data["data"]
 
 
+def parse_sse(body: bytes) -> list[SSEMessage]:
+    """Every message of a whole ``text/event-stream`` body, parsed by ``client.SSEParser``."""
+    parser = SSEParser()
+    return [SSEMessage.from_wire(m) for m in [*parser.feed(body), *parser.end()]]
+
+
 class SSEReader:
-    """Parses ``text/event-stream`` per the HTML standard (fields, comments, dispatch)."""
+    """Reads a streaming response with the one parser the client uses (``client.SSEParser``)."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
-        self.comments: list[str] = []
-        self.retry: int | None = None
+        self.parser = SSEParser()
+        self._ready: deque[SSEMessage] = deque()
+
+    @property
+    def retry(self) -> int | None:
+        """The last ``retry:`` the server sent, in milliseconds."""
+        return self.parser.retry_ms
 
     async def next(self, timeout: float = 10) -> SSEMessage | None:
         """The next dispatched message, or None at the end of the stream."""
         return await asyncio.wait_for(self._next(), timeout)
 
     async def _next(self) -> SSEMessage | None:
-        event_id: str | None = None
-        data_lines: list[str] = []
-        while True:
-            raw = await self.response.content.readline()
-            if not raw:
-                return None
-            line = raw.decode().rstrip("\n").rstrip("\r")
-            if line == "":
-                if data_lines:
-                    return SSEMessage(event_id, json.loads("\n".join(data_lines)), self.retry)
-                continue
-            if line.startswith(":"):
-                self.comments.append(line[1:].strip())
-                continue
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "id":
-                event_id = value
-            elif field == "data":
-                data_lines.append(value)
-            elif field == "retry":
-                self.retry = int(value)
+        while not self._ready:
+            chunk = await self.response.content.readany()
+            wire = self.parser.feed(chunk) if chunk else self.parser.end()
+            self._ready.extend(map(SSEMessage.from_wire, wire))
+            if not chunk:
+                break
+        return self._ready.popleft() if self._ready else None
 
     async def collect_until_final(self, timeout: float = 30) -> list[SSEMessage]:
         """Messages until the stream ends (task streams end after the final event)."""
@@ -163,3 +167,13 @@ def write_pdf(path: Path, lines: list[str]) -> Path:
     )
     path.write_bytes(bytes(data))
     return path
+
+
+async def eventually(check: Callable[[], object], what: str, timeout: float = 10) -> None:
+    """Poll ``check`` on the loop until it is truthy; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not check():
+        if loop.time() > end:
+            raise AssertionError(f"after {timeout} s, still not: {what}")
+        await asyncio.sleep(0.01)

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
-from helpers import SSEReader, add_user, create, get_task, wait_status
+from helpers import (
+    SSEMessage,
+    SSEReader,
+    add_user,
+    create,
+    eventually,
+    get_task,
+    parse_sse,
+    wait_status,
+)
 
 from processors import PermanentError, Registry, TaskContext, TransientError, default_registry
 from sse import SSEHub, encode_event
@@ -378,27 +388,112 @@ async def test_progress_arrives_live_before_completion(make_client) -> None:
     assert payload["status"] == "completed"
 
 
-async def test_a_reader_that_stops_does_not_slow_the_others(make_client, gates) -> None:
-    client = await make_client(registry=make_registry(gates), sse_buffer_events=8)
-    headers = await add_user(client, credits=1000)
-    stuck = await client.get("/api/sse/notifications", headers=headers)
-    live = await client.get("/api/sse/notifications", headers=headers)
-    live_reader = SSEReader(live)
-    for _ in range(100):
-        if client.app[HUB].connection_count == 2:
+class StuckReader:
+    """A notifications stream on a raw socket that is never read, with small kernel buffers.
+
+    Its receive buffer and the server side's send buffer are a few KiB (the send
+    buffer would otherwise grow to megabytes), so what the server writes backs up
+    in the server's own transport after a few KiB.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def open(cls, client: TestClient, authorization: str) -> StuckReader:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (client.host, client.port))
+        await loop.sock_sendall(sock, (
+            f"GET /api/sse/notifications HTTP/1.1\r\nHost: {client.host}\r\n"
+            f"Authorization: {authorization}\r\n\r\n").encode())
+        return cls(sock)
+
+    def shrink_server_send_buffer(self, hub: SSEHub) -> None:
+        """Set the server side of this connection to a small, fixed send buffer."""
+        me = self.sock.getsockname()
+        (sub,) = [s for s in hub.subscribers()
+                  if s.transport is not None and s.transport.get_extra_info("peername") == me]
+        sub.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    async def read_to_end(self) -> list[SSEMessage]:
+        """Everything the server sent, up to the end of the chunked body."""
+        loop = asyncio.get_running_loop()
+        raw = b""
+        while not raw.endswith(b"\r\n0\r\n\r\n"):
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), 10)
+            if not data:
+                break
+            raw += data
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+        return parse_sse(dechunk(body))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def dechunk(body: bytes) -> bytes:
+    out, rest = bytearray(), body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
             break
-        await asyncio.sleep(0.01)
-    store = client.app[STORE]
-    for _ in range(300):
-        await store.grant_credits("alice", 1)
-    received = 0
-    while received < 300:
-        message = await live_reader.next()
-        if message.type == "notification":
-            received += 1
-    assert message.payload["credits"] == 1300
-    stuck.close()
-    live.close()
+        out += rest[:size]
+        assert rest[size:size + 2] == b"\r\n"
+        rest = rest[size + 2:]
+    return bytes(out)
+
+
+async def test_a_reader_whose_socket_backs_up_is_dropped_and_the_others_get_all(
+        idle_client: TestClient) -> None:
+    headers = await add_user(idle_client)
+    store, hub = idle_client.app[STORE], idle_client.app[HUB]
+    await create(idle_client, headers)
+    task = await store.claim_next_task("test", 60)
+    assert task is not None
+    stuck = await StuckReader.open(idle_client, headers["Authorization"])
+    try:
+        live = SSEReader(await idle_client.get("/api/sse/notifications", headers=headers))
+        await eventually(lambda: sum(s.transport is not None for s in hub.subscribers()) == 2,
+                         "both streams live")
+        stuck.shrink_server_send_buffer(hub)
+        # 200 events of 8 KB: 1.6 MB, far past the 64 KiB bound plus the kernel's few KiB.
+        count, padding = 200, "x" * 8000
+        for i in range(count):
+            written = store.queue_task_status(task.id, task.attempts, progress=i // 2,
+                                              message=f"{i} {padding}")
+        assert await written
+        # The live reader gets every event, in order, while the stuck one has read nothing:
+        # publishing never waited for it.
+        got = []
+        while len(got) < count:
+            message = await live.next()
+            if message.type == "status_update" and message.payload["message"].endswith(padding):
+                got.append(message)
+        assert [int(m.payload["message"].split()[0]) for m in got] == list(range(count))
+        ids = [int(m.id) for m in got]
+        assert ids == sorted(ids)
+        # The stuck one was dropped (counted once) and no longer takes events ...
+        await eventually(lambda: hub.connection_count == 1, "the stuck stream ended")
+        metrics = await (await idle_client.get("/metrics")).text()
+        assert "zhiyi_sse_slow_clients_dropped_total 1.0" in metrics
+        # ... and its stream ended early with a gap-free prefix, from which it can resume.
+        received = [int(m.id) for m in await stuck.read_to_end()
+                    if m.type == "status_update" and m.payload["message"].endswith(padding)]
+        assert 0 < len(received) < count and received == ids[:len(received)]
+        resumed = SSEReader(await idle_client.get("/api/sse/notifications", headers={
+            **headers, "Last-Event-ID": str(received[-1])}))
+        rest = [int((await resumed.next()).id) for _ in range(count - len(received))]
+        assert rest == ids[len(received):]
+        resumed.response.close()
+        live.response.close()
+    finally:
+        stuck.close()
 
 
 def test_hub_drops_a_subscriber_that_falls_behind() -> None:
@@ -445,10 +540,11 @@ async def test_heartbeat_comment(make_client) -> None:
     client = await make_client(sse_heartbeat_seconds=0.05, worker_concurrency=0)
     headers = await add_user(client)
     resp = await client.get("/api/sse/notifications", headers=headers)
-    reader = SSEReader(resp)
-    with pytest.raises(TimeoutError):
-        await reader.next(timeout=0.3)
-    assert "ping" in reader.comments
+    lines = []
+    while (line := await asyncio.wait_for(resp.content.readline(), 10)) != b": ping\n":
+        lines.append(line)
+    assert lines == [b"retry: 3000\n", b"\n"]  # no user task yet: no snapshot, then pings
+    assert await resp.content.readline() == b"\n"
     resp.close()
 
 
