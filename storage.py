@@ -36,6 +36,8 @@ __all__ = [
     "NewTask",
     "SQLiteTooOld",
     "StoreError",
+    "StoreFull",
+    "StoreUnavailable",
     "Task",
     "TaskNotFound",
     "TaskStatus",
@@ -126,6 +128,26 @@ class TooManyActiveTasks(StoreError):
 
 class WriterStopped(StoreError):
     """The writer was stopped (shutdown) before a queued write ran; nothing changed."""
+
+
+class StoreUnavailable(StoreError):
+    """The database stayed locked past the busy timeout (another process holds a write
+    transaction); nothing was changed, and the same request can be sent again."""
+
+
+class StoreFull(StoreError):
+    """The disk holding the database is full; nothing was changed."""
+
+
+def named_sqlite_error(e: Exception) -> Exception:
+    """SQLite's "locked" and "full" as the store's named errors; anything else as it is."""
+    if isinstance(e, sqlite3.OperationalError):
+        text = str(e).lower()
+        if "locked" in text or "busy" in text:
+            return StoreUnavailable(f"the database is locked by another process ({e})")
+        if "full" in text:
+            return StoreFull(f"the disk holding the database is full ({e})")
+    return e
 
 
 class SQLiteTooOld(StoreError):
@@ -382,8 +404,12 @@ class GroupWriter:
                        type(cause).__name__, cause)
             return self._transaction(ops, isolate=True)
         except Exception as e:
-            logger.exception("a write batch failed to commit")
-            return [_Failed(e)] * len(ops)
+            named = named_sqlite_error(e)
+            if named is e:
+                logger.exception("a write batch failed to commit")
+            else:
+                logger.warning("a write batch of %d was not committed: %s", len(ops), named)
+            return [_Failed(named)] * len(ops)
 
     def _transaction(self, ops: list[WriteOp], *, isolate: bool) -> list[_Done | _Failed]:
         db = self._db
@@ -531,7 +557,10 @@ class TaskStore:
         # awaits would hold a read transaction, and other coroutines' reads on
         # this connection would then see that old snapshot.
         assert self._reader is not None
-        return list(await self._reader.execute_fetchall(sql, tuple(args)))
+        try:
+            return list(await self._reader.execute_fetchall(sql, tuple(args)))
+        except sqlite3.OperationalError as e:
+            raise named_sqlite_error(e) from e
 
     async def _fetchone(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
         rows = await self._fetchall(sql, args)

@@ -11,6 +11,7 @@ crash elsewhere left behind, enforces external deadlines and retention.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -35,7 +36,7 @@ from processors import (
 )
 from storage import Task, TaskStore
 
-__all__ = ["ProgressReporter", "WorkerPool", "WorkerSettings", "task_dirs"]
+__all__ = ["ProgressReporter", "WorkerPool", "WorkerSettings", "is_disk_full", "task_dirs"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ class WorkerSettings:
     progress_interval: float = 0.25
     #: batches one translate attempt keeps in flight (ENGINE_CONCURRENCY)
     engine_concurrency: int = 4
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A write failed because the disk (or the user's disk quota) is full."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def task_dirs(data_path: Path, task: Task) -> tuple[Path, Path, Path, Path]:
@@ -318,6 +324,12 @@ class WorkerPool:
         except PermanentError as e:
             await self._fail(task, str(e), e.code)
         except Exception as e:
+            if is_disk_full(e):
+                logger.error("task %s: the data folder's disk is full: %s", task.id, e)
+                await self._fail(task, "The server's disk is full, so the result could not be "
+                                 "written. Retry the task once space has been freed.",
+                                 "insufficient_storage")
+                return
             # The one catch-all: a processor's bug fails its task, never the worker.
             logger.exception("task %s of user %s: processor error", task.id, task.user_id)
             await self._fail(task, f"Processing failed: {e}", "processor_error")

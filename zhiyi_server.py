@@ -100,6 +100,8 @@ from storage import (
     NewTask,
     SQLiteTooOld,
     StoreError,
+    StoreFull,
+    StoreUnavailable,
     Task,
     TaskNotFound,
     TaskStatus,
@@ -108,7 +110,7 @@ from storage import (
     UserExists,
     UserNotFound,
 )
-from worker import WorkerPool, WorkerSettings, task_dirs
+from worker import WorkerPool, WorkerSettings, is_disk_full, task_dirs
 
 __all__ = ["CONFIG", "HUB", "POOL", "STORE", "Config", "create_app", "main"]
 
@@ -285,13 +287,18 @@ EXTERNAL = web.AppKey("zhiyi.external", ExternalService)
 class ApiError(Exception):
     """An answer other than success: status, stable ``code``, a sentence for a person."""
 
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, *,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}  #: e.g. Retry-After
         self.extra = extra
 
+
+#: how long a client should wait before sending again a request the locked database refused
+STORE_RETRY_AFTER_SECONDS = 2
 
 CODE_BY_STATUS = {
     400: "bad_request", 401: "unauthenticated", 404: "not_found",
@@ -300,9 +307,11 @@ CODE_BY_STATUS = {
 }
 
 
-def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+def json_error(status: int, code: str, message: str, *,
+               headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
     return web.json_response(
-        {"success": False, "code": code, "message": message, **extra}, status=status)
+        {"success": False, "code": code, "message": message, **extra}, status=status,
+        headers=headers)
 
 
 def api_error_from_store(e: StoreError) -> ApiError:
@@ -320,7 +329,20 @@ def api_error_from_store(e: StoreError) -> ApiError:
     if isinstance(e, InvalidTransition):
         return ApiError(409, "invalid_state", f"Cannot {e.action} a task that is {e.status}.",
                         taskStatus=str(e.status))
+    if isinstance(e, StoreUnavailable):
+        return ApiError(503, "store_unavailable",
+                        "The database is busy with another process's work; nothing was changed. "
+                        "Send the request again in a few seconds.",
+                        headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)})
+    if isinstance(e, StoreFull):
+        return _disk_full()
     return ApiError(500, "internal_error", "The database refused the operation.")
+
+
+def _disk_full() -> ApiError:
+    return ApiError(507, "insufficient_storage",
+                    "The server's disk is full, so nothing was stored. Try again later; the "
+                    "administrator needs to free space on the data folder's disk.")
 
 
 @web.middleware
@@ -331,10 +353,10 @@ async def error_middleware(
     try:
         return await handler(request)
     except ApiError as e:
-        return json_error(e.status, e.code, e.message, **e.extra)
+        return json_error(e.status, e.code, e.message, headers=e.headers, **e.extra)
     except StoreError as e:
         err = api_error_from_store(e)
-        return json_error(err.status, err.code, err.message, **err.extra)
+        return json_error(err.status, err.code, err.message, headers=err.headers, **err.extra)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -800,12 +822,18 @@ async def _save_file(part: aiohttp.BodyPartReader, filename: str | None, upload:
     upload.file_name = clean_file_name(filename)
     await asyncio.to_thread(original_dir.mkdir, parents=True, exist_ok=True)
     upload.file_path = original_dir / upload.file_name
-    async with aiofiles.open(upload.file_path, "wb") as f:
-        while chunk := await part.read_chunk(256 * 1024):
-            upload.file_size += len(chunk)
-            if upload.file_size > config.max_upload_bytes:
-                raise _too_large(config)
-            await f.write(chunk)
+    try:
+        async with aiofiles.open(upload.file_path, "wb") as f:
+            while chunk := await part.read_chunk(256 * 1024):
+                upload.file_size += len(chunk)
+                if upload.file_size > config.max_upload_bytes:
+                    raise _too_large(config)
+                await f.write(chunk)
+    except OSError as e:
+        if is_disk_full(e):
+            logger.error("upload refused: the data folder's disk is full (%s)", e)
+            raise _disk_full() from e
+        raise
 
 
 def _validate_upload(request: web.Request, upload: Upload) -> tuple[TaskType, dict[str, Any]]:
