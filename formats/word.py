@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import docx
 from docx.opc.constants import RELATIONSHIP_TYPE as RT
 from docx.opc.exceptions import PackageNotFoundError
 from docx.oxml import OxmlElement
 from docx.oxml.ns import qn
+from docx.oxml.parser import parse_xml
 from lxml import etree
 
 from .model import BadDocument, _atomic_output, _BaseDocument, _has_words, _Translations
+from .tags import Piece, fallback_pieces, has_tag_lookalike, parse_tagged, strip_tags
 
 logger = logging.getLogger(__name__)
 
@@ -98,34 +102,280 @@ def _run_groups(paragraph: etree._Element) -> Iterator[list[etree._Element]]:
         yield group
 
 
-def _block_paragraphs(container: etree._Element) -> Iterator[etree._Element]:
-    """Paragraphs in document order, through tables (nested too) and content controls."""
-    for child in container:
-        if child.tag == _W_P:
-            yield child
-        elif child.tag == _W_TBL:
-            for row in child.iterchildren(_W_TR):
-                for cell in row.iterchildren(_W_TC):
-                    yield from _block_paragraphs(cell)
-        elif child.tag in _BLOCK_CONTAINERS:
-            yield from _block_paragraphs(child)
+def _part_roots(document: Any) -> Iterator[tuple[Any, etree._Element]]:
+    """(part, root element) of the body, then every header, footer, footnotes, endnotes
+    and comments part once (linked sections share one header).
 
-
-def _docx_roots(document: Any) -> Iterator[etree._Element]:
-    """The body, then every header and footer part once (linked sections share one)."""
-    yield document.element.body
+    python-docx keeps footnotes and endnotes as opaque parts: their XML is parsed here
+    and written back by `_store_parsed_parts`.
+    """
+    yield document.part, document.element.body
     for rel in document.part.rels.values():
-        if rel.reltype in (RT.HEADER, RT.FOOTER) and not rel.is_external:
-            yield rel.target_part.element
+        if rel.reltype not in _TEXT_PART_TYPES or rel.is_external:
+            continue
+        part = rel.target_part
+        element = getattr(part, "element", None)
+        if element is None:
+            element = parse_xml(part.blob)
+        yield part, element
 
 
-def _docx_segments(document: Any) -> Iterator[tuple[list[etree._Element], str]]:
-    for root in _docx_roots(document):
-        for paragraph in _block_paragraphs(root):
-            for runs in _run_groups(paragraph):
-                text = "".join(_run_text(run) for run in runs).strip()
-                if _has_words(text):
-                    yield runs, text
+_TEXT_PART_TYPES = frozenset(
+    (RT.HEADER, RT.FOOTER, RT.FOOTNOTES, RT.ENDNOTES, RT.COMMENTS)
+)
+
+
+def _store_parsed_parts(parsed: list[tuple[Any, etree._Element]]) -> None:
+    """Write the XML of opaque parts (footnotes, endnotes) back into the package."""
+    for part, root in parsed:
+        if getattr(part, "element", None) is None:
+            # A plain python-docx Part serves its bytes from _blob; there is no setter.
+            part._blob = etree.tostring(
+                root, encoding="UTF-8", xml_declaration=True, standalone=True
+            )
+
+
+def _all_paragraphs(root: etree._Element) -> list[etree._Element]:
+    """Every paragraph in document order: tables (nested too), content controls, text
+    boxes and shapes; listed first, because rendering moves elements around."""
+    return list(root.iter(_W_P))
+
+
+class _DocxSegment(Protocol):
+    text: str
+
+    def apply(self, translation: str) -> bool:
+        """Put the translation in the document; True if inline formatting was lost."""
+        ...
+
+
+@dataclass
+class _RunGroup:
+    """Runs of one paragraph translated as one plain segment (the older, simpler way,
+    for paragraphs whose structure inline tags do not cover)."""
+
+    runs: list[etree._Element]
+    text: str
+
+    def apply(self, translation: str) -> bool:
+        if translation != self.text:
+            _replace_text(self.runs, translation)
+        return False
+
+
+def _docx_segments(document: Any) -> Iterator[_DocxSegment]:
+    for _, root in _part_roots(document):
+        yield from _root_segments(root)
+
+
+def _root_segments(root: etree._Element) -> Iterator[_DocxSegment]:
+    for paragraph in _all_paragraphs(root):
+        tagged = _TaggedParagraph.build(paragraph)
+        if tagged is not None:
+            if _has_words(strip_tags(tagged.text)):
+                yield tagged
+            continue
+        for runs in _run_groups(paragraph):
+            text = "".join(_run_text(run) for run in runs).strip()
+            if _has_words(text):
+                yield _RunGroup(runs, text)
+
+
+# --------------------------------------------------------------------------- inline tags
+
+_SIMPLE_CONTAINERS = frozenset({_W_HYPERLINK, qn("w:ins"), qn("w:smartTag")})
+
+
+@dataclass
+class _Span:
+    """Consecutive text runs with one formatting: one stretch of a tagged segment."""
+
+    key: tuple[Any, bytes]  #: (the hyperlink or other container, or None; the rPr XML)
+    runs: list[etree._Element]
+    text: str
+
+
+@dataclass
+class _Barrier:
+    """Paragraph children that are not text (fields, images, footnote marks): one
+    self-closing tag, moved as they are."""
+
+    elements: list[etree._Element]
+
+
+def _run_kind(run: etree._Element, in_field: bool) -> str:
+    """"text", "empty" (formatting only) or "barrier" (anything else, or a field part)."""
+    kinds = {
+        "text" if _is_text_element(c) else "neutral" if c.tag in _NEUTRAL else "other"
+        for c in run
+    }
+    if in_field or "other" in kinds:
+        return "barrier"
+    return "text" if "text" in kinds else "empty"
+
+
+def _field_step(run: etree._Element) -> int:
+    steps = {"begin": 1, "end": -1}
+    return sum(steps.get(c.get(qn("w:fldCharType")), 0) for c in run.iter(_W_FLDCHAR))
+
+
+def _paragraph_items(paragraph: etree._Element) -> list[_Span | _Barrier] | None:
+    """The paragraph's text spans and barriers, with the top-level elements they came
+    from; None when its structure is beyond inline tags (content controls, fields or
+    images inside links): then it is translated group by group, as before."""
+    items: list[_Span | _Barrier] = []
+    depth = 0
+
+    def add_text(run: etree._Element, container: etree._Element | None) -> None:
+        rpr = run.find(qn("w:rPr"))
+        key = (container, b"" if rpr is None else etree.tostring(rpr))
+        text = _run_text(run)
+        last = items[-1] if items else None
+        if isinstance(last, _Span) and last.key[0] is container and last.key == key:
+            last.runs.append(run)
+            last.text += text
+        else:
+            items.append(_Span(key, [run], text))
+
+    def add_barrier(element: etree._Element) -> None:
+        if items and isinstance(items[-1], _Barrier):
+            items[-1].elements.append(element)
+        else:
+            items.append(_Barrier([element]))
+
+    for child in paragraph:
+        if child.tag == _W_R:
+            kind = _run_kind(child, depth > 0)
+            depth += _field_step(child)
+            if kind == "text":
+                add_text(child, None)
+            elif kind == "barrier":
+                add_barrier(child)
+        elif child.tag == _W_FLDSIMPLE:
+            add_barrier(child)
+        elif child.tag in _SIMPLE_CONTAINERS:
+            if depth > 0 or any(
+                sub.tag != _W_R or _run_kind(sub, False) == "barrier" for sub in child
+            ):
+                return None
+            for sub in child:
+                if _run_kind(sub, False) == "text":
+                    add_text(sub, child)
+        elif child.tag in _BLOCK_CONTAINERS and next(child.iter(_W_T), None) is not None:
+            return None
+    return items
+
+
+@dataclass
+class _TaggedParagraph:
+    """A paragraph as one segment whose formatting changes are inline tags.
+
+    The span with the most text is the paragraph's main style and goes untagged; every
+    other span is ``<xN>...</xN>``, every barrier ``<xN/>``. Rendering rebuilds the
+    paragraph's runs from the translated pieces: new runs copy the formatting of the
+    span they belong to, links are re-made around their translated text, and barriers
+    are moved as they are. Bookmarks, comment marks and deletions stay in place.
+    """
+
+    paragraph: etree._Element
+    text: str
+    lead: str
+    trail: str
+    main: _Span
+    spans: dict[int, _Span]
+    barriers: dict[int, _Barrier]
+    units: list[etree._Element]
+
+    @classmethod
+    def build(cls, paragraph: etree._Element) -> _TaggedParagraph | None:
+        items = _paragraph_items(paragraph)
+        text_spans = [item for item in items or () if isinstance(item, _Span)]
+        if items is None or not text_spans:
+            return None
+        if has_tag_lookalike("".join(span.text for span in text_spans)):
+            return None
+        weight: dict[tuple[Any, bytes], int] = {}
+        for span in text_spans:
+            weight[span.key] = weight.get(span.key, 0) + len(span.text.strip())
+        main_key = max(weight, key=lambda key: (weight[key], key[0] is None))
+        parts: list[str] = []
+        spans: dict[int, _Span] = {}
+        barriers: dict[int, _Barrier] = {}
+        for item in items:
+            if isinstance(item, _Barrier):
+                number = len(spans) + len(barriers) + 1
+                barriers[number] = item
+                parts.append(f"<x{number}/>")
+            elif item.key == main_key:
+                parts.append(item.text)
+            else:
+                number = len(spans) + len(barriers) + 1
+                spans[number] = item
+                parts.append(f"<x{number}>{item.text}</x{number}>")
+        full = "".join(parts)
+        text = full.strip()
+        start = full.index(text) if text else 0
+        main = next(span for span in text_spans if span.key == main_key)
+        return cls(paragraph, text, full[:start], full[start + len(text) :], main, spans,
+                   barriers, _units(paragraph, items))
+
+    def apply(self, translation: str) -> bool:
+        if translation == self.text:
+            return False
+        pieces = parse_tagged(translation, set(self.spans), set(self.barriers))
+        lost = pieces is None
+        if pieces is None:
+            pieces = fallback_pieces(translation, sorted(self.barriers))
+        pieces = [Piece(self.lead), *pieces, Piece(self.trail)]
+        new: list[etree._Element] = []
+        container: etree._Element | None = None  # the source of the last copied container
+        for piece in pieces:
+            if piece.empty:
+                assert piece.tag is not None
+                new.extend(self.barriers[piece.tag].elements)
+                container = None
+                continue
+            if not piece.text:
+                continue
+            span = self.main if piece.tag is None else self.spans[piece.tag]
+            run = _run_like(span.runs[0], piece.text)
+            source = span.key[0]
+            if source is None:
+                new.append(run)
+            elif source is container:
+                new[-1].append(run)
+            else:
+                copy = etree.Element(source.tag, dict(source.attrib))
+                copy.append(run)
+                new.append(copy)
+            container = source
+        index = self.paragraph.index(self.units[0])
+        for unit in self.units:
+            self.paragraph.remove(unit)
+        for offset, element in enumerate(new):
+            self.paragraph.insert(index + offset, element)
+        return lost
+
+
+def _units(paragraph: etree._Element, items: list[_Span | _Barrier]) -> list[etree._Element]:
+    """The paragraph's children that the items came from, each once, in order."""
+    found: dict[int, etree._Element] = {}
+    for item in items:
+        elements = item.elements if isinstance(item, _Barrier) else item.runs
+        for element in elements:
+            top = element if element.getparent() is paragraph else element.getparent()
+            found.setdefault(id(top), top)
+    return sorted(found.values(), key=paragraph.index)
+
+
+def _run_like(template: etree._Element, text: str) -> etree._Element:
+    """A new run with `template`'s formatting and `text`."""
+    run = etree.Element(template.tag, dict(template.attrib))
+    rpr = template.find(qn("w:rPr"))
+    if rpr is not None:
+        run.append(copy.deepcopy(rpr))
+    run.extend(_text_elements(text))
+    return run
 
 
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -192,33 +442,39 @@ def _load_docx(path: Path) -> Any:
 
 
 class DocxDocument(_BaseDocument):
-    """A Word document: paragraphs of the body, tables, headers and footers are segments."""
+    """A Word document: every paragraph of the body, tables, text boxes, headers, footers,
+    footnotes, endnotes and comments is a segment, its inline formatting as tags."""
 
     def __init__(self, path: Path, extension: str) -> None:
         super().__init__(path, extension)
         self._document = _load_docx(path)
 
     def segments(self) -> Iterator[str]:
-        """Each paragraph's text (split around fields and images), in document order."""
-        for _, text in _docx_segments(self._document):
-            yield text
+        """Each paragraph's tagged text, in document order, part by part."""
+        for segment in _docx_segments(self._document):
+            yield segment.text
 
-    def render(self, translations: Iterable[str], out: Path) -> None:
-        """Write a copy with translated paragraphs; runs, styles and tables are kept."""
+    def render(self, translations: Iterable[str], out: Path) -> int:
+        """Write a copy with translated paragraphs; runs, styles and tables are kept.
+
+        Returns how many segments lost their inline formatting (broken tags)."""
         document = _load_docx(self.path)  # a fresh copy: rendering edits the XML in place
         feed = _Translations(translations)
-        for runs, text in _docx_segments(document):
-            translation = feed.take()
-            if translation != text:
-                _replace_text(runs, translation)
+        parts = list(_part_roots(document))
+        lost = 0
+        for _, root in parts:
+            for segment in list(_root_segments(root)):
+                lost += segment.apply(feed.take())
         feed.finish()
+        _store_parsed_parts(parts)
         with _atomic_output(out) as tmp:
             document.save(str(tmp))
+        return lost
 
     def plain_text(self) -> Iterator[str]:
         """A line per non-empty paragraph."""
-        for root in _docx_roots(self._document):
-            for paragraph in _block_paragraphs(root):
+        for _, root in _part_roots(self._document):
+            for paragraph in _all_paragraphs(root):
                 runs = (run for run in _paragraph_runs(paragraph) if run.tag == _W_R)
                 text = "".join(_run_text(run) for run in runs)
                 if text.strip():
@@ -226,4 +482,3 @@ class DocxDocument(_BaseDocument):
 
     def _no_text_message(self) -> str:
         return "This Word document contains no text to translate."
-
