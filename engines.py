@@ -25,6 +25,7 @@ import collections
 import contextlib
 import email.utils
 import functools
+import html
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -212,6 +214,45 @@ _PLACEHOLDER_RE = re.compile(
 )
 
 
+# Inline tags that formats/ puts in a segment (``<x1>bold</x1>``, ``<x2/>``) mark
+# formatting, not placeholders: an engine that reads tags gets them as written
+# (``inline_tags="native"``: LibreTranslate's HTML mode, an LLM told to keep them), the
+# others as tokens. Either way a lost or moved tag is no error here: formats/ maps back
+# what comes, and falls back to the text without its inline formatting.
+_INLINE_TAG_RE = re.compile(r"<\s*/?\s*[xX]\d{1,4}\s*/?\s*>")
+
+
+def _inline_tag_tokens(protected: str, originals: list[str], native: bool) -> tuple[str, set[int]]:
+    """The indexes of `originals` that are inline tags; with `native`, the text with
+    those tokens put back as the tags themselves."""
+    tags = {i for i, original in enumerate(originals) if _INLINE_TAG_RE.fullmatch(original)}
+    if native and tags:
+        protected = _TOKEN_RE.sub(
+            lambda m: originals[int(m.group(1))] if int(m.group(1)) in tags else m.group(),
+            protected,
+        )
+    return protected, tags
+
+
+def _escape_around_tags(text: str) -> str:
+    """HTML-escape the text between inline tags (for an engine's HTML/XML mode)."""
+    parts = _INLINE_TAG_RE.split(text)
+    tags = _INLINE_TAG_RE.findall(text)
+    out = [html.escape(parts[0], quote=False)]
+    for tag, part in zip(tags, parts[1:], strict=True):
+        out += [tag, html.escape(part, quote=False)]
+    return "".join(out)
+
+
+def _unescape_around_tags(text: str) -> str:
+    parts = _INLINE_TAG_RE.split(text)
+    tags = _INLINE_TAG_RE.findall(text)
+    out = [html.unescape(parts[0])]
+    for tag, part in zip(tags, parts[1:], strict=True):
+        out += [tag, html.unescape(part)]
+    return "".join(out)
+
+
 def protect_placeholders(text: str) -> tuple[str, list[str]]:
     """Replace placeholders, inline tags, entities, URLs and private-use markers with tokens.
 
@@ -227,12 +268,15 @@ def protect_placeholders(text: str) -> tuple[str, list[str]]:
     return _PLACEHOLDER_RE.sub(token, text), originals
 
 
-def restore_placeholders(text: str, originals: list[str]) -> str:
+def restore_placeholders(
+    text: str, originals: list[str], optional: Collection[int] = ()
+) -> str:
     """Put the original spans back in place of the tokens of a translated text.
 
     Raises :class:`TransientEngineError` (an :class:`EngineError`) when a token went
     missing, was duplicated or was invented: engines treat that as a garbled answer
-    and retry the batch.
+    and retry the batch. Tokens whose index is in `optional` (inline tags) may go
+    missing or repeat.
     """
     seen: list[int] = []
 
@@ -242,14 +286,17 @@ def restore_placeholders(text: str, originals: list[str]) -> str:
         return originals[index] if index < len(originals) else match.group()
 
     restored = _TOKEN_RE.sub(original, text)
-    if sorted(seen) != list(range(len(originals))):
-        raise TransientEngineError(_token_problem(seen, originals))
+    required = [i for i in seen if i not in optional]
+    if sorted(required) != [i for i in range(len(originals)) if i not in optional]:
+        raise TransientEngineError(_token_problem(required, originals, optional))
     return restored
 
 
-def _token_problem(seen: list[int], originals: list[str]) -> str:
+def _token_problem(
+    seen: list[int], originals: list[str], optional: Collection[int] = ()
+) -> str:
     """Say, in a sentence, what went wrong with the tokens of one translation."""
-    missing = [originals[i] for i in range(len(originals)) if i not in seen]
+    missing = [originals[i] for i in range(len(originals)) if i not in seen and i not in optional]
     if missing:
         return f"The translation lost the placeholder {missing[0]!r}."
     invented = [i for i in seen if i >= len(originals)]
@@ -268,7 +315,7 @@ def _wrong_count(got: int, sent: int) -> str:
 
 def _worth_sending(protected: str) -> bool:
     """Whether a protected segment has any words; "{0}", "42" or "---" need no engine."""
-    return any(ch.isalpha() for ch in _TOKEN_RE.sub("", protected))
+    return any(ch.isalpha() for ch in _INLINE_TAG_RE.sub("", _TOKEN_RE.sub("", protected)))
 
 
 # --------------------------------------------------------------------------- pseudo
@@ -543,18 +590,26 @@ async def _translate_protected(
     settings: EngineSettings,
     label: str,
     limit: AdaptiveLimit | None = None,
+    inline_tags: str = "tokens",
 ) -> list[str]:
     """Protect placeholders, send each distinct segment once in batches, restore.
 
     Segments without words are returned untouched, and identical segments (after
     protection) are sent once: both save money on paid engines. A batch whose answer
-    has the wrong count or lost a token is retried like a transport failure.
+    has the wrong count or lost a token is retried like a transport failure. Inline
+    tags travel as tokens, or as written with ``inline_tags="native"``.
     """
-    prepared = [protect_placeholders(text) for text in texts]
+    prepared: list[tuple[str, list[str], set[int]]] = []
+    for text in texts:
+        protected, originals = protect_placeholders(text)
+        protected, tags = _inline_tag_tokens(protected, originals, inline_tags == "native")
+        prepared.append((protected, originals, tags))
     pending: dict[str, list[str]] = {}
-    for protected, originals in prepared:
+    optional: dict[str, set[int]] = {}
+    for protected, originals, tags in prepared:
         if _worth_sending(protected):
             pending.setdefault(protected, originals)
+            optional.setdefault(protected, tags)
 
     translated: dict[str, str] = {}
     for batch in batch_segments(pending, settings.batch_max_chars, settings.batch_max_items):
@@ -567,7 +622,7 @@ async def _translate_protected(
                 )
             for protected, translation in zip(batch, answer, strict=True):
                 try:
-                    restore_placeholders(translation, pending[protected])
+                    restore_placeholders(translation, pending[protected], optional[protected])
                 except TransientEngineError as e:
                     raise TransientEngineError(f"{label} did not keep the placeholders. {e}") from e
             return answer
@@ -577,8 +632,10 @@ async def _translate_protected(
         translated.update(zip(batch, answer, strict=True))
 
     return [
-        restore_placeholders(translated[protected], originals) if protected in translated else text
-        for text, (protected, originals) in zip(texts, prepared, strict=True)
+        restore_placeholders(translated[protected], originals, tags)
+        if protected in translated
+        else text
+        for text, (protected, originals, tags) in zip(texts, prepared, strict=True)
     ]
 
 
@@ -698,12 +755,15 @@ class _LibreTranslateEngine:
     async def translate(self, texts: Sequence[str], source: str, target: str) -> list[str]:
         send = functools.partial(self._send, source=source or "auto", target=target)
         return await _translate_protected(
-            texts, send, self._settings, _LIBRE_LABEL, self._limit
+            texts, send, self._settings, _LIBRE_LABEL, self._limit, inline_tags="native"
         )
 
     async def _send(self, batch: list[str], source: str, target: str) -> list[str]:
-        payload: dict[str, Any] = {"q": batch, "source": source, "target": target}
-        payload["format"] = "text"
+        # Segments with inline tags go in HTML mode, which moves tags with their words.
+        tagged = any(_INLINE_TAG_RE.search(text) for text in batch)
+        sent = [_escape_around_tags(text) for text in batch] if tagged else batch
+        payload: dict[str, Any] = {"q": sent, "source": source, "target": target}
+        payload["format"] = "html" if tagged else "text"
         if self._settings.libretranslate_api_key:
             payload["api_key"] = self._settings.libretranslate_api_key
         reply = await _post_json(
@@ -718,7 +778,7 @@ class _LibreTranslateEngine:
             out = [out]
         if not isinstance(out, list) or not all(isinstance(item, str) for item in out):
             raise TransientEngineError(f"{_LIBRE_LABEL} answered without a list of translations.")
-        return out
+        return [_unescape_around_tags(text) for text in out] if tagged else out
 
 
 def _libre_rejection(reply: _Reply) -> str:
@@ -747,8 +807,10 @@ object mapping numbers to texts). Translate every segment into the target langua
 Answer with only a JSON object {"segments": {...}} that has exactly the same numbers \
 as keys, each mapped to the translation of the segment with that number. Never merge, \
 split, drop or add segments. Keep tokens such as [X0X] exactly as written, where they \
-belong in the translation. Keep line breaks and leading or trailing spaces. A segment \
-that needs no translation is returned unchanged."""
+belong in the translation. Segments may hold inline tags such as <x1>...</x1> and \
+<x2/>: keep each one exactly once, around the translated words they mark. Keep line \
+breaks and leading or trailing spaces. A segment that needs no translation is returned \
+unchanged."""
 
 
 class _OpenAIEngine:
@@ -777,7 +839,7 @@ class _OpenAIEngine:
     async def translate(self, texts: Sequence[str], source: str, target: str) -> list[str]:
         send = functools.partial(self._send, source=source or "auto", target=target)
         return await _translate_protected(
-            texts, send, self._settings, _OPENAI_LABEL, self._limit
+            texts, send, self._settings, _OPENAI_LABEL, self._limit, inline_tags="native"
         )
 
     async def _send(self, batch: list[str], source: str, target: str) -> list[str]:

@@ -401,7 +401,12 @@ class SegmentTranslation:
         out = self.ctx.result_path(translated_name(self.doc.result_name(self.ctx.file_name),
                                                    self.target))
         in_order = (self.translations[i] for i in range(self.total))
-        await asyncio.to_thread(self.doc.render, in_order, out)
+        lost = await asyncio.to_thread(self.doc.render, in_order, out)
+        if lost:
+            # The text is all there; only bold, links and the like fell back to plain.
+            await self.ctx.progress(
+                99, f"{lost} segment{'' if lost == 1 else 's'} lost inline formatting "
+                "(the engine broke its tags); the text is complete", stage="writing")
         return out
 
     async def _batches(self, segments: Iterator[tuple[int, str]],

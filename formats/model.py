@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .tags import fallback_pieces, parse_tagged
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,12 +55,13 @@ class Document(Protocol):
         """
         ...
 
-    def render(self, translations: Iterable[str], out: Path) -> None:
+    def render(self, translations: Iterable[str], out: Path) -> int:
         """Write the document to `out` with segment i replaced by the i-th translation.
 
         Consumes `translations` lazily and in order; everything that is not a segment is
         kept. Text output is UTF-8. Raises ValueError if the counts differ (and then
-        leaves no file at `out`).
+        leaves no file at `out`). Returns how many segments lost their inline formatting
+        because the translation's tags were broken (their text is kept, untagged).
         """
         ...
 
@@ -93,11 +96,39 @@ class _Segment:
     cont: str = ""
     protected: tuple[str, ...] = ()
     escape: Callable[[str], str] | None = None
+    #: inline tags: span number -> (opening, closing) source markup, and self-closing
+    #: number -> source text; None for a segment without tags
+    markup: tuple[dict[int, tuple[str, str]], dict[int, str]] | None = None
 
     def render(self, translation: str) -> str:
+        """The source text for `translation`."""
+        return self.render_checked(translation)[0]
+
+    def render_checked(self, translation: str) -> tuple[str, bool]:
+        """The source text for `translation`, and whether its inline tags were broken
+        (then the text is kept without its inline formatting)."""
         if translation == self.text:
-            return self.raw  # an unchanged segment keeps its exact source
+            return self.raw, False  # an unchanged segment keeps its exact source
         text = _NEWLINE.sub("\n", translation)
+        if self.markup is None:
+            return self._plain(text), False
+        spans, empties = self.markup
+        pieces = parse_tagged(text, set(spans), set(empties))
+        lost = pieces is None
+        if pieces is None:
+            pieces = fallback_pieces(text, sorted(empties))
+        out: list[str] = []
+        for piece in pieces:
+            if piece.empty:
+                out.append(empties[piece.tag or 0])
+            elif piece.tag is None:
+                out.append(self._plain(piece.text))
+            else:
+                opening, closing = spans[piece.tag]
+                out.append(opening + self._plain(piece.text) + closing)
+        return "".join(out), lost
+
+    def _plain(self, text: str) -> str:
         if self.escape is not None:
             return self.escape(text)
         return _restore(text, self.protected).replace("\n", self.eol + self.cont)
@@ -192,7 +223,7 @@ class _BaseDocument:
     def segments(self) -> Iterator[str]:
         raise NotImplementedError
 
-    def render(self, translations: Iterable[str], out: Path) -> None:
+    def render(self, translations: Iterable[str], out: Path) -> int:
         raise NotImplementedError
 
     def plain_text(self) -> Iterator[str]:
@@ -218,17 +249,25 @@ class _TokenDocument(_BaseDocument):
             if isinstance(token, _Segment):
                 yield token.text
 
-    def render(self, translations: Iterable[str], out: Path) -> None:
-        """Write the document with its segments translated, streaming, as UTF-8."""
+    def render(self, translations: Iterable[str], out: Path) -> int:
+        """Write the document with its segments translated, streaming, as UTF-8; return
+        how many segments lost their inline formatting."""
         feed = _Translations(translations)
+        lost = 0
         # errors="replace": a stray surrogate from an engine must not fail a whole job.
         with (
             _atomic_output(out) as tmp,
             tmp.open("w", encoding="utf-8", newline="", errors="replace") as f,
         ):
             for token in self._tokens():
-                f.write(token if isinstance(token, str) else token.render(feed.take()))
+                if isinstance(token, str):
+                    f.write(token)
+                    continue
+                text, broken = token.render_checked(feed.take())
+                f.write(text)
+                lost += broken
             feed.finish()
+        return lost
 
     def plain_text(self) -> Iterator[str]:
         """The document's text as it is, in chunks."""

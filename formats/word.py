@@ -292,6 +292,12 @@ class _TaggedParagraph:
         text_spans = [item for item in items or () if isinstance(item, _Span)]
         if items is None or not text_spans:
             return None
+        # Barriers at either end (a comment mark, a leading image) need no tag: they stay
+        # where they are, before or after the rebuilt runs.
+        while isinstance(items[0], _Barrier):
+            items.pop(0)
+        while isinstance(items[-1], _Barrier):
+            items.pop()
         if has_tag_lookalike("".join(span.text for span in text_spans)):
             return None
         weight: dict[tuple[Any, bytes], int] = {}
@@ -323,7 +329,7 @@ class _TaggedParagraph:
         if translation == self.text:
             return False
         pieces = parse_tagged(translation, set(self.spans), set(self.barriers))
-        lost = pieces is None
+        lost = pieces is None and bool(self.spans or self.barriers)  # else: tags invented
         if pieces is None:
             pieces = fallback_pieces(translation, sorted(self.barriers))
         pieces = [Piece(self.lead), *pieces, Piece(self.trail)]

@@ -1,0 +1,296 @@
+"""Inline formatting as numbered tags: real files, real engines' wire forms, broken tags."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import docx
+import pytest
+from docx.opc.constants import RELATIONSHIP_TYPE as RT
+from docx.oxml import OxmlElement
+from docx.oxml.ns import qn
+from fakes import FakeLibreTranslate, FakeOpenAI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import engines
+from formats import open_document
+from formats.tags import TAG, fallback_pieces, parse_tagged
+
+WORDS = re.compile(r"[^\W_]+")
+
+
+def upper(text: str) -> str:
+    """A translator that keeps tags where they are and upper-cases the words."""
+    parts = TAG.split(text)
+    out = []
+    for i, part in enumerate(parts):
+        # TAG.split yields text, then the tag's three groups, then text again ...
+        if i % 4 == 0:
+            out.append(part.upper())
+    tags = TAG.findall(text)
+    result = out[0]
+    for (closing, number, self_closing), part in zip(tags, out[1:], strict=True):
+        result += f"<{closing}x{number}{self_closing}>" + part
+    return result
+
+
+def add_hyperlink(paragraph, url: str, text: str, bold: bool = False) -> None:
+    link = OxmlElement("w:hyperlink")
+    link.set(qn("r:id"), paragraph.part.relate_to(url, RT.HYPERLINK, is_external=True))
+    run = OxmlElement("w:r")
+    if bold:
+        rpr = OxmlElement("w:rPr")
+        rpr.append(OxmlElement("w:b"))
+        run.append(rpr)
+    t = OxmlElement("w:t")
+    t.text = text
+    run.append(t)
+    link.append(run)
+    paragraph._p.append(link)
+
+
+def add_page_field(paragraph) -> None:
+    for kind in ("begin", "instr", "separate", "result", "end"):
+        run = OxmlElement("w:r")
+        if kind == "instr":
+            part = OxmlElement("w:instrText")
+            part.text = " PAGE "
+        elif kind == "result":
+            part = OxmlElement("w:t")
+            part.text = "7"
+        else:
+            part = OxmlElement("w:fldChar")
+            part.set(qn("w:fldCharType"), kind)
+        run.append(part)
+        paragraph._p.append(run)
+
+
+def add_bookmark(paragraph, name: str) -> None:
+    start = OxmlElement("w:bookmarkStart")
+    start.set(qn("w:id"), "0")
+    start.set(qn("w:name"), name)
+    end = OxmlElement("w:bookmarkEnd")
+    end.set(qn("w:id"), "0")
+    paragraph._p.append(start)
+    paragraph._p.append(end)
+
+
+def make_rich_docx(path: Path) -> Path:
+    document = docx.Document()
+    paragraph = document.add_paragraph("The ")
+    paragraph.add_run("quick").bold = True
+    paragraph.add_run(" brown fox jumps over the ")
+    paragraph.add_run("lazy").italic = True
+    paragraph.add_run(" dog, see ")
+    add_hyperlink(paragraph, "https://zhiyi.example/fox", "the fox page")
+    paragraph.add_run(" on page ")
+    add_page_field(paragraph)
+    add_bookmark(paragraph, "fox")
+    paragraph.add_run(".")
+    document.add_paragraph("A plain paragraph with {name} in it.")
+    commented = document.add_paragraph("Commented words here.")
+    document.add_comment(commented.runs, text="Check this sentence please.", author="Ann")
+    document.sections[0].footer.paragraphs[0].text = "Footer words"
+    document.save(str(path))
+    return path
+
+
+def render(path: Path, translate: Callable[[str], str]) -> tuple[Path, int]:
+    doc = open_document(path)
+    out = path.with_name("out-" + path.name)
+    lost = doc.render((translate(s) for s in doc.segments()), out)
+    return out, lost
+
+
+def test_docx_paragraph_is_one_segment_with_tags(tmp_path: Path) -> None:
+    doc = open_document(make_rich_docx(tmp_path / "rich.docx"))
+    segments = list(doc.segments())
+    assert segments[0] == (
+        "The <x1>quick</x1> brown fox jumps over the <x2>lazy</x2> dog, see "
+        "<x3>the fox page</x3> on page <x4/>."
+    )
+    assert "A plain paragraph with {name} in it." in segments
+    assert "Footer words" in segments
+    assert "Check this sentence please." in segments  # the comment part
+    assert "Commented words here." in segments
+
+
+def test_docx_tags_map_back_onto_runs_links_and_fields(tmp_path: Path) -> None:
+    source = make_rich_docx(tmp_path / "rich.docx")
+    out, lost = render(source, upper)
+    assert lost == 0
+    result = docx.Document(str(out))
+    paragraph = result.paragraphs[0]
+    assert paragraph.text == (
+        "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG, SEE THE FOX PAGE ON PAGE 7."
+    )
+    runs = {r.text: (r.bold, r.italic) for r in paragraph.runs}
+    assert runs["QUICK"] == (True, None)
+    assert runs["LAZY"] == (None, True)
+    assert [link.text for link in paragraph.hyperlinks] == ["THE FOX PAGE"]
+    assert paragraph.hyperlinks[0].url == "https://zhiyi.example/fox"
+    xml = paragraph._p.xml
+    assert xml.count("w:fldChar ") == 3 and "PAGE" in xml and 'w:name="fox"' in xml
+    assert result.sections[0].footer.paragraphs[0].text == "FOOTER WORDS"
+    comments = [c.text for c in result.comments]
+    assert comments == ["CHECK THIS SENTENCE PLEASE."]
+    assert result.paragraphs[1].text == "A PLAIN PARAGRAPH WITH {NAME} IN IT."
+
+
+def test_docx_tags_can_move_with_their_words(tmp_path: Path) -> None:
+    source = make_rich_docx(tmp_path / "rich.docx")
+
+    def reorder(text: str) -> str:
+        if text.startswith("The <x1>"):
+            return (
+                "Auf Seite <x4/>: <x3>die Fuchsseite</x3>, der <x2>faule</x2> Hund, "
+                "<x1>flink</x1>."
+            )
+        return text
+
+    out, lost = render(source, reorder)
+    assert lost == 0
+    paragraph = docx.Document(str(out)).paragraphs[0]
+    assert paragraph.text == "Auf Seite 7: die Fuchsseite, der faule Hund, flink."
+    assert {r.text: r.bold for r in paragraph.runs}["flink"] is True
+    assert [link.text for link in paragraph.hyperlinks] == ["die Fuchsseite"]
+
+
+SCRAMBLES: list[Callable[[str], str]] = [
+    lambda t: TAG.sub("", t),  # every tag dropped
+    lambda t: t.replace("</x1>", ""),  # an unclosed span
+    lambda t: t.replace("<x1>", "<x1><x1>"),  # a duplicated tag
+    lambda t: t + "<x9>invented</x9>",  # a tag that was never sent
+    lambda t: re.sub(r"<x1>(.*?)</x1>", r"</x1>\1<x1>", t),  # crossed
+    lambda t: t.replace("<x2>", "<x1>").replace("</x2>", "</x1>"),  # renumbered
+    lambda t: t.replace("<x4/>", "<x4/><x4/>"),  # a field twice
+]
+
+
+@pytest.mark.parametrize("scramble", SCRAMBLES)
+def test_broken_tags_keep_all_text_and_a_valid_file(tmp_path: Path, scramble) -> None:
+    source = make_rich_docx(tmp_path / "rich.docx")
+    out, lost = render(source, lambda t: scramble(upper(t)))
+    assert lost == 1  # only the rich paragraph had tags
+    result = docx.Document(str(out))  # it opens
+    paragraph = result.paragraphs[0]
+    first = next(open_document(source).segments())
+    expected = WORDS.findall(TAG.sub("", scramble(upper(first))))
+    got = WORDS.findall(paragraph.text)
+    for word in expected:
+        assert word in got
+    assert paragraph._p.xml.count("w:fldChar ") == 3  # the field is kept exactly once
+    assert len(paragraph.hyperlinks) <= 1
+
+
+def random_scramble(seed: int) -> Callable[[str], str]:
+    rng = random.Random(seed)
+
+    def scramble(text: str) -> str:
+        tags = TAG.findall(text)
+        words = TAG.split(text)[::4]
+        rng.shuffle(tags)
+        keep = [t for t in tags if rng.random() < 0.7]
+        out = words[0]
+        for i, word in enumerate(words[1:]):
+            if i < len(keep):
+                closing, number, self_closing = keep[i]
+                out += f"<{closing}x{number}{self_closing}>"
+            out += word
+        return out
+
+    return scramble
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    runs=st.lists(
+        st.tuples(
+            st.text(alphabet="abcdefgh <>&{}", min_size=1, max_size=12),
+            st.booleans(),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    seed=st.integers(0, 1000),
+)
+def test_generated_docx_never_loses_text(tmp_path: Path, runs, seed: int) -> None:
+    document = docx.Document()
+    paragraph = document.add_paragraph()
+    for text, bold, italic in runs:
+        run = paragraph.add_run(text)
+        run.bold, run.italic = bold or None, italic or None
+    path = tmp_path / f"gen-{seed}.docx"
+    document.save(str(path))
+    source_text = "".join(text for text, _, _ in runs)
+    if not any(ch.isalnum() for ch in source_text):
+        return
+    for translate in (upper, lambda t: random_scramble(seed)(upper(t))):
+        out, _ = render(path, translate)
+        result = docx.Document(str(out)).paragraphs[0]
+        assert WORDS.findall(result.text) == WORDS.findall(source_text.upper())
+    out, lost = render(path, upper)
+    assert lost == 0
+    # Every bold character of the source is bold in the result (upper-cased).
+    bold_source = "".join(t for t, b, _ in runs if b).upper().strip()
+    bold_result = "".join(r.text for r in docx.Document(str(out)).paragraphs[0].runs if r.bold)
+    assert WORDS.findall(bold_result) == WORDS.findall(bold_source) or not bold_source.strip()
+
+
+def test_parse_and_fallback() -> None:
+    assert parse_tagged("a <x1>b</x1> <x2/>", {1}, {2}) is not None
+    assert parse_tagged("a <x1>b</x1>", {1}, {2}) is None  # the field went missing
+    pieces = fallback_pieces("a <x1>b <x2/> c", [2, 3])
+    assert [(p.text, p.tag) for p in pieces] == [("a b ", None), ("", 2), (" c", None), ("", 3)]
+
+
+# --------------------------------------------------------------------------- engines
+
+
+async def test_libretranslate_gets_tagged_segments_in_html_mode(aiohttp_server) -> None:
+    fake = FakeLibreTranslate()
+    server = await aiohttp_server(fake.app)
+    settings_ = replace(engines.EngineSettings(), libretranslate_url=fake.url(server),
+                        max_retries=0)
+    async with aiohttp.ClientSession() as session:
+        engine = engines.make_engine("libretranslate", settings_, session)
+        result = await engine.translate(
+            ["R&D <x1>bold</x1> a < b {name}", "plain & simple"], "en", "de"
+        )
+    tagged = plain = fake.requests[0].body  # one batch
+    assert tagged["format"] == "html"
+    assert tagged["q"][0] == "R&amp;D <x1>bold</x1> a &lt; b [X2X]"  # tokens keep their numbers
+    assert result[0] == "<de>R&D <x1>bold</x1> a < b {name}"
+    assert plain["q"][1] == "plain &amp; simple"
+    assert result[1] == "<de>plain & simple"
+
+
+async def test_an_engine_that_drops_tags_is_not_retried(aiohttp_server) -> None:
+    fake = FakeOpenAI()
+    server = await aiohttp_server(fake.app)
+    fake.reply_next({"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": '{"segments": {"1": "Gras [X2X] ohne Tags"}}'}}]})
+    settings_ = replace(engines.EngineSettings(), openai_base_url=fake.url(server),
+                        max_retries=0)
+    async with aiohttp.ClientSession() as session:
+        engine = engines.make_engine("openai", settings_, session)
+        result = await engine.translate(["<x1>Bold</x1> {name} without tags"], "en", "de")
+    assert result == ["Gras {name} ohne Tags"]
+    system = fake.requests[0].body["messages"][0]["content"]
+    assert "<x1>" in system
+    assert "<x1>Bold</x1> [X2X] without tags" in fake.requests[0].body["messages"][1]["content"]
+
+
+async def test_pseudo_keeps_inline_tags() -> None:
+    engine = engines.make_engine("pseudo", engines.EngineSettings(), None)  # type: ignore[arg-type]
+    [out] = await engine.translate(["<x1>Bold</x1> and <x2/>"], "en", "de")
+    assert "<x1>" in out and "</x1>" in out and "<x2/>" in out
