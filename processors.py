@@ -21,13 +21,14 @@ import inspect
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 import engines
 import formats
+import translation_memory as memory
 
 __all__ = [
     "AwaitExternal",
@@ -100,6 +101,8 @@ class TaskContext:
     _submit_external: ExternalSubmitter | None = None
     #: batches a translate attempt keeps in flight at once (ENGINE_CONCURRENCY)
     engine_concurrency: int = 4
+    #: the user's translation memory, when the runner has one
+    memory: TranslationMemory | None = None
 
     async def progress(self, percent: float, message: str, *, stage: str | None = None) -> None:
         """Report progress; cheap to call often (the runner coalesces writes)."""
@@ -144,6 +147,27 @@ class Quote:
 
     file_size: int
     stats: formats.DocumentStats | None
+    #: segments the user's translation memory already holds (not sent, not charged)
+    remembered_segments: int = 0
+    #: their characters
+    remembered_characters: int = 0
+
+    @property
+    def all_remembered(self) -> bool:
+        return bool(self.stats and self.stats.segments
+                    and self.remembered_segments >= self.stats.segments)
+
+
+class TranslationMemory(Protocol):
+    """The user's translation memory, as the runner lends it to a processor."""
+
+    async def lookup(self, scope: memory.Scope, keys: Sequence[str]) -> dict[str, str]:
+        """Remembered translations of these source keys: ``{key: translation}``."""
+        ...
+
+    async def remember(self, entries: Sequence[memory.Entry]) -> None:
+        """Remember new translations."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -170,10 +194,17 @@ CostRule = Callable[[Quote, dict[str, Any]], int]
 
 
 def per_thousand_chars(rate: int) -> CostRule:
-    """Characters / 1000 rounded up, times ``rate``, at least 1."""
+    """Characters / 1000 rounded up, times ``rate``, at least 1.
+
+    Characters of remembered segments are not counted; when every segment is
+    remembered the cost is 0.
+    """
 
     def cost(quote: Quote, params: dict[str, Any]) -> int:
+        if quote.all_remembered:
+            return 0
         characters = quote.stats.characters if quote.stats else quote.file_size
+        characters -= quote.remembered_characters
         return max(1, math.ceil(characters / 1000) * rate)
 
     return cost
@@ -286,7 +317,45 @@ TRANSLATE_PARAMS = {
     "sourceLang": ParamSpec(default="auto", description="Language of the document, or auto"),
     "engine": ParamSpec(default="pseudo", description="Translation engine",
                         choices=(*engines.ENGINE_NAMES, "external")),
+    "memory": ParamSpec(choices=("use", "ignore"),
+                        description="use (the default): segments in your translation memory "
+                                    "are not sent or charged; ignore: translate everything "
+                                    "again"),
 }
+#: analyze quotes a translation when told its languages and engine
+ANALYZE_PARAMS = {
+    "targetLang": ParamSpec(description="Quote a translation into this language "
+                                        "(counts segments in your translation memory)"),
+    "sourceLang": ParamSpec(default="auto", description="Language of the document, or auto"),
+    "engine": ParamSpec(default="pseudo", description="Engine of the quoted translation",
+                        choices=(*engines.ENGINE_NAMES, "external")),
+}
+
+
+def memory_scope(params: dict[str, Any], language: str) -> memory.Scope | None:
+    """Where a translation with these params looks segments up; None: no memory.
+
+    A source language of ``auto`` is the document's detected ``language``.
+    """
+    engine = str(params.get("engine") or "pseudo")
+    target = params.get("targetLang")
+    if engine == "external" or not target:
+        return None
+    source = str(params.get("sourceLang") or "auto")
+    if source == "auto":
+        source = language
+    return memory.Scope(source.lower(), str(target).lower(), engine)
+
+
+def segment_keys(doc: formats.Document) -> list[tuple[str, int]]:
+    """``(memory key, characters)`` of every segment, in order (CPU work: run in a thread)."""
+    return [(memory.memory_key(segment), len(segment)) for segment in doc.segments()]
+
+
+def remembered(keys: list[tuple[str, int]], found: Collection[str]) -> tuple[int, int]:
+    """How many of ``keys`` are in ``found``, and their characters."""
+    hits = [size for key, size in keys if key in found]
+    return len(hits), sum(hits)
 
 
 def translate_cost(quote: Quote, params: dict[str, Any]) -> int:
@@ -307,22 +376,42 @@ async def _open(ctx: TaskContext) -> formats.Document:
 
 
 @processor("analyze", extensions=DOCUMENT_EXTENSIONS, cost=flat(1),
-           cost_description="1 credit",
+           cost_description="1 credit", params=ANALYZE_PARAMS,
            description="A JSON report: characters, words, segments, language, credit quotes")
 async def analyze(ctx: TaskContext) -> Path:
-    """A JSON report on the document and what each task type would cost."""
+    """A JSON report on the document and what each task type would cost.
+
+    With ``targetLang`` the translate quote counts the segments the user's
+    translation memory holds for that pair and engine (``fromMemory``), exactly
+    as creating that translate task would charge.
+    """
     doc = await _open(ctx)
     stats = await asyncio.to_thread(formats.document_stats, doc)
     quote = Quote(ctx.input_path.stat().st_size, stats)
     costs = {t.name: t.cost(quote, {}) for t in _DEFAULT if not t.external}
+    per_engine = dict.fromkeys((*engines.ENGINE_NAMES, "external"), costs["translate"])
+    from_memory = 0
+    if ctx.params.get("targetLang") and ctx.memory is not None:
+        keys = await asyncio.to_thread(segment_keys, doc)
+        for name in per_engine:
+            scope = memory_scope({**ctx.params, "engine": name}, stats.language)
+            if scope is None:
+                continue
+            found = await ctx.memory.lookup(scope, [key for key, _ in keys])
+            hits, characters = remembered(keys, found)
+            engine_quote = Quote(quote.file_size, stats, hits, characters)
+            per_engine[name] = translate_cost(engine_quote, ctx.params)
+            if name == (ctx.params.get("engine") or "pseudo"):
+                from_memory = hits
+        costs["translate"] = per_engine[ctx.params.get("engine") or "pseudo"]
     report = {
         "characters": stats.characters,
         "words": stats.words,
         "segments": stats.segments,
         "language": stats.language,
+        "fromMemory": from_memory,
         "quote": costs,
-        "quotePerEngine": {name: costs["translate"]
-                           for name in (*engines.ENGINE_NAMES, "external")},
+        "quotePerEngine": per_engine,
     }
     out = ctx.result_path(Path(ctx.file_name).stem + ".analysis.json")
     out.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -383,6 +472,12 @@ class SegmentTranslation:
         self.target = str(ctx.params["targetLang"])
         self.translations: dict[int, str] = {}
         self.total = 0
+        self.engine_name = str(ctx.params.get("engine") or "pseudo")
+        #: where segments are looked up and remembered; None without a memory
+        self.scope: memory.Scope | None = None
+        self.from_memory = 0
+        #: memory "ignore": translate everything again (and remember the new translations)
+        self.recall = ctx.params.get("memory") != "ignore"
         # One journal writer at a time: lines of two batches must not interleave.
         self._journal_lock = asyncio.Lock()
 
@@ -393,11 +488,14 @@ class SegmentTranslation:
             logger.info("task %s resumes with %d of %d segments done", self.ctx.task_id,
                         len(self.translations), self.total)
         await self._report()
+        await self._choose_memory_scope()
         segments = enumerate(self.doc.segments())
         resumed = frozenset(self.translations)
         await _bounded_gather(self._batches(segments, resumed), self._translate_batch,
                               max(1, self.ctx.engine_concurrency))
-        await self.ctx.progress(99, "writing the translated document", stage="writing")
+        remembered = f" ({self.from_memory} from memory)" if self.from_memory else ""
+        await self.ctx.progress(99, f"writing the translated document{remembered}",
+                                stage="writing")
         out = self.ctx.result_path(translated_name(self.doc.result_name(self.ctx.file_name),
                                                    self.target))
         in_order = (self.translations[i] for i in range(self.total))
@@ -415,11 +513,45 @@ class SegmentTranslation:
         while batch := await asyncio.to_thread(_next_batch, segments, resumed):
             yield batch
 
+    async def _choose_memory_scope(self) -> None:
+        params = {**self.ctx.params, "engine": self.engine_name}
+        if self.ctx.memory is None or memory_scope(params, "unknown") is None:
+            return
+        language = "unknown"
+        if self.source == "auto":  # the detected language, as the quote at create used
+            language = (await asyncio.to_thread(formats.document_stats, self.doc)).language
+        self.scope = memory_scope(params, language)
+
     async def _translate_batch(self, batch: _Batch) -> None:
         texts = [text for _, text in batch]
-        translated = await self._translate(texts)
-        done = [(index, text) for (index, _), text in zip(batch, translated, strict=True)]
+        known = await self._recall(texts)
+        todo = [pos for pos in range(len(texts)) if pos not in known]
+        if todo:
+            translated = await self._translate([texts[pos] for pos in todo])
+            known.update(zip(todo, translated, strict=True))
+            await self._remember([texts[pos] for pos in todo], translated)
+        done = [(index, known[pos]) for pos, (index, _) in enumerate(batch)]
         await self._journal_batch(done)
+
+    async def _recall(self, texts: list[str]) -> dict[int, str]:
+        """Translations the memory holds, by position in ``texts``; they are not sent."""
+        if self.scope is None or self.ctx.memory is None or not self.recall:
+            return {}
+        keys = [memory.memory_key(text) for text in texts]
+        found = await self.ctx.memory.lookup(self.scope, keys)
+        known = {pos: memory.reuse(found[key], texts[pos])
+                 for pos, key in enumerate(keys) if key in found}
+        self.from_memory += len(known)
+        return known
+
+    async def _remember(self, texts: list[str], translated: list[str]) -> None:
+        if self.scope is None or self.ctx.memory is None:
+            return
+        scope = self.scope
+        await self.ctx.memory.remember([
+            memory.Entry(scope.source, scope.target, scope.engine, text, translation)
+            for text, translation in zip(texts, translated, strict=True)
+            if memory.normalise(text)])
 
     async def _journal_batch(self, done: list[tuple[int, str]]) -> None:
         async with self._journal_lock:

@@ -86,3 +86,17 @@ CREATE TABLE IF NOT EXISTS meta (
     key    TEXT PRIMARY KEY,
     value  TEXT NOT NULL
 );
+
+-- Each user's translation memory: segments already translated are not sent or charged
+-- again (issue 11).
+CREATE TABLE IF NOT EXISTS translation_memory (
+    user_id      TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    source_lang  TEXT NOT NULL,                             -- detected when the task said auto
+    target_lang  TEXT NOT NULL,
+    engine       TEXT NOT NULL,
+    source_key   TEXT NOT NULL,                             -- SHA-256 of the normalised source
+    source_text  TEXT NOT NULL,
+    target_text  TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    PRIMARY KEY (user_id, source_lang, target_lang, engine, source_key)
+);

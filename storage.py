@@ -26,6 +26,8 @@ from typing import Any
 
 import aiosqlite
 
+from translation_memory import Entry, Scope
+
 __all__ = [
     "SCHEMA_VERSION",
     "Event",
@@ -69,6 +71,19 @@ MIGRATIONS: dict[int, str] = {
         ALTER TABLE processing_tasks ADD COLUMN external_deadline TEXT;
         ALTER TABLE processing_tasks ADD COLUMN files_expired INTEGER NOT NULL DEFAULT 0;
         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    3: """
+        CREATE TABLE IF NOT EXISTS translation_memory (
+            user_id      TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            source_lang  TEXT NOT NULL,
+            target_lang  TEXT NOT NULL,
+            engine       TEXT NOT NULL,
+            source_key   TEXT NOT NULL,
+            source_text  TEXT NOT NULL,
+            target_text  TEXT NOT NULL,
+            created_at   TEXT NOT NULL,
+            PRIMARY KEY (user_id, source_lang, target_lang, engine, source_key)
+        );
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -668,6 +683,71 @@ class TaskStore:
         )
         return {r["id"]: (r["credits"], r["total"]) for r in rows}
 
+    # ----------------------------------------------------- translation memory
+    async def memory_summary(self, user_id: str) -> list[tuple[Scope, int]]:
+        """How many segments the user's memory holds, per (source, target, engine)."""
+        rows = await self._fetchall(
+            """SELECT source_lang, target_lang, engine, COUNT(*) AS n FROM translation_memory
+               WHERE user_id = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+            (user_id,),
+        )
+        return [(Scope(r["source_lang"], r["target_lang"], r["engine"]), r["n"]) for r in rows]
+
+    async def memory_lookup(self, user_id: str, scope: Scope,
+                            keys: Iterable[str]) -> dict[str, str]:
+        """The remembered translations of those source keys: ``{key: translation}``."""
+        found: dict[str, str] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), MEMORY_LOOKUP_CHUNK):
+            chunk = unique[start:start + MEMORY_LOOKUP_CHUNK]
+            rows = await self._fetchall(
+                f"""SELECT source_key, target_text FROM translation_memory
+                    WHERE user_id = ? AND source_lang = ? AND target_lang = ? AND engine = ?
+                    AND source_key IN ({", ".join("?" * len(chunk))})""",
+                (user_id, scope.source, scope.target, scope.engine, *chunk),
+            )
+            found.update((r["source_key"], r["target_text"]) for r in rows)
+        return found
+
+    async def memory_remember(self, user_id: str, entries: Iterable[Entry]) -> int:
+        """Remember (or update) translations; returns how many rows were written."""
+        rows = [(user_id, e.source_lang, e.target_lang, e.engine, e.key, e.source, e.target)
+                for e in entries]
+
+        def _op(txn: _Txn) -> Any:
+            txn.db.executemany(
+                """INSERT INTO translation_memory (user_id, source_lang, target_lang, engine,
+                   source_key, source_text, target_text, created_at)
+                   VALUES (?,?,?,?,?,?,?, ?)
+                   ON CONFLICT (user_id, source_lang, target_lang, engine, source_key)
+                   DO UPDATE SET source_text = excluded.source_text,
+                   target_text = excluded.target_text, created_at = excluded.created_at""",
+                [(*row, txn.now) for row in rows],
+            )
+            return len(rows)
+        return await self._write(_op) if rows else 0
+
+    async def memory_entries(self, user_id: str, *, after: int = 0,
+                             limit: int = 1000) -> list[tuple[int, Entry]]:
+        """A page of the user's memory in insertion order: ``(rowid, entry)``."""
+        rows = await self._fetchall(
+            """SELECT rowid, * FROM translation_memory WHERE user_id = ? AND rowid > ?
+               ORDER BY rowid LIMIT ?""",
+            (user_id, after, limit),
+        )
+        return [(r["rowid"], Entry(r["source_lang"], r["target_lang"], r["engine"],
+                                   r["source_text"], r["target_text"])) for r in rows]
+
+    async def memory_clear(self, user_id: str, scope: Scope | None = None) -> int:
+        """Forget the user's memory (or one scope of it); returns how many segments."""
+        def _op(txn: _Txn) -> Any:
+            sql, args = "DELETE FROM translation_memory WHERE user_id = ?", [user_id]
+            if scope is not None:
+                sql += " AND source_lang = ? AND target_lang = ? AND engine = ?"
+                args += [scope.source, scope.target, scope.engine]
+            return txn.db.execute(sql, args).rowcount
+        return await self._write(_op)
+
     # ------------------------------------------------------------------ tasks
     async def create_processing_task(self, new: NewTask) -> tuple[Task, bool]:
         """Insert a pending task and charge its cost, in one transaction.
@@ -1197,6 +1277,8 @@ def _status_payload(task_id: int, status: TaskStatus, progress: int, message: st
 
 
 TOKEN_CACHE_SIZE = 10_000
+#: keys per memory lookup statement (SQLite's default variable limit is far above)
+MEMORY_LOOKUP_CHUNK = 500
 INTERRUPTED = "interrupted too many times (the server stopped while it ran)"
 
 

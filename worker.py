@@ -19,13 +19,14 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import engines
+import translation_memory as memory
 from processors import (
     AwaitExternal,
     ExternalSubmitter,
@@ -36,7 +37,8 @@ from processors import (
 )
 from storage import Task, TaskStore
 
-__all__ = ["ProgressReporter", "WorkerPool", "WorkerSettings", "is_disk_full", "task_dirs"]
+__all__ = ["ProgressReporter", "StoreMemory", "WorkerPool", "WorkerSettings", "is_disk_full",
+           "task_dirs"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,20 @@ class ProgressReporter:
         if self.percent <= 0 or elapsed < 0.5:
             return None
         return round(elapsed * (100 - self.percent) / self.percent, 1)
+
+
+class StoreMemory:
+    """One user's translation memory in the store, as a processor sees it."""
+
+    def __init__(self, store: TaskStore, user_id: str) -> None:
+        self.store = store
+        self.user_id = user_id
+
+    async def lookup(self, scope: memory.Scope, keys: Sequence[str]) -> dict[str, str]:
+        return await self.store.memory_lookup(self.user_id, scope, keys)
+
+    async def remember(self, entries: Sequence[memory.Entry]) -> None:
+        await self.store.memory_remember(self.user_id, entries)
 
 
 def _log_write_error(future: asyncio.Future[bool]) -> None:
@@ -347,6 +363,7 @@ class WorkerPool:
             _progress=reporter.report, _save_checkpoint=save_checkpoint,
             _engine=self._engine, _submit_external=self.submit_external,
             engine_concurrency=self.settings.engine_concurrency,
+            memory=StoreMemory(self.store, task.user_id),
         )
 
     def _engine(self, name: str) -> engines.Engine:

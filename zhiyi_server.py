@@ -39,7 +39,7 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 #: names may also be an embedding app's own modules; see ``refuse_shadowed_modules``.
 SIBLING_MODULES = (
     "backup", "engines", "external", "formats", "metrics", "processors", "sse", "storage",
-    "worker",
+    "translation_memory", "worker",
 )
 
 
@@ -85,7 +85,16 @@ import formats
 from external import ExternalService, ResultFetchError, SignatureError, verify_signature
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import DiskSpace, Metrics, disk_space
-from processors import Quote, Registry, TaskType, default_registry
+from processors import (
+    Quote,
+    Registry,
+    TaskType,
+    default_registry,
+    memory_scope,
+    remembered,
+    segment_keys,
+    translate_cost,
+)
 from sse import (
     REPLAY_PAGE,
     SSEHub,
@@ -110,6 +119,7 @@ from storage import (
     UserExists,
     UserNotFound,
 )
+from translation_memory import BadTmx, Entry, Scope, from_tmx, to_tmx
 from worker import WorkerPool, WorkerSettings, is_disk_full, task_dirs
 
 __all__ = ["CONFIG", "HUB", "POOL", "STORE", "Config", "create_app", "main"]
@@ -533,6 +543,78 @@ def _paging(request: web.Request) -> tuple[int, int | None]:
         raise ApiError(400, "bad_request", "cursor must be a value from nextCursor.") from e
 
 
+# ---------------------------------------------------------- translation memory
+TMX_CONTENT_TYPE = "application/x-tmx+xml"
+MEMORY_EXPORT_PAGE = 5000
+
+
+def _memory_scope_query(request: web.Request) -> Scope | None:
+    """``?sourceLang=&targetLang=&engine=``: all three, or none (the whole memory)."""
+    parts = [request.query.get(name, "").strip() for name in ("sourceLang", "targetLang",
+                                                                "engine")]
+    if not any(parts):
+        return None
+    if not all(parts):
+        raise ApiError(400, "bad_request",
+                       "Give sourceLang, targetLang and engine together, or none of them.")
+    return Scope(parts[0].lower(), parts[1].lower(), parts[2])
+
+
+async def memory_summary(request: web.Request) -> web.Response:
+    """``GET /api/memory``: how many segments the user's memory holds, per pair and engine."""
+    user_id = await current_user(request)
+    summary = await request.config_dict[STORE].memory_summary(user_id)
+    return web.json_response({
+        "success": True, "segments": sum(n for _, n in summary),
+        "scopes": [{"sourceLang": scope.source, "targetLang": scope.target,
+                    "engine": scope.engine, "segments": n} for scope, n in summary],
+    })
+
+
+async def memory_clear(request: web.Request) -> web.Response:
+    """``DELETE /api/memory``: forget the memory, or one pair and engine of it."""
+    user_id = await current_user(request)
+    deleted = await request.config_dict[STORE].memory_clear(
+        user_id, _memory_scope_query(request))
+    return web.json_response({"success": True, "deleted": deleted})
+
+
+async def memory_export(request: web.Request) -> web.Response:
+    """``GET /api/memory/export.tmx``: the whole memory as TMX 1.4."""
+    user_id = await current_user(request)
+    store = request.config_dict[STORE]
+    entries: list[Entry] = []
+    after = 0
+    while page := await store.memory_entries(user_id, after=after, limit=MEMORY_EXPORT_PAGE):
+        entries.extend(entry for _, entry in page)
+        after = page[-1][0]
+    body = await asyncio.to_thread(to_tmx, entries)
+    return web.Response(body=body, headers={
+        "Content-Type": f"{TMX_CONTENT_TYPE}; charset=utf-8",
+        "Content-Disposition": content_disposition("memory.tmx")})
+
+
+async def memory_import(request: web.Request) -> web.Response:
+    """``POST /api/memory/import[?engine=NAME]``: add a TMX document's units to the memory."""
+    user_id = await current_user(request)
+    config = request.config_dict[CONFIG]
+    if (request.content_length or 0) > config.max_upload_bytes:
+        raise _too_large(config)
+    body = await request.read()
+    if not body:
+        raise ApiError(400, "bad_request", "Send a TMX document as the request body.")
+    engine = request.query.get("engine", "").strip() or None
+    if engine is not None and engine not in (*engines.ENGINE_NAMES,):
+        raise ApiError(400, "unknown_engine", f"Unknown engine {engine!r}; the engines are "
+                       f"{', '.join(engines.ENGINE_NAMES)}.")
+    try:
+        entries = await asyncio.to_thread(lambda: list(from_tmx(body, engine)))
+    except BadTmx as e:
+        raise ApiError(422, "bad_tmx", str(e)) from e
+    imported = await request.config_dict[STORE].memory_remember(user_id, entries)
+    return web.json_response({"success": True, "imported": imported})
+
+
 # ---------------------------------------------------------------- task types
 def engine_statuses(config: Config) -> list[dict[str, Any]]:
     statuses = [dataclasses.asdict(s) for s in engines.engine_statuses(config.engine_settings())]
@@ -553,8 +635,8 @@ def task_type_json(task_type: TaskType, config: Config) -> dict[str, Any]:
         "extensions": list(task_type.extensions),
         "cost": task_type.cost_description,
     }
-    if "engine" in task_type.params:
-        data["engines"] = engine_statuses(config)
+    if "engine" in task_type.params and task_type.cost is translate_cost:
+        data["engines"] = engine_statuses(config)  # analyze takes an engine to quote, too
     return data
 
 
@@ -741,7 +823,7 @@ async def create_task(request: web.Request) -> web.Response:
     try:
         upload = await _read_upload(request, task_dir / "original", config)
         task_type, params = _validate_upload(request, upload)
-        cost = await _price(task_type, params, upload)
+        quote, cost = await _price(request, user_id, task_type, params, upload)
         task, created = await store.create_processing_task(NewTask(
             user_id=user_id, task_type=task_type.name, params=params,
             file_name=upload.file_name or "upload", file_size=upload.file_size,
@@ -757,14 +839,42 @@ async def create_task(request: web.Request) -> web.Response:
     logger.info("task %s of user %s created: %s, %d credits", task.id, user_id,
                 task.task_type, cost)
     _wake_workers(request)
-    return _created(request, task, status=201)
+    return _created(request, task, status=201, quote=quote_json(quote, cost))
 
 
-def _created(request: web.Request, task: Task, status: int) -> web.Response:
-    return web.json_response({
-        "success": True, "taskId": task.id, "task": task_json(request, task),
-        "sseUrl": _url(request, "sse_task", taskId=str(task.id)),
-    }, status=status)
+def _created(request: web.Request, task: Task, status: int,
+             quote: dict[str, Any] | None = None) -> web.Response:
+    body = {"success": True, "taskId": task.id, "task": task_json(request, task),
+            "sseUrl": _url(request, "sse_task", taskId=str(task.id))}
+    if quote is not None:
+        body["quote"] = quote
+    return web.json_response(body, status=status)
+
+
+async def quote_task(request: web.Request) -> web.Response:
+    """``POST /api/tasks/quote``: what creating this task would charge; nothing is kept."""
+    user_id = await current_user(request)
+    config = request.config_dict[CONFIG]
+    if (request.content_length or 0) > config.max_upload_bytes + MAX_FIELD_BYTES:
+        raise _too_large(config)
+    scratch = config.data_path / user_id / f"quote-{uuid.uuid4().hex}"
+    try:
+        upload = await _read_upload(request, scratch, config)
+        task_type, params = _validate_upload(request, upload)
+        quote, cost = await _price(request, user_id, task_type, params, upload)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
+    return web.json_response({"success": True, "quote": quote_json(quote, cost)})
+
+
+def quote_json(quote: Quote, cost: int) -> dict[str, Any]:
+    """The quote as the create and quote answers carry it."""
+    stats = quote.stats
+    return {"credits": cost,
+            "segments": stats.segments if stats else None,
+            "characters": stats.characters if stats else None,
+            "fromMemory": quote.remembered_segments,
+            "charactersFromMemory": quote.remembered_characters}
 
 
 def _too_large(config: Config) -> ApiError:
@@ -882,6 +992,9 @@ def _check_params(task_type: TaskType, params: dict[str, Any], config: Config) -
                 params[name] = spec.default
         elif not isinstance(value, str):
             raise ApiError(400, "bad_params", f"The parameter {name} must be a string.")
+        elif spec.choices and name != "engine" and value not in spec.choices:
+            raise ApiError(400, "bad_params", f"The parameter {name} must be one of "
+                           f"{', '.join(spec.choices)}.")
     if "engine" in task_type.params:
         available = [s["name"] for s in engine_statuses(config) if s["available"]]
         if params.get("engine") not in available:
@@ -890,8 +1003,12 @@ def _check_params(task_type: TaskType, params: dict[str, Any], config: Config) -
                            f"available engines: {', '.join(available)}.", available=available)
 
 
-async def _price(task_type: TaskType, params: dict[str, Any], upload: Upload) -> int:
-    """Read the document (its cost depends on it); a bad one is refused with 422."""
+async def _price(request: web.Request, user_id: str, task_type: TaskType,
+                 params: dict[str, Any], upload: Upload) -> tuple[Quote, int]:
+    """Read the document (its cost depends on it); a bad one is refused with 422.
+
+    A translation does not charge the segments the user's memory holds.
+    """
     assert upload.file_path is not None
     stats = None
     if task_type.parses_document:
@@ -899,7 +1016,33 @@ async def _price(task_type: TaskType, params: dict[str, Any], upload: Upload) ->
             stats = await asyncio.to_thread(_document_stats, upload.file_path)
         except formats.BadDocument as e:
             raise ApiError(422, "bad_document", str(e)) from e
-    return task_type.cost(Quote(upload.file_size, stats), params)
+    quote = Quote(upload.file_size, stats)
+    if stats is not None and task_type.cost is translate_cost:
+        quote = await _with_memory(request, user_id, params, upload.file_path, quote)
+    return quote, task_type.cost(quote, params)
+
+
+async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any],
+                       path: Path, quote: Quote) -> Quote:
+    """The quote with the segments found in the user's translation memory."""
+    assert quote.stats is not None
+    scope = memory_scope(params, quote.stats.language)
+    if scope is None or params.get("memory") == "ignore":
+        return quote
+    store = request.config_dict[STORE]
+    if not any(held == scope for held, _ in await store.memory_summary(user_id)):
+        return quote  # nothing remembered for this pair: no second read of the document
+    try:
+        keys = await asyncio.to_thread(_segment_keys, path)
+    except formats.BadDocument as e:
+        raise ApiError(422, "bad_document", str(e)) from e
+    found = await store.memory_lookup(user_id, scope, [key for key, _ in keys])
+    hits, characters = remembered(keys, found)
+    return dataclasses.replace(quote, remembered_segments=hits, remembered_characters=characters)
+
+
+def _segment_keys(path: Path) -> list[tuple[str, int]]:
+    return segment_keys(formats.open_document(path))
 
 
 def _document_stats(path: Path) -> formats.DocumentStats:
@@ -1233,6 +1376,11 @@ def _add_routes(app: web.Application) -> None:
     r.add_get("/api/me/ledger", ledger)
     r.add_get("/api/task-types", task_types)
     r.add_post("/api/tasks/create", create_task)
+    r.add_post("/api/tasks/quote", quote_task)
+    r.add_get("/api/memory", memory_summary)
+    r.add_delete("/api/memory", memory_clear)
+    r.add_get("/api/memory/export.tmx", memory_export)
+    r.add_post("/api/memory/import", memory_import)
     r.add_post("/api/tasks/webhook", webhook, name="webhook")
     r.add_get("/api/tasks", list_tasks)
     r.add_get("/api/tasks/{taskId}", get_task)

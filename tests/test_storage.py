@@ -23,6 +23,7 @@ from storage import (
     UserExists,
     WriterStopped,
 )
+from translation_memory import Entry, Scope, memory_key
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -67,6 +68,12 @@ async def test_older_schema_migrates_without_losing_rows(tmp_path: Path) -> None
         token = await store.issue_token("alice", kind="session")
         assert await store.user_for_token(token) == "alice"
         assert await store.events_pruned_through() == 0
+        # Version 3: the translation memory, usable on the migrated file.
+        remembered = Entry("en", "fr", "pseudo", "Hello  world.", "Bonjour le monde.")
+        assert await store.memory_remember("alice", [remembered]) == 1
+        scope = Scope("en", "fr", "pseudo")
+        assert await store.memory_lookup("alice", scope, [memory_key("Hello world.")]) == {
+            memory_key("Hello world."): "Bonjour le monde."}
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
