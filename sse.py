@@ -152,7 +152,10 @@ class Subscriber:
         self.buffer.clear()
         self.wakeup.set()
 
-    def close(self) -> None:
+    def close(self, retry_ms: int | None = None) -> None:
+        """End the stream; a live one is first told when to reconnect (``retry:``)."""
+        if retry_ms is not None and self.transport is not None and not self.closed:
+            self._send(f"retry: {retry_ms}\n\n".encode())
         self.closed = True
         self.wakeup.set()
 
@@ -250,13 +253,13 @@ class SSEHub:
             for sub in self.subscribers():
                 sub.ping()
 
-    def close_all(self) -> None:
-        """End every stream (graceful shutdown)."""
+    def close_all(self, retry_ms: int | None = None) -> None:
+        """End every stream (graceful shutdown), telling live ones when to come back."""
         self.closing = True
         for registry in (self._by_task, self._by_user):
             for subs in registry.values():
                 for sub in subs:
-                    sub.close()
+                    sub.close(retry_ms)
 
 
 Replay = Callable[[int], Awaitable[list[Event]]]

@@ -1089,6 +1089,29 @@ class TaskStore:
             return changed
         return await self._write(_op)
 
+    async def release_tasks(self, attempts: list[tuple[int, int]]) -> list[Task]:
+        """Hand attempts a stopping process did not finish back to the queue.
+
+        ``(task_id, attempt)`` pairs still ``processing`` in that attempt go back to
+        ``pending`` with the attempt not counted (a graceful stop is not the task's fault)
+        and their checkpoint kept, so the next process resumes them at once.
+        """
+        def _op(txn: _Txn) -> Any:
+            released = []
+            for task_id, attempt in attempts:
+                updated = txn.db.execute(
+                    """UPDATE processing_tasks SET status = 'pending', run_after = NULL,
+                       attempts = MAX(attempts - 1, 0), stage = 'waiting',
+                       status_message = 'the server is restarting; waiting to resume',
+                       lease_owner = NULL, lease_until = NULL, updated_at = ?
+                       WHERE id = ? AND attempts = ? AND status = 'processing'
+                       AND external_task_id IS NULL""",
+                    (txn.now, task_id, attempt)).rowcount
+                if updated:
+                    released.append(self._status_event(txn, task_id))
+            return released
+        return await self._write(_op)
+
     async def overdue_external_tasks(self) -> list[Task]:
         rows = await self._fetchall(
             """SELECT * FROM processing_tasks WHERE status = 'processing'

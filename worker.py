@@ -178,6 +178,8 @@ class WorkerPool:
         self._missed_wake = False
         self._running: dict[int, tuple[Task, asyncio.Task[Any]]] = {}
         self._loops: list[asyncio.Task[None]] = []
+        #: stopping: workers finish their task and claim no other
+        self._draining = False
 
     # -------------------------------------------------------------- lifetime
     async def start(self) -> None:
@@ -188,12 +190,29 @@ class WorkerPool:
         self._loops.append(asyncio.create_task(self._keep_leases(), name="zhiyi-leases"))
         self._loops.append(asyncio.create_task(self._reconcile_loop(), name="zhiyi-reconcile"))
 
-    async def stop(self) -> None:
-        """Stop every loop; in-flight tasks stay ``processing`` for recovery at next start."""
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop taking work; give running attempts ``grace`` seconds to finish.
+
+        Attempts still running then are cancelled and handed back to the queue
+        (``pending``, the attempt not counted, the checkpoint kept), so the next start
+        resumes them instead of waiting for their leases to run out.
+        """
+        self._draining = True
+        for waiter in self._idle:  # idle workers leave instead of claiming again
+            if not waiter.done():
+                waiter.set_result(None)
+        workers = [loop for loop in self._loops if loop.get_name().startswith("zhiyi-worker")]
+        if workers and grace > 0:
+            await asyncio.wait(workers, timeout=grace)
+        unfinished = [(task.id, task.attempts) for task, _ in self._running.values()]
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
+        if unfinished:
+            released = await self.store.release_tasks(unfinished)
+            logger.info("stopping: %d running task(s) handed back to the queue: %s",
+                        len(released), ", ".join(str(t.id) for t in released))
 
     def wake(self) -> None:
         """A task became runnable (created or retried): wake one idle worker."""
@@ -227,7 +246,7 @@ class WorkerPool:
 
     # ----------------------------------------------------------------- loops
     async def _worker(self) -> None:
-        while True:
+        while not self._draining:
             task = await self.store.claim_next_task(self.owner, self.settings.lease_seconds)
             if task is None:
                 await self._sleep_until_work()
@@ -235,6 +254,8 @@ class WorkerPool:
             await self._run(task)
 
     async def _sleep_until_work(self) -> None:
+        if self._draining:
+            return
         timeout = self.settings.poll_seconds
         next_run = await self.store.next_run_after()
         if next_run is not None:

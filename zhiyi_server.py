@@ -202,6 +202,7 @@ class Config:
     lease_seconds: float = 60.0
     starter_credits: int = 1000
     disk_low_mb: int = 1024
+    shutdown_grace_seconds: float = 20.0
     libretranslate_url: str | None = None
     libretranslate_api_key: str | None = None
     openai_base_url: str | None = None
@@ -239,6 +240,7 @@ class Config:
             reconcile_seconds=_env_float(e, "RECONCILE_SECONDS", 30.0),
             starter_credits=_env_int(e, "STARTER_CREDITS", 1000, 0),
             disk_low_mb=_env_int(e, "DISK_LOW_MB", 1024, 0),
+            shutdown_grace_seconds=_env_float(e, "SHUTDOWN_GRACE_SECONDS", 20.0),
             libretranslate_url=e.get("LIBRETRANSLATE_URL") or None,
             libretranslate_api_key=e.get("LIBRETRANSLATE_API_KEY") or None,
             openai_base_url=e.get("OPENAI_BASE_URL") or None,
@@ -1338,13 +1340,13 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = pool
     await pool.start()
     yield
-    await pool.stop()
+    await pool.stop(grace=config.shutdown_grace_seconds)
 
 
 async def _close_streams(app: web.Application) -> None:
     # Streams are ended at shutdown, before aiohttp waits for handlers to finish.
     if HUB in app:
-        app[HUB].close_all()
+        app[HUB].close_all(retry_ms=app[CONFIG].sse_retry_ms)
 
 
 def create_app(config: Config | None = None, *, registry: Registry | None = None,
