@@ -575,10 +575,8 @@ async def test_processor_cancellation_propagates(tclient, gates) -> None:
     await pool.stop()
     assert gates.cancelled.is_set()
     task = await tclient.app[STORE].get_task_by_id(task_id)
-    assert task.status is TaskStatus.PROCESSING  # left for recovery at next start
-    await pool.recover()
-    task = await tclient.app[STORE].get_task_by_id(task_id)
-    assert task.status is TaskStatus.PENDING
+    # Handed back to the queue for the next start, the attempt not counted.
+    assert (task.status, task.attempts) == (TaskStatus.PENDING, 0)
 
 
 async def test_retention_expires_files_and_old_history_resets(make_client, gates) -> None:
@@ -603,7 +601,7 @@ async def test_retention_expires_files_and_old_history_resets(make_client, gates
     assert resp.status == 409
 
 
-async def test_shutdown_ends_streams_and_leaves_tasks_for_recovery(make_client, gates) -> None:
+async def test_shutdown_ends_streams_and_hands_tasks_back(make_client, gates) -> None:
     client = await make_client(registry=make_registry(gates))
     headers = await add_user(client)
     task_id = (await create(client, headers, task_type="gate", params={}))["taskId"]
@@ -617,7 +615,7 @@ async def test_shutdown_ends_streams_and_leaves_tasks_for_recovery(make_client, 
         pass
     await client.app[POOL].stop()
     assert gates.cancelled.is_set()
-    assert (await store.get_task_by_id(task_id)).status is TaskStatus.PROCESSING
+    assert (await store.get_task_by_id(task_id)).status is TaskStatus.PENDING
 
 
 async def test_metrics_after_work(tclient) -> None:
