@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .model import _has_words, _Segment, _Token, _TokenDocument
+from .tags import has_tag_lookalike, strip_tags
 from .text import _detect_encoding
 
 logger = logging.getLogger(__name__)
@@ -105,26 +106,206 @@ def _no_translate(attrs: list[tuple[str, str | None]]) -> bool:
 
 
 def _html_tokens(source: str) -> Iterator[_Token]:
+    events = _html_events(source)
     kept: list[str] = []  # open elements whose content is not translated
-    for event in _html_events(source):
-        raw = source[event.start : event.end]
-        if event.kind == "data" and not kept:
-            yield from _html_text_tokens(raw)
-        elif event.kind in ("start", "startend"):
-            no_translate = _no_translate(event.attrs)
-            yield from _html_tag_tokens(raw, event, translate=not kept and not no_translate)
-            if (
-                event.kind == "start"
-                and event.tag not in _VOID_TAGS
-                and (kept or no_translate or event.tag in _KEEP_CONTENT)
-            ):
-                kept.append(event.tag)
+    i = 0
+    while i < len(events):
+        end = i if kept else _inline_run_end(events, i)
+        if end > i + 1:
+            run = events[i:end]
+            tagged = _inline_run_tokens(source, run)
+            if tagged is not None:
+                yield from tagged
+            else:
+                for event in run:
+                    yield from _event_tokens(source, event, kept)
+            i = end
         else:
-            if event.kind == "end" and event.tag in kept:
-                del kept[len(kept) - 1 - kept[::-1].index(event.tag) :]
-            if event.kind == "other" and raw.startswith("<?xml"):
-                raw = _XML_ENCODING.sub(_utf8_charset, raw)  # XHTML's declaration, too
-            yield raw
+            yield from _event_tokens(source, events[i], kept)
+            i += 1
+
+
+def _event_tokens(source: str, event: _HtmlEvent, kept: list[str]) -> Iterator[_Token]:
+    """One event on its own: a text node or a tag's text attributes are segments."""
+    raw = source[event.start : event.end]
+    if event.kind == "data" and not kept:
+        yield from _html_text_tokens(raw)
+    elif event.kind in ("start", "startend"):
+        no_translate = _no_translate(event.attrs)
+        yield from _html_tag_tokens(raw, event, translate=not kept and not no_translate)
+        if (
+            event.kind == "start"
+            and event.tag not in _VOID_TAGS
+            and (kept or no_translate or event.tag in _KEEP_CONTENT)
+        ):
+            kept.append(event.tag)
+    else:
+        if event.kind == "end" and event.tag in kept:
+            del kept[len(kept) - 1 - kept[::-1].index(event.tag) :]
+        if event.kind == "other" and raw.startswith("<?xml"):
+            raw = _XML_ENCODING.sub(_utf8_charset, raw)  # XHTML's declaration, too
+        yield raw
+
+
+# --------------------------------------------------------------------------- inline runs
+
+# Phrasing elements that live inside a sentence: they become inline tags of the text
+# around them instead of cutting it into pieces.
+_INLINE_TAGS = frozenset(
+    "a abbr b bdi bdo big cite data del dfn em font i ins mark q s small span strike strong "
+    "sub sup time tt u var br wbr img".split()
+)
+# Inline elements whose content is kept as it is: one self-closing tag for the whole.
+_ATOMIC_INLINE = frozenset({"code", "kbd", "samp"})
+
+
+def _matching_end(events: list[_HtmlEvent], i: int) -> int | None:
+    """The index of the end tag closing the start tag at `i`, or None."""
+    tag, depth = events[i].tag, 0
+    for j in range(i, len(events)):
+        if events[j].tag == tag and events[j].kind == "start":
+            depth += 1
+        elif events[j].tag == tag and events[j].kind == "end":
+            depth -= 1
+            if depth == 0:
+                return j
+    return None
+
+
+def _inline_run_end(events: list[_HtmlEvent], i: int) -> int:
+    """Where the run of text and inline elements starting at `i` ends (exclusive)."""
+    j = i
+    while j < len(events):
+        event = events[j]
+        if event.kind == "data":
+            j += 1
+        elif event.tag in _INLINE_TAGS and event.kind == "end":
+            j += 1
+        elif event.tag in _INLINE_TAGS and not (
+            event.kind == "start" and _no_translate(event.attrs)
+        ):
+            j += 1
+        elif event.kind == "start" and (
+            event.tag in _ATOMIC_INLINE
+            or (event.tag in _INLINE_TAGS and _no_translate(event.attrs))
+        ):
+            end = _matching_end(events, j)
+            if end is None:
+                break
+            j = end + 1
+        else:
+            break
+    return j
+
+
+class _Item(NamedTuple):
+    kind: str  # "text", "open", "close" or "atom"
+    tokens: list[_Token]  # its source; a tag's text attributes are segments
+    pair: int = -1  # for "open" and "close": the index of the other half
+
+    @property
+    def raw(self) -> str:
+        return "".join(t if isinstance(t, str) else t.raw for t in self.tokens)
+
+
+def _inline_items(source: str, run: list[_HtmlEvent]) -> list[_Item]:
+    items: list[_Item] = []
+    stack: list[tuple[str, int]] = []
+    i = 0
+    while i < len(run):
+        event = run[i]
+        raw = source[event.start : event.end]
+        if event.kind == "data":
+            items.append(_Item("text", [raw]))
+        elif event.kind == "start" and (
+            event.tag in _ATOMIC_INLINE or _no_translate(event.attrs)
+        ):
+            end = _matching_end(run, i)
+            assert end is not None  # _inline_run_end made sure
+            items.append(_Item("atom", [source[event.start : run[end].end]]))
+            i = end
+        elif event.kind in ("start", "startend"):
+            tokens = list(_html_tag_tokens(raw, event, translate=True))
+            if event.kind == "start" and event.tag not in _VOID_TAGS:
+                stack.append((event.tag, len(items)))
+            items.append(_Item("atom", tokens))  # an "open" once its end tag is found
+        elif event.kind == "end" and stack and stack[-1][0] == event.tag:
+            _, opening = stack.pop()
+            items[opening] = _Item("open", items[opening].tokens, len(items))
+            items.append(_Item("close", [raw], opening))
+        else:
+            items.append(_Item("atom", [raw]))
+        i += 1
+    return items
+
+
+def _template(item: _Item, nested: list[_Segment]) -> str:
+    """The item's markup with ``\\x00k\\x00`` for each segment in it (added to `nested`)."""
+    parts = []
+    for token in item.tokens:
+        if isinstance(token, str):
+            parts.append(token)
+        else:
+            parts.append(f"\x00{len(nested)}\x00")
+            nested.append(token)
+    return "".join(parts)
+
+
+def _inline_run_tokens(source: str, run: list[_HtmlEvent]) -> list[_Token] | None:
+    """One segment for a run of text and inline elements, with the elements as tags;
+    None when the run is better taken event by event (no tags, or text that looks
+    like our tags)."""
+    items = _inline_items(source, run)
+    lo, hi = 0, len(items)
+    # Markup around the whole run (a <b> wrapping a heading's text) stays outside.
+    while lo < hi:
+        first, last = items[lo], items[hi - 1]
+        if first.kind == "atom" or (first.kind == "text" and not first.raw.strip(_HTML_SPACE)):
+            lo += 1
+        elif last.kind == "atom" or (last.kind == "text" and not last.raw.strip(_HTML_SPACE)):
+            hi -= 1
+        elif first.kind == "open" and first.pair == hi - 1:
+            lo, hi = lo + 1, hi - 1
+        else:
+            break
+    if not any(item.kind != "text" for item in items[lo:hi]):
+        return None
+    texts = [html.unescape(item.raw) for item in items[lo:hi] if item.kind == "text"]
+    if has_tag_lookalike(" ".join(texts)):
+        return None
+    parts: list[str] = []
+    spans: dict[int, tuple[str, str]] = {}
+    empties: dict[int, str] = {}
+    numbers: dict[int, int] = {}
+    nested: list[_Segment] = []
+    for index in range(lo, hi):
+        item = items[index]
+        if item.kind == "text":
+            parts.append(_HTML_SPACE_RUN.sub(" ", html.unescape(item.raw)))
+        elif item.kind == "open":
+            number = numbers[index] = len(spans) + len(empties) + 1
+            spans[number] = (_template(item, nested), items[item.pair].raw)
+            parts.append(f"<x{number}>")
+        elif item.kind == "close":
+            parts.append(f"</x{numbers[item.pair]}>")
+        else:
+            number = len(spans) + len(empties) + 1
+            empties[number] = _template(item, nested)
+            parts.append(f"<x{number}/>")
+    core = "".join(item.raw for item in items[lo:hi])
+    lead = core[: len(core) - len(core.lstrip(_HTML_SPACE))]
+    trail = core[len(core.rstrip(_HTML_SPACE)) :]
+    core = core.strip(_HTML_SPACE)
+    text = "".join(parts).strip(" ")
+    head = [token for item in items[:lo] for token in item.tokens]
+    tail = [token for item in items[hi:] for token in item.tokens]
+    if not _has_words(strip_tags(text)):
+        return [*head, lead, *(token for item in items[lo:hi] for token in item.tokens),
+                trail, *tail]
+    segment = _Segment(
+        core, text, escape=_escape_text, markup=(spans, empties), nested=tuple(nested)
+    )
+    return [*head, lead, segment, trail, *tail]
 
 
 def _escape_text(text: str) -> str:

@@ -7,12 +7,12 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .tags import fallback_pieces, parse_tagged
+from .tags import TAG, fallback_pieces, is_balanced
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class Document(Protocol):
 
 _NEWLINE = re.compile(r"\r\n?")
 _TOKEN = re.compile(r"\{\{\s*(\d+)\s*\}\}")
+_NESTED = re.compile("\x00(\\d+)\x00")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,34 +100,55 @@ class _Segment:
     #: inline tags: span number -> (opening, closing) source markup, and self-closing
     #: number -> source text; None for a segment without tags
     markup: tuple[dict[int, tuple[str, str]], dict[int, str]] | None = None
+    #: segments inside the markup (a link's title): their translations follow this
+    #: segment's, and ``\x00k\x00`` in the markup stands for the k-th one rendered
+    nested: tuple[_Segment, ...] = ()
+
+    def texts(self) -> Iterator[str]:
+        """What goes to the translator: this segment's text, then its nested ones'."""
+        yield self.text
+        for segment in self.nested:
+            yield segment.text
 
     def render(self, translation: str) -> str:
         """The source text for `translation`."""
         return self.render_checked(translation)[0]
 
-    def render_checked(self, translation: str) -> tuple[str, bool]:
-        """The source text for `translation`, and whether its inline tags were broken
-        (then the text is kept without its inline formatting)."""
-        if translation == self.text:
+    def render_checked(
+        self, translation: str, nested: Sequence[str] = ()
+    ) -> tuple[str, bool]:
+        """The source text for `translation` (and the nested segments' translations),
+        and whether its inline tags were broken (then the text is kept without its
+        inline formatting)."""
+        nested_same = all(n.text == t for n, t in zip(self.nested, nested, strict=True))
+        if translation == self.text and nested_same:
             return self.raw, False  # an unchanged segment keeps its exact source
         text = _NEWLINE.sub("\n", translation)
         if self.markup is None:
             return self._plain(text), False
+        filled = [n.render(t) for n, t in zip(self.nested, nested, strict=True)]
+
+        def fill(markup: str) -> str:
+            return _NESTED.sub(lambda m: filled[int(m.group(1))], markup) if filled else markup
+
         spans, empties = self.markup
-        pieces = parse_tagged(text, set(spans), set(empties))
-        lost = pieces is None
-        if pieces is None:
-            pieces = fallback_pieces(text, sorted(empties))
-        out: list[str] = []
-        for piece in pieces:
-            if piece.empty:
-                out.append(empties[piece.tag or 0])
-            elif piece.tag is None:
-                out.append(self._plain(piece.text))
-            else:
-                opening, closing = spans[piece.tag]
-                out.append(opening + self._plain(piece.text) + closing)
-        return "".join(out), lost
+        if is_balanced(text, set(spans), set(empties)):
+            out: list[str] = []
+            pos = 0
+            for match in TAG.finditer(text):
+                out.append(self._plain(text[pos : match.start()]))
+                pos = match.end()
+                closing, number, self_closing = match.group(1), int(match.group(2)), match[3]
+                if self_closing:
+                    out.append(fill(empties[number]))
+                else:
+                    out.append(fill(spans[number][1 if closing else 0]))
+            out.append(self._plain(text[pos:]))
+            return "".join(out), False
+        out = []
+        for piece in fallback_pieces(text, sorted(empties)):
+            out.append(fill(empties[piece.tag or 0]) if piece.empty else self._plain(piece.text))
+        return "".join(out), bool(spans or empties)
 
     def _plain(self, text: str) -> str:
         if self.escape is not None:
@@ -247,7 +269,7 @@ class _TokenDocument(_BaseDocument):
         """The translatable segments in document order; each call starts over."""
         for token in self._tokens():
             if isinstance(token, _Segment):
-                yield token.text
+                yield from token.texts()
 
     def render(self, translations: Iterable[str], out: Path) -> int:
         """Write the document with its segments translated, streaming, as UTF-8; return
@@ -263,7 +285,9 @@ class _TokenDocument(_BaseDocument):
                 if isinstance(token, str):
                     f.write(token)
                     continue
-                text, broken = token.render_checked(feed.take())
+                translation = feed.take()
+                nested = [feed.take() for _ in token.nested]
+                text, broken = token.render_checked(translation, nested)
                 f.write(text)
                 lost += broken
             feed.finish()

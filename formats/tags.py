@@ -22,6 +22,7 @@ __all__ = [
     "Piece",
     "fallback_pieces",
     "has_tag_lookalike",
+    "is_balanced",
     "parse_tagged",
     "strip_tags",
 ]
@@ -87,6 +88,26 @@ def parse_tagged(text: str, spans: set[int], empties: set[int]) -> list[Piece] |
     if pos < len(text):
         pieces.append(Piece(text[pos:], None))
     return pieces
+
+
+def is_balanced(text: str, spans: set[int], empties: set[int]) -> bool:
+    """Whether a translation has every tag of its source exactly once, spans properly
+    nested (they may nest, as HTML elements do, and move with their words)."""
+    stack: list[int] = []
+    seen: set[int] = set()
+    for match in TAG.finditer(text):
+        closing, number, self_closing = match.group(1), int(match.group(2)), match.group(3)
+        if closing and self_closing:
+            return False
+        if self_closing or not closing:
+            if number in seen or number not in (empties if self_closing else spans):
+                return False
+            seen.add(number)
+            if not self_closing:
+                stack.append(number)
+        elif not stack or stack.pop() != number:
+            return False
+    return not stack and seen == spans | empties
 
 
 def fallback_pieces(text: str, empties: list[int]) -> list[Piece]:

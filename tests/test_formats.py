@@ -361,17 +361,13 @@ def test_html_segments_are_text_and_text_attributes(tmp_path: Path) -> None:
         "A page about things",
         "Main heading",
         "Hello {name}, welcome!",
-        "Text with",
-        "bold",
-        "and",
+        # Inline elements are tags of their sentence; a link's title follows it.
+        "Text with <x1>bold</x1> and <x2>a link</x2>. Second line\xa0here <tag> and %s.",
         "Link title",
-        "a link",
-        ". Second line\xa0here <tag> and %s.",
         "An image",
         "Send",
         "Type here",
-        "Use",
-        "here.",
+        "Use <x1/> here.",  # inline code is kept, as one self-closing tag
         "First item",
         "Second item",
     ]
@@ -396,7 +392,10 @@ def test_html_translation_keeps_the_tag_tree(tmp_path: Path) -> None:
     assert "<title>[SAMPLE &amp; TITLE]</title>" in result
     assert '<h1 title="[MAIN HEADING]">[HELLO {name}, WELCOME!]</h1>' in result
     assert "title='[LINK TITLE]'" in result
-    assert "[. SECOND LINE&nbsp;HERE &lt;tag&gt; AND %s.]</p>" in result
+    assert (
+        "<p>[TEXT WITH <b>BOLD</b> AND <a href=\"https://x.org/?a=1&amp;b=2\" "
+        "title='[LINK TITLE]'>A LINK</a>. SECOND LINE&nbsp;HERE &lt;tag&gt; AND %s.]</p>"
+    ) in result
     assert '<input type=submit value="[SEND]" placeholder="[TYPE HERE]">' in result
     assert '<img src="logo.png" alt="[AN IMAGE]" width=20>' in result
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import random
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+from html.parser import HTMLParser
 from pathlib import Path
 
 import aiohttp
@@ -294,3 +297,128 @@ async def test_pseudo_keeps_inline_tags() -> None:
     engine = engines.make_engine("pseudo", engines.EngineSettings(), None)  # type: ignore[arg-type]
     [out] = await engine.translate(["<x1>Bold</x1> and <x2/>"], "en", "de")
     assert "<x1>" in out and "</x1>" in out and "<x2/>" in out
+
+
+# --------------------------------------------------------------------------- html
+
+
+class Balance(HTMLParser):
+    """Start and end tags seen, and the visible words."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: Counter[str] = Counter()
+        self.closed: Counter[str] = Counter()
+        self.words: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag not in ("br", "img"):
+            self.opened[tag] += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        self.closed[tag] += 1
+
+    def handle_data(self, data: str) -> None:
+        self.words += WORDS.findall(data)
+
+
+def parsed(text: str) -> Balance:
+    parser = Balance()
+    parser.feed(text)
+    parser.close()
+    return parser
+
+
+INLINE_HTML = (
+    "<!DOCTYPE html><html><body>\n"
+    '<p>Read <b>the <i>whole</i> guide</b> at <a href="https://z.example/g?a=1&amp;b=2">'
+    "our site</a>,<br>then run <code>zhiyi serve</code> &amp; enjoy.</p>\n"
+    "<h2><em>Only emphasis</em></h2>\n"
+    "</body></html>\n"
+)
+
+
+def test_html_inline_elements_nest_and_move(tmp_path: Path) -> None:
+    path = tmp_path / "page.html"
+    path.write_text(INLINE_HTML, encoding="utf-8")
+    segments = list(open_document(path).segments())
+    assert segments == [
+        "Read <x1>the <x2>whole</x2> guide</x1> at <x3>our site</x3>,<x4/>then run <x5/> & enjoy.",
+        "Only emphasis",  # markup around all of it stays outside
+    ]
+    german = (
+        "Lies <x3>auf unserer Seite</x3> <x1>den <x2>ganzen</x2> Leitfaden</x1>,<x4/>"
+        "dann <x5/> & los."
+    )
+    out, lost = render(path, lambda t: german if t.startswith("Read") else t.upper())
+    assert lost == 0
+    result = out.read_text(encoding="utf-8")
+    assert (
+        '<p>Lies <a href="https://z.example/g?a=1&amp;b=2">auf unserer Seite</a> '
+        "<b>den <i>ganzen</i> Leitfaden</b>,<br>dann <code>zhiyi serve</code> &amp; los.</p>"
+    ) in result
+    assert "<h2><em>ONLY EMPHASIS</em></h2>" in result
+
+
+@pytest.mark.parametrize("scramble", SCRAMBLES)
+def test_html_broken_tags_keep_text_and_balance(tmp_path: Path, scramble) -> None:
+    path = tmp_path / "page.html"
+    path.write_text(INLINE_HTML, encoding="utf-8")
+    out, lost = render(path, lambda t: scramble(upper(t)))
+    assert lost == 1  # the paragraph; the heading had no tags
+    result = parsed(out.read_text(encoding="utf-8"))
+    assert result.opened == result.closed  # still well formed
+    code = ("zhiyi", "serve")
+    expected = [w if w in code else w.upper() for w in parsed(INLINE_HTML).words]
+    for word in expected:
+        assert word in result.words
+    assert "ZHIYI" not in result.words and "zhiyi" in result.words  # the code is kept
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pieces=st.lists(
+        st.tuples(
+            st.sampled_from(["", "b", "i", "a", "code", "br", "span"]),
+            st.text(alphabet="abcdef gh<&>", min_size=1, max_size=10),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    seed=st.integers(0, 1000),
+)
+def test_generated_html_never_loses_text(tmp_path: Path, pieces, seed: int) -> None:
+    body = []
+    for tag, text in pieces:
+        escaped = html.escape(text, quote=False)
+        if tag == "br":
+            body.append(escaped + "<br>")
+        elif tag == "a":
+            body.append(f'<a href="https://x.example/{seed}">{escaped}</a>')
+        elif tag:
+            body.append(f"<{tag}>{escaped}</{tag}>")
+        else:
+            body.append(escaped)
+    source = f"<html><body><p>{''.join(body)}</p></body></html>\n"
+    path = tmp_path / f"gen-{seed}.html"
+    path.write_text(source, encoding="utf-8")
+    if not any(ch.isalnum() for tag, text in pieces if tag != "code" for ch in text):
+        return
+    doc = open_document(path)
+    out, lost = render(path, upper)
+    assert lost == 0
+    result = out.read_text(encoding="utf-8")
+    assert parsed(result).opened == parsed(source).opened  # every element kept
+    want = letters("".join(t if tag == "code" else t.upper() for tag, t in pieces))
+    assert letters(" ".join(parsed(result).words)) == want
+    out, _ = render(path, lambda t: random_scramble(seed)(upper(t)))
+    scrambled = parsed(out.read_text(encoding="utf-8"))
+    assert scrambled.opened == scrambled.closed
+    assert sorted(letters(" ".join(scrambled.words))) == sorted(want)
+    assert list(doc.segments())
+
+
+def letters(text: str) -> str:
+    return "".join(ch for ch in text if ch.isalnum())
