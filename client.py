@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,8 +288,18 @@ class ZhiyiClient:
         With ``idempotency_key``, a repeat (say after a lost answer) returns the
         task the first call made, and nothing is charged twice.
         """
-        path = Path(path)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = await self._upload("api/tasks/create", path, task_type, params, headers)
+        return body["task"]
+
+    async def quote(self, path: str | Path, task_type: str,
+                    params: dict[str, Any]) -> dict[str, Any]:
+        """What creating this task would charge (``credits``, ``fromMemory``...); nothing kept."""
+        return (await self._upload("api/tasks/quote", path, task_type, params, {}))["quote"]
+
+    async def _upload(self, api_path: str, path: str | Path, task_type: str,
+                      params: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+        path = Path(path)
         # aiohttp reads file payloads in an executor, so the upload does not block the loop.
         file = await asyncio.to_thread(path.open, "rb")
         try:
@@ -298,10 +308,9 @@ class ZhiyiClient:
             form.add_field("params", json.dumps(params, ensure_ascii=False))
             form.add_field("file", file, filename=path.name,
                            content_type="application/octet-stream")
-            body = await self._request("POST", "api/tasks/create", data=form, headers=headers)
+            return await self._request("POST", api_path, data=form, headers=headers)
         finally:
             file.close()
-        return body["task"]
 
     async def get_task(self, task_id: int) -> dict[str, Any]:
         """One Task object."""
@@ -610,6 +619,36 @@ def add_cli_commands(commands: argparse._SubParsersAction) -> None:
     _connection_args(login)
     login.set_defaults(run=_command(run_login))
 
+    quote = commands.add_parser("quote", help="what a document would cost, without uploading "
+                                "it as a task")
+    quote.add_argument("file", type=_existing_file, help="the document")
+    quote.add_argument("--type", dest="task_type", default="translate",
+                       help="task type (default translate)")
+    quote.add_argument("--param", action="append", default=[], type=_param,
+                       metavar="KEY=VALUE", help="a task parameter, e.g. targetLang=zh")
+    _connection_args(quote)
+    quote.set_defaults(run=_command(run_quote))
+
+    result = commands.add_parser("result", help="download a completed task's result")
+    result.add_argument("task_id", type=int, metavar="ID")
+    result.add_argument("-o", "--output", default=None,
+                        help="where to save it (a file, or a directory; default here)")
+    _connection_args(result)
+    result.set_defaults(run=_command(run_result))
+
+    watch = commands.add_parser("watch", help="follow a task live until it ends")
+    watch.add_argument("task_id", type=int, metavar="ID")
+    _connection_args(watch)
+    watch.set_defaults(run=_command(run_watch))
+
+    for name, help_text in (("cancel", "cancel a pending or running task (refunded)"),
+                            ("retry", "run a failed or cancelled task again (charged again)"),
+                            ("rm", "delete a task and its files (cancelled first if running)")):
+        action = commands.add_parser(name, help=help_text)
+        action.add_argument("task_id", type=int, metavar="ID")
+        _connection_args(action)
+        action.set_defaults(run=_command(run_task_action))
+
 
 # -------------------------------------------------------------------- submit
 @dataclass
@@ -712,8 +751,9 @@ def _interrupted(settings: Settings, submission: _Submission) -> int:
     except EOFError:
         answer = ""
     if answer.strip().lower() not in ("y", "yes"):
-        print(f"task {submission.task_id} is still running on the server; "
-              f"see 'zhiyi tasks'", flush=True)
+        print(f"task {submission.task_id} is still running on the server: follow it with "
+              f"'zhiyi watch {submission.task_id}', fetch it later with "
+              f"'zhiyi result {submission.task_id}'", flush=True)
         return 130
 
     async def cancel() -> None:
@@ -800,3 +840,120 @@ def run_login(args: argparse.Namespace) -> int:
     print(f"logged in to {settings.server} as {who.get('userId')} "
           f"({who.get('credits')} credits); saved {path}")
     return 0
+
+
+# ------------------------------------------------- one task: quote, result, watch, actions
+def _run(settings: Settings, action: Callable[[ZhiyiClient], Awaitable[int]]) -> int:
+    async def go() -> int:
+        async with ZhiyiClient(settings.server, settings.token) as client:
+            return await action(client)
+
+    return asyncio.run(go())
+
+
+def _not_found(task_id: int) -> str:
+    return f"there is no task {task_id} of yours on this server; 'zhiyi tasks' lists them"
+
+
+def run_quote(args: argparse.Namespace) -> int:
+    """``zhiyi quote FILE``: the cost, the memory hits and the balance after, nothing kept."""
+    settings = _settings(args)
+
+    async def action(client: ZhiyiClient) -> int:
+        quote = await client.quote(args.file, args.task_type, dict(args.param))
+        balance = (await client.me())["credits"]
+        memory = quote.get("fromMemory") or 0
+        parts = [f"{quote['characters']} characters" if quote.get("characters") is not None
+                 else None,
+                 f"{memory} segment(s) from translation memory (free)" if memory else None]
+        detail = ", ".join(p for p in parts if p)
+        print(f"{args.file.name}: {quote['credits']} credits"
+              + (f" ({detail})" if detail else "")
+              + f"; balance {balance}, after: {balance - quote['credits']}")
+        if quote["credits"] > balance:
+            return _fail(f"not enough credits: {quote['credits']} needed, {balance} left; "
+                         "ask the server's administrator for more "
+                         "('zhiyi user credit NAME AMOUNT' on the server)")
+        return 0
+
+    return _run(settings, action)
+
+
+def run_result(args: argparse.Namespace) -> int:
+    """``zhiyi result ID``: download a completed task's result."""
+    settings = _settings(args)
+
+    async def action(client: ZhiyiClient) -> int:
+        try:
+            saved = await client.download_result(args.task_id, Path(args.output or Path.cwd()))
+        except ZhiyiError as e:
+            if e.status == 404:
+                return _fail(_not_found(args.task_id))
+            if e.code == "not_completed" or e.status == 409:
+                return _fail(f"task {args.task_id} has not completed ({e.message}); follow it "
+                             f"with 'zhiyi watch {args.task_id}'")
+            if e.status == 410:
+                return _fail(f"the result of task {args.task_id} was deleted after the "
+                             "retention period; submit the document again")
+            raise
+        _say(f"saved {saved}")
+        return 0
+
+    return _run(settings, action)
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    """``zhiyi watch ID``: follow a task with a progress bar until it ends."""
+    settings = _settings(args)
+
+    async def action(client: ZhiyiClient) -> int:
+        try:
+            task = await client.get_task(args.task_id)
+        except ZhiyiError as e:
+            if e.status == 404:
+                return _fail(_not_found(args.task_id))
+            raise
+        final = await _follow_with_progress(client, task)
+        status = final.get("status")
+        if status == "completed":
+            _say(f"task {args.task_id} completed; download it with "
+                 f"'zhiyi result {args.task_id}'")
+            return 0
+        if status == "failed":
+            return _fail(f"task {args.task_id} failed: "
+                         f"{final.get('error') or final.get('message')}; "
+                         f"'zhiyi retry {args.task_id}' runs it again")
+        return _fail(f"task {args.task_id} was {status or 'deleted'}")
+
+    return _run(settings, action)
+
+
+def run_task_action(args: argparse.Namespace) -> int:
+    """``zhiyi cancel|retry|rm ID``."""
+    settings = _settings(args)
+
+    async def action(client: ZhiyiClient) -> int:
+        try:
+            if args.command == "rm":
+                await client.delete(args.task_id)
+                _say(f"task {args.task_id} deleted")
+                return 0
+            task = await (client.cancel if args.command == "cancel" else client.retry)(
+                args.task_id)
+        except ZhiyiError as e:
+            if e.status == 404:
+                return _fail(_not_found(args.task_id))
+            if e.status == 409:
+                return _fail(f"cannot {args.command} task {args.task_id}: {e.message}")
+            if e.status == 402:
+                return _fail(f"{e.message} Ask the server's administrator for credits "
+                             "('zhiyi user credit NAME AMOUNT' on the server).")
+            raise
+        credits = ("refunded" if args.command == "cancel"
+                   else f"{task.get('creditsCost')} credits charged")
+        _say(f"task {args.task_id} is {task['taskStatus']} ({credits})"
+             + (f"; follow it with 'zhiyi watch {args.task_id}'" if args.command == "retry"
+                else ""))
+        return 0
+
+    return _run(settings, action)

@@ -441,3 +441,54 @@ async def test_follow_204_means_over(aiohttp_server: Any) -> None:
     async with ZhiyiClient(str(server.make_url("/")), "t") as client:
         events = [e async for e in client.follow(1, last_event_id=9)]
     assert [(e.type, e.data["status"]) for e in events] == [("status_update", "cancelled")]
+
+
+# ------------------------------------------- one task: quote, result, watch, cancel, retry, rm
+def test_task_commands_act_on_an_existing_task(server: ZhiyiServer, tmp_path: Path,
+                                               workdir: Path) -> None:
+    env = cli_env(tmp_path, server)
+    doc = slow_document(workdir / "notes.txt", 3)
+    quoted = zhiyi("quote", str(doc), "--param", "targetLang=zh", "--param", "engine=openai",
+                   cwd=workdir, env=env)
+    assert quoted.returncode == 0, quoted.stderr
+    assert quoted.stdout.startswith("notes.txt: 1 credits (")
+    assert "; balance 1000, after: 999" in quoted.stdout
+    assert only_task(server) == {}, "a quote keeps nothing"
+
+    task = create_task(server.url, server.local_token, doc,
+                       params={"targetLang": "zh", "engine": "openai"})
+    task_id = str(task["taskId"])
+    early = zhiyi("result", task_id, cwd=workdir, env=env)
+    if early.returncode != 0:  # it may already be done; if not, the message names watch
+        assert f"follow it with 'zhiyi watch {task_id}'" in early.stderr
+    watched = zhiyi("watch", task_id, cwd=workdir, env=env)
+    assert watched.returncode == 0, watched.stderr
+    assert f"download it with 'zhiyi result {task_id}'" in watched.stdout
+    fetched = zhiyi("result", task_id, "-o", str(workdir / "out.txt"), cwd=workdir, env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert (workdir / "out.txt").read_text(encoding="utf-8").strip()
+
+    refused = zhiyi("cancel", task_id, cwd=workdir, env=env)
+    assert refused.returncode == 1 and f"cannot cancel task {task_id}" in refused.stderr
+    removed = zhiyi("rm", task_id, cwd=workdir, env=env)
+    assert removed.returncode == 0 and removed.stdout == f"task {task_id} deleted\n"
+    gone = zhiyi("watch", task_id, cwd=workdir, env=env)
+    assert gone.returncode == 1
+    assert gone.stderr == (f"zhiyi: there is no task {task_id} of yours on this server; "
+                           "'zhiyi tasks' lists them\n")
+
+
+def test_cancel_then_retry_from_the_command_line(server: ZhiyiServer, tmp_path: Path,
+                                                 workdir: Path) -> None:
+    env = cli_env(tmp_path, server)
+    task = create_task(server.url, server.local_token, slow_document(workdir / "long.txt", 400),
+                       params={"targetLang": "zh", "engine": "openai"})
+    task_id = str(task["taskId"])
+    cancelled = zhiyi("cancel", task_id, cwd=workdir, env=env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout == f"task {task_id} is cancelled (refunded)\n"
+    retried = zhiyi("retry", task_id, cwd=workdir, env=env)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.startswith(f"task {task_id} is pending (")
+    assert f"follow it with 'zhiyi watch {task_id}'" in retried.stdout
+    assert zhiyi("watch", task_id, cwd=workdir, env=env).returncode == 0
