@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .model import _MAX_SEGMENT_CHARS, _Token
+from .tags import has_tag_lookalike
 from .text import _Line, _line, _paragraph_tokens, _TextFileDocument
 
 logger = logging.getLogger(__name__)
@@ -22,8 +23,8 @@ _MD_INLINE = re.compile(
             r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>",  # inline HTML
             r"(?<=\]\()(?:<[^<>\n]*>|[^\s()<>]+(?:\([^\s()]*\)[^\s()<>]*)*)",  # link target
             r"(?<=\]\[)[^\]\n]+(?=\])",  # reference label
+            r"\[\^[^\]\s]+\]",  # footnote reference
             r"(?:(?:https?|ftp)://|www\.)[^\s<>]*[^\s<>.,;:!?'\")\]]",  # bare URL
-            r"\{\{\s*\d+\s*\}\}",  # a literal token, so it cannot be taken for one of ours
         ]
     ),
     re.DOTALL,
@@ -64,20 +65,82 @@ _FRONT_MATTER_MAX_LINES = 500
 
 
 def _inline_spans(text: str) -> list[tuple[int, int]]:
+    """Where the atoms are: code spans, autolinks, inline HTML, bare URLs."""
     return [m.span() for m in _MD_INLINE.finditer(text) if m.end() > m.start()]
 
 
-def _protect_inline(text: str) -> tuple[str, tuple[str, ...]]:
-    """Replace inline code, URLs and inline HTML with ``{{N}}`` tokens."""
-    parts: list[str] = []
-    values: list[str] = []
-    pos = 0
-    for start, end in _inline_spans(text):
-        parts += [text[pos:start], f"{{{{{len(values)}}}}}"]
-        values.append(text[start:end])
-        pos = end
-    parts.append(text[pos:])
-    return "".join(parts), tuple(values)
+# Inline constructs that become tags. Atoms (`_MD_INLINE`: code, autolinks, inline HTML,
+# bare URLs) are self-closing and kept as written; links, images and emphasis are spans
+# around their (translated) text. A practical subset of CommonMark: no "_" emphasis
+# inside a word.
+_MD_SPAN = re.compile(
+    r"(?P<link>(?<!\\)(?P<bang>!?)\[(?P<label>(?:[^\[\]\\]|\\.){1,1000})\]"
+    r"(?P<target>\((?:<[^<>\n]*>|[^\s()<>]*(?:\([^\s()]*\)[^\s()<>]*)*)"
+    r"(?:\s+(?:\"[^\"\n]*\"|'[^'\n]*'))?\)|\[[^\]\n]*\]))"
+    r"|(?<![\\*])(?P<star>\*\*|\*)(?=[^\s*])(?P<starred>.+?)(?<=[^\s*\\])(?P=star)(?!\*)"
+    r"|(?<![\\\w_])(?P<under>__|_)(?=[^\s_])(?P<underlined>.+?)(?<=[^\s_\\])(?P=under)(?![\w_])"
+    r"|(?<![\\~])~~(?=\S)(?P<struck>.+?)(?<=\S)~~",
+    re.DOTALL,
+)
+
+
+class _InlineTagger:
+    """Turns a Markdown paragraph's inline constructs into numbered tags."""
+
+    def __init__(self) -> None:
+        self.spans: dict[int, tuple[str, str]] = {}
+        self.empties: dict[int, str] = {}
+
+    def _number(self) -> int:
+        return len(self.spans) + len(self.empties) + 1
+
+    def tag(self, text: str) -> str:
+        """`text` with atoms as ``<xN/>`` and spans as ``<xN>…</xN>``."""
+        parts: list[str] = []
+        pos = 0
+        for start, end in _inline_spans(text):  # atoms first: nothing parses inside them
+            if text[max(0, start - 2) : start] in ("](", "]["):
+                continue  # a link's target: part of the link's span
+            parts.append(self._spans(text[pos:start]))
+            number = self._number()
+            self.empties[number] = text[start:end]
+            parts.append(f"<x{number}/>")
+            pos = end
+        parts.append(self._spans(text[pos:]))
+        return "".join(parts)
+
+    def _spans(self, text: str) -> str:
+        parts: list[str] = []
+        pos = 0
+        for match in _MD_SPAN.finditer(text):
+            parts.append(text[pos : match.start()])
+            pos = match.end()
+            number = self._number()
+            if match["link"]:
+                opening, inner, closing = match["bang"] + "[", match["label"], "]" + match["target"]
+            else:
+                delimiter = match["star"] or match["under"] or "~~"
+                inner = match["starred"] or match["underlined"] or match["struck"]
+                opening = closing = delimiter
+            self.spans[number] = (opening, closing)
+            parts.append(f"<x{number}>{self._spans(inner)}</x{number}>")
+        parts.append(text[pos:])
+        return "".join(parts)
+
+
+def _tag_inline(
+    text: str,
+) -> tuple[str, tuple[dict[int, tuple[str, str]], dict[int, str]] | None]:
+    """A Markdown paragraph's text with inline code, URLs and HTML as self-closing tags,
+    links, images and emphasis as spans; the markup, or None when there is none (or the
+    text already holds something shaped like our tags)."""
+    if has_tag_lookalike(text):
+        return text, None
+    tagger = _InlineTagger()
+    tagged = tagger.tag(text)
+    if not tagger.spans and not tagger.empties:
+        return text, None
+    return tagged, (tagger.spans, tagger.empties)
 
 
 def _indent(text: str) -> int:

@@ -204,7 +204,7 @@ def _restore(text: str, values: tuple[str, ...]) -> str:
 
 def _has_words(text: str) -> bool:
     """Whether there is anything to translate: "---", "{{0}}" or "♪" need no translator."""
-    return any(ch.isalnum() for ch in _TOKEN.sub("", text))
+    return any(ch.isalnum() for ch in TAG.sub("", _TOKEN.sub("", text)))
 
 
 @contextlib.contextmanager

@@ -159,7 +159,7 @@ def _paragraph_tokens(
     The first prefix and the last line's trailing space stay outside the segment; the
     text joins the lines with "\\n".
     """
-    from .markdown import _inline_spans, _protect_inline  # markdown imports this module
+    from .markdown import _inline_spans, _tag_inline  # markdown imports this module
 
     first, last = lines[0], lines[-1]
     eol = eol or next((line.eol for line in lines if line.eol), "\n")
@@ -181,12 +181,12 @@ def _paragraph_tokens(
                 parts.append(line.trail + line.eol)
         raw = "".join(parts)
         text = "\n".join(line.text for line in lines)
-        protected: tuple[str, ...] = ()
+        markup = None
         if markdown:
-            text, protected = _protect_inline(text)
+            text, markup = _tag_inline(text)
         if len(lines) > 1:
             cont = lines[1].prefix
-        yield _Segment(raw, text, eol, cont, protected) if _has_words(text) else raw
+        yield _Segment(raw, text, eol, cont, markup=markup) if _has_words(text) else raw
     yield last.trail + last.eol
 
 

@@ -422,3 +422,46 @@ def test_generated_html_never_loses_text(tmp_path: Path, pieces, seed: int) -> N
 
 def letters(text: str) -> str:
     return "".join(ch for ch in text if ch.isalnum())
+
+
+# --------------------------------------------------------------------------- markdown
+
+MARKDOWN = (
+    "# Guide\n\n"
+    "Read **the _whole_ guide** at [our site](https://z.example/g \"Guide\"), then run\n"
+    "`zhiyi serve` and enjoy ~~nothing~~.\n"
+)
+
+
+def test_markdown_emphasis_links_and_code_are_tags(tmp_path: Path) -> None:
+    path = tmp_path / "guide.md"
+    path.write_text(MARKDOWN, encoding="utf-8")
+    segments = list(open_document(path).segments())
+    assert segments[1] == (
+        "Read <x1>the <x2>whole</x2> guide</x1> at <x3>our site</x3>, then run\n"
+        "<x4/> and enjoy <x5>nothing</x5>."
+    )
+    german = (
+        "Lies <x3>auf unserer Seite</x3> <x1>den <x2>ganzen</x2> Leitfaden</x1>, dann\n"
+        "<x4/> und genieße <x5>nichts</x5>."
+    )
+    out, lost = render(path, lambda t: german if t.startswith("Read") else t.upper())
+    assert lost == 0
+    assert out.read_text(encoding="utf-8") == (
+        "# GUIDE\n\n"
+        'Lies [auf unserer Seite](https://z.example/g "Guide") **den _ganzen_ Leitfaden**, '
+        "dann\n`zhiyi serve` und genieße ~~nichts~~.\n"
+    )
+
+
+@pytest.mark.parametrize("scramble", SCRAMBLES)
+def test_markdown_broken_tags_keep_text_and_code(tmp_path: Path, scramble) -> None:
+    path = tmp_path / "guide.md"
+    path.write_text(MARKDOWN, encoding="utf-8")
+    out, lost = render(path, lambda t: scramble(upper(t)))
+    assert lost == 1
+    result = out.read_text(encoding="utf-8")
+    assert "`zhiyi serve`" in result  # the code span, once
+    assert result.count("zhiyi serve") == 1
+    for word in ("READ", "WHOLE", "GUIDE", "SITE", "ENJOY", "NOTHING"):
+        assert word in result
