@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -304,6 +304,10 @@ class _Txn:
 
 
 EventListener = Callable[[Event], None]
+ChangeCallback = Callable[[], Awaitable[None]]
+#: how often a store looks for commits of other processes (``PRAGMA data_version``)
+WATCH_SECONDS = 0.05
+CATCH_UP_PAGE = 1000
 
 
 def default_result_url(task_id: int) -> str:
@@ -325,18 +329,35 @@ class GroupWriter:
     MAX_BATCH = 256
 
     def __init__(self, path: Path, clock: Callable[[], datetime],
-                 on_commit: Callable[[list[Event]], None]) -> None:
+                 on_commit: Callable[[list[Event]], None],
+                 delivered_through: Callable[[], int] = lambda: 0) -> None:
         self._path = path
         self._clock = clock
         self._on_commit = on_commit
+        self._delivered_through = delivered_through
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="zhiyi-sqlite-writer")
         self._db: sqlite3.Connection | None = None
         self._queue: list[tuple[WriteOp, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        #: the highest event id this writer handed on (its own, or another process's before it)
+        self._seen_event_id = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._db = await loop.run_in_executor(self._executor, _open_writer, self._path)
+        self._seen_event_id = await loop.run_in_executor(self._executor, _last_event_id, self._db)
+
+    @property
+    def start_event_id(self) -> int:
+        """The last event id committed when the writer opened (streams start after it)."""
+        return self._seen_event_id
+
+    async def data_version(self) -> int:
+        """``PRAGMA data_version`` of the writer: it changes when another process commits."""
+        assert self._db is not None
+        db = self._db
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: _scalar(db, "PRAGMA data_version"))
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -407,6 +428,10 @@ class GroupWriter:
         rolled back and the batch runs again with a savepoint per write, so
         the failing one rolls back alone (writes are pure functions of the
         database and their arguments, so running one twice is safe).
+
+        The events other processes committed just before this batch's own go
+        first, so listeners get every event in id order (see
+        :meth:`_events_before`).
         """
         try:
             return self._transaction(ops, isolate=len(ops) == 1)
@@ -435,12 +460,38 @@ class GroupWriter:
         try:
             for op in ops:
                 outcomes.append(_run_op(db, op, now, isolate))
+            earlier, seen = self._events_before(db, outcomes)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self._seen_event_id = seen
+        if earlier:  # published before this batch's own events
+            first = next(o for o in outcomes if isinstance(o, _Done))
+            first.events[:0] = earlier
         return outcomes
+
+    def _events_before(self, db: sqlite3.Connection,
+                       outcomes: list[_Done | _Failed]) -> tuple[list[Event], int]:
+        """Events committed by other processes between our last event and this batch's first.
+
+        This transaction holds the write lock, so every id below its own is
+        committed: reading them here lets this batch's events be handed on
+        right after them, in id order, without waiting for the tailer. In a
+        single process the range is empty and nothing is read. Returns them
+        and the new highest id seen.
+        """
+        own = [e.id for o in outcomes if isinstance(o, _Done) for e in o.events]
+        if not own:
+            return [], self._seen_event_id
+        after = max(self._seen_event_id, self._delivered_through())
+        first, last = min(own), max(own)
+        if first <= after + 1:
+            return [], last
+        rows = db.execute("SELECT * FROM task_events WHERE id > ? AND id < ? ORDER BY id",
+                          (after, first)).fetchall()
+        return [_event_from_row(r) for r in rows], last
 
 
 class _RetryIsolated(Exception):
@@ -513,11 +564,17 @@ class HealthFigures:
 class TaskStore:
     """The whole database behind one object. Open with :meth:`open`."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], datetime] = utcnow,
+                 watch_seconds: float = WATCH_SECONDS) -> None:
         self._path = path
         self._clock = clock
         self._listeners: list[EventListener] = []
-        self._writer = GroupWriter(path, clock, self._publish)
+        #: events are handed to listeners once each, in id order: this is the last one
+        self._delivered_through = 0
+        self._writer = GroupWriter(path, clock, self._publish, lambda: self._delivered_through)
+        self._watch_seconds = watch_seconds
+        self._watcher: asyncio.Task[None] | None = None
+        self._change_callbacks: list[ChangeCallback] = []
         self._reader: aiosqlite.Connection | None = None
         #: token hash -> user, for tokens seen valid (revocation goes through this store)
         self._token_users: dict[str, str] = {}
@@ -526,14 +583,16 @@ class TaskStore:
 
     # ---------------------------------------------------------------- lifetime
     @classmethod
-    async def open(cls, path: Path | str, *, clock: Callable[[], datetime] = utcnow) -> TaskStore:
+    async def open(cls, path: Path | str, *, clock: Callable[[], datetime] = utcnow,
+                   watch_seconds: float = WATCH_SECONDS) -> TaskStore:
         """Open (creating or migrating) the database file at ``path``."""
         check_sqlite_version()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        store = cls(path, clock=clock)
+        store = cls(path, clock=clock, watch_seconds=watch_seconds)
         try:
             await store._writer.start()
+            store._delivered_through = store._writer.start_event_id
             store._reader = await _connect_reader(path)
         except BaseException:
             await store.close()
@@ -541,13 +600,72 @@ class TaskStore:
         return store
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
         if self._reader is not None:
             await self._reader.close()
         await self._writer.close()
 
     def add_listener(self, listener: EventListener) -> None:
-        """Call ``listener(event)`` after each commit, for every event it appended."""
+        """Call ``listener(event)`` for every event committed from now on, in id order.
+
+        Events written by other processes on the same file are included: the
+        store then watches the file for their commits (see :meth:`_watch`).
+        """
         self._listeners.append(listener)
+        self._start_watching()
+
+    def on_foreign_commit(self, callback: ChangeCallback) -> None:
+        """Await ``callback()`` soon after another process commits to the database.
+
+        Workers use it to see new tasks and cancels made through other processes.
+        """
+        self._change_callbacks.append(callback)
+        self._start_watching()
+
+    def remove_foreign_commit(self, callback: ChangeCallback) -> None:
+        if callback in self._change_callbacks:
+            self._change_callbacks.remove(callback)
+
+    def _start_watching(self) -> None:
+        if self._watcher is None and self._reader is not None:
+            self._watcher = asyncio.get_running_loop().create_task(
+                self._watch(), name="zhiyi-sqlite-watch")
+
+    async def _watch(self) -> None:
+        """Poll ``PRAGMA data_version`` of the writer: it moves only when another
+        connection (another process) commits. Then hand on the events it wrote
+        and tell the change callbacks. A cheap statement every ``watch_seconds``."""
+        version = await self._writer.data_version()
+        while True:
+            await asyncio.sleep(self._watch_seconds)
+            try:
+                current = await self._writer.data_version()
+                if current == version:
+                    continue
+                version = current
+                if self._listeners:
+                    await self.catch_up()
+                for callback in list(self._change_callbacks):
+                    await callback()
+            except Exception:
+                logger.exception("watching the database for other processes' commits failed")
+
+    async def catch_up(self) -> None:
+        """Hand listeners every committed event they have not had yet, in id order.
+
+        One writer at a time means ids commit in order, so everything above
+        the last delivered id that a read sees is a gap-free run.
+        """
+        while True:
+            rows = await self._fetchall(
+                "SELECT * FROM task_events WHERE id > ? ORDER BY id LIMIT ?",
+                (self._delivered_through, CATCH_UP_PAGE))
+            self._publish([_event_from_row(r) for r in rows])
+            if len(rows) < CATCH_UP_PAGE:
+                return
 
     def remove_listener(self, listener: EventListener) -> None:
         self._listeners.remove(listener)
@@ -561,6 +679,10 @@ class TaskStore:
 
     def _publish(self, events: list[Event]) -> None:
         for event in events:
+            # Our own commits and the tailer can both bring an event: once each, in order.
+            if event.id <= self._delivered_through:
+                continue
+            self._delivered_through = event.id
             for listener in self._listeners:
                 try:
                     listener(event)
@@ -886,13 +1008,16 @@ class TaskStore:
         )
         return parse_time(row["t"]) if row and row["t"] else None
 
-    async def renew_lease(self, task_id: int, attempt: int, lease_seconds: float) -> bool:
+    async def renew_lease(self, task_id: int, attempt: int, lease_seconds: float,
+                          owner: str | None = None) -> bool:
+        """Extend the running attempt's lease (only the holder's, when ``owner`` is given)."""
         def _op(txn: _Txn) -> Any:
             lease = isoformat(parse_time(txn.now) + timedelta(seconds=lease_seconds))
             cursor = txn.db.execute(
                 """UPDATE processing_tasks SET lease_until = ?
-                   WHERE id = ? AND attempts = ? AND status = 'processing'""",
-                (lease, task_id, attempt),
+                   WHERE id = ? AND attempts = ? AND status = 'processing'
+                   AND (? IS NULL OR lease_owner = ?)""",
+                (lease, task_id, attempt, owner, owner),
             )
             return cursor.rowcount == 1
         return await self._write(_op)
@@ -1052,20 +1177,26 @@ class TaskStore:
             return self._status_event(txn, task_id)
         return await self._write(_op)
 
-    async def requeue_orphans(self, max_attempts: int, *, expired_only: bool) -> list[Task]:
+    async def requeue_orphans(
+        self, max_attempts: int, *, dead_owners: Collection[str] = ()
+    ) -> list[Task]:
         """Tasks left ``processing`` by a dead worker: re-queue, or fail once out of attempts.
 
-        Tasks waiting for an external service (no lease) keep waiting. With
-        ``expired_only`` only tasks whose lease has run out are touched (the
-        periodic reconciler); at start every leased task is an orphan.
+        A task is an orphan when its lease ran out, or when its lease owner is
+        in ``dead_owners`` (workers known to be gone, e.g. a dead process of
+        this host). Never "every leased task": other processes on the same
+        database hold live leases. Tasks waiting for an external service (no
+        lease) keep waiting. Safe to run in many processes at once: the rows
+        are chosen inside the write transaction, so each orphan moves once.
         """
+        owners = sorted(set(dead_owners))
+
         def _op(txn: _Txn) -> Any:
-            sql = """SELECT id, attempts FROM processing_tasks
-                     WHERE status = 'processing' AND external_task_id IS NULL"""
-            args: tuple[Any, ...] = ()
-            if expired_only:
-                sql += " AND lease_until < ?"
-                args = (txn.now,)
+            marks = ",".join("?" * len(owners))
+            sql = f"""SELECT id, attempts FROM processing_tasks
+                     WHERE status = 'processing' AND external_task_id IS NULL
+                     AND (lease_until < ? OR lease_owner IN ({marks}))"""
+            args: tuple[Any, ...] = (txn.now, *owners)
             rows = list((txn.db.execute(sql, args)).fetchall())
             changed = []
             for row in rows:
@@ -1111,6 +1242,35 @@ class TaskStore:
                     released.append(self._status_event(txn, task_id))
             return released
         return await self._write(_op)
+
+    async def lease_owners(self) -> list[str]:
+        """The workers holding leases now (recovery asks which of them are gone)."""
+        rows = await self._fetchall(
+            """SELECT DISTINCT lease_owner FROM processing_tasks
+               WHERE status = 'processing' AND lease_owner IS NOT NULL""")
+        return [r["lease_owner"] for r in rows]
+
+    async def attempt_states(self, task_ids: Collection[int]) -> dict[int, tuple[str, int]]:
+        """``{task id: (status, attempts)}`` of the given tasks; deleted ones are absent.
+
+        The cheap check a worker makes to learn that another process cancelled
+        or deleted a task it is running.
+        """
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        rows = await self._fetchall(
+            f"SELECT id, status, attempts FROM processing_tasks WHERE id IN "
+            f"({','.join('?' * len(ids))})", ids)
+        return {r["id"]: (r["status"], r["attempts"]) for r in rows}
+
+    async def has_runnable_task(self) -> bool:
+        """Whether some pending task could be claimed now (a read, before a claim's write)."""
+        row = await self._fetchone(
+            """SELECT 1 AS x FROM processing_tasks WHERE status = 'pending'
+               AND (run_after IS NULL OR run_after <= ?) LIMIT 1""",
+            (isoformat(self._clock()),))
+        return row is not None
 
     async def overdue_external_tasks(self) -> list[Task]:
         rows = await self._fetchall(
@@ -1357,6 +1517,12 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _last_event_id(db: sqlite3.Connection) -> int:
+    """The highest event id ever given (AUTOINCREMENT's counter outlives pruned rows)."""
+    top = _scalar(db, "SELECT seq FROM sqlite_sequence WHERE name = 'task_events'")
+    return int(top or 0)
 
 
 def _schema_sql() -> str:

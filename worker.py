@@ -38,9 +38,37 @@ from processors import (
 from storage import Task, TaskStore
 
 __all__ = ["ProgressReporter", "StoreMemory", "WorkerPool", "WorkerSettings", "is_disk_full",
-           "task_dirs"]
+           "owner_is_gone", "task_dirs"]
 
 logger = logging.getLogger(__name__)
+
+HOST = socket.gethostname()
+#: lease owners of the pools running in this process. Process-wide on purpose: it
+#: describes the process (which of its own past pools are gone), not one app.
+_LIVE_OWNERS: set[str] = set()
+
+
+def owner_is_gone(owner: str) -> bool:
+    """Whether a lease owner (``host:pid:nonce``) is known to be dead.
+
+    Only provable on this host: its process no longer exists, or it is this
+    process and that pool has stopped. Owners on other hosts are never
+    presumed dead; their leases simply expire.
+    """
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != HOST or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return owner not in _LIVE_OWNERS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -172,19 +200,24 @@ class WorkerPool:
         self._observe = observe or (lambda outcome, task, seconds: None)
         #: the progress reporters' clock (a test replaces it to drive the write interval)
         self.clock = clock
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: unique per pool and process: leases are renewed and recovered by owner
+        self.owner = f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         #: idle workers, each waiting on its own future: a new task wakes one, not all
         self._idle: deque[asyncio.Future[None]] = deque()
         self._missed_wake = False
         self._running: dict[int, tuple[Task, asyncio.Task[Any]]] = {}
+        #: running tasks whose attempt another worker now owns: stop without cleaning up
+        self._lost: set[int] = set()
         self._loops: list[asyncio.Task[None]] = []
         #: stopping: workers finish their task and claim no other
         self._draining = False
 
     # -------------------------------------------------------------- lifetime
     async def start(self) -> None:
-        """Recover what a previous process left, then start the loops."""
+        """Recover what a dead process left, then start the loops."""
+        _LIVE_OWNERS.add(self.owner)
         await self.recover()
+        self.store.on_foreign_commit(self._foreign_commit)
         for n in range(self.settings.concurrency):
             self._loops.append(asyncio.create_task(self._worker(), name=f"zhiyi-worker-{n}"))
         self._loops.append(asyncio.create_task(self._keep_leases(), name="zhiyi-leases"))
@@ -209,6 +242,8 @@ class WorkerPool:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
+        self.store.remove_foreign_commit(self._foreign_commit)
+        _LIVE_OWNERS.discard(self.owner)
         if unfinished:
             released = await self.store.release_tasks(unfinished)
             logger.info("stopping: %d running task(s) handed back to the queue: %s",
@@ -237,12 +272,45 @@ class WorkerPool:
         return True
 
     async def recover(self) -> None:
-        """At start: every leased ``processing`` task is an orphan of a dead process."""
-        changed = await self.store.requeue_orphans(self.settings.max_attempts, expired_only=False)
+        """At start: re-queue tasks whose lease expired or whose owner is a dead process.
+
+        Other processes may share the database, so a leased task is an orphan
+        only when its lease ran out or its owner is provably gone.
+        """
+        changed = await self._requeue_orphans()
         for task in changed:
             logger.warning("task %s of user %s was interrupted: now %s",
                            task.id, task.user_id, task.status)
         await self.fail_overdue_external()
+
+    async def _requeue_orphans(self) -> list[Task]:
+        dead = [owner for owner in await self.store.lease_owners() if owner_is_gone(owner)]
+        return await self.store.requeue_orphans(self.settings.max_attempts, dead_owners=dead)
+
+    async def _foreign_commit(self) -> None:
+        """Another process committed: stop attempts it cancelled, look for new work."""
+        if self._running:
+            await self.stop_cancelled_elsewhere()
+        if self._idle and await self.store.has_runnable_task():
+            self.wake()
+
+    async def stop_cancelled_elsewhere(self) -> None:
+        """Stop running attempts whose task was cancelled, deleted or taken over elsewhere."""
+        asked = dict(self._running)
+        states = await self.store.attempt_states(list(asked))
+        for task_id, (task, job) in asked.items():
+            # Only the attempts that ran before the read: a task claimed meanwhile
+            # is absent from ``states`` without being deleted.
+            if self._running.get(task_id, (None, None))[1] is not job:
+                continue
+            state = states.get(task_id)
+            if state is None or state[0] == "cancelled":
+                logger.info("task %s was cancelled or deleted elsewhere: stopping it", task_id)
+                job.cancel()
+            elif state[1] != task.attempts or state[0] == "pending":
+                logger.warning("task %s: this attempt lost its lease; stopping it", task_id)
+                self._lost.add(task_id)
+                job.cancel()
 
     # ----------------------------------------------------------------- loops
     async def _worker(self) -> None:
@@ -274,7 +342,8 @@ class WorkerPool:
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
             for task, _job in list(self._running.values()):
-                await self.store.renew_lease(task.id, task.attempts, self.settings.lease_seconds)
+                await self.store.renew_lease(task.id, task.attempts, self.settings.lease_seconds,
+                                             self.owner)
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -286,7 +355,7 @@ class WorkerPool:
 
     async def reconcile(self) -> None:
         """Repair state: expired leases, overdue external tasks, ledger drift, retention."""
-        requeued = await self.store.requeue_orphans(self.settings.max_attempts, expired_only=True)
+        requeued = await self._requeue_orphans()
         for task in requeued:
             logger.warning("task %s lost its lease: now %s", task.id, task.status)
         for _ in requeued:
@@ -325,11 +394,14 @@ class WorkerPool:
                 # The pool is stopping: leave the task for recovery.
                 job.cancel()
                 raise
+            if task.id in self._lost:  # the files now belong to the newer attempt
+                return
             logger.info("task %s of user %s cancelled while processing", task.id, task.user_id)
             await asyncio.to_thread(_remove_partial_files, self.data_path, task)
             self._observe("cancelled", task, 0.0)
         finally:
             self._running.pop(task.id, None)
+            self._lost.discard(task.id)
 
     async def _attempt(self, task: Task) -> None:
         task_type = self.registry.get(task.task_type)

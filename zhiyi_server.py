@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import sys
 import unicodedata
@@ -122,7 +123,8 @@ from storage import (
 from translation_memory import BadTmx, Entry, Scope, from_tmx, to_tmx
 from worker import WorkerPool, WorkerSettings, is_disk_full, task_dirs
 
-__all__ = ["CONFIG", "HUB", "POOL", "STORE", "Config", "create_app", "main"]
+__all__ = ["CONFIG", "HUB", "POOL", "STORE", "Config", "create_app", "create_worker_app",
+           "main", "run_worker_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +214,9 @@ class Config:
     engine_max_inflight: int = 16
     #: run the workers in this process (an embedding app may run them elsewhere)
     run_workers: bool = True
+    #: ``zhiyi serve`` starts this many ``zhiyi worker`` processes (0: workers in-process;
+    #: None: one per core)
+    worker_processes: int | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Config:
@@ -227,6 +232,8 @@ class Config:
             external_service_url=e.get("EXTERNAL_SERVICE_URL") or None,
             public_url=e.get("PUBLIC_URL") or None,
             worker_concurrency=_env_int(e, "WORKER_CONCURRENCY", 4, 0),
+            worker_processes=(_env_int(e, "ZHIYI_WORKERS", 0, 0)
+                              if e.get("ZHIYI_WORKERS") else None),
             sse_heartbeat_seconds=_env_float(e, "SSE_HEARTBEAT_SECONDS", 15.0),
             sse_max_per_user=_env_int(e, "SSE_MAX_PER_USER", 32, 1),
             sse_max_total=_env_int(e, "SSE_MAX_TOTAL", 10_000, 1),
@@ -251,6 +258,13 @@ class Config:
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def worker_process_count(self) -> int:
+        """How many worker processes ``zhiyi serve`` starts (default: one per core)."""
+        if self.worker_processes is not None:
+            return self.worker_processes
+        return os.cpu_count() or 1
 
     @property
     def database(self) -> Path:
@@ -1365,6 +1379,86 @@ def create_app(config: Config | None = None, *, registry: Registry | None = None
     return app
 
 
+def create_worker_app(config: Config | None = None, *, registry: Registry | None = None,
+                      ) -> web.Application:
+    """Workers only (``zhiyi worker``): the store, the HTTP client and the pool.
+
+    The routes are added but never served: completed events and webhook
+    callbacks name their URLs through the router, exactly as the server does.
+    """
+    config = dataclasses.replace(config or Config.from_env(), run_workers=True)
+    app = web.Application()
+    app[CONFIG] = config
+    app[REGISTRY] = registry or default_registry()
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.extend([_store_ctx(config), _http_ctx, _pool_ctx])
+    _add_routes(app)
+    return app
+
+
+async def run_worker_app(app: web.Application, *, parent_pid: int | None = None,
+                         on_ready: Callable[[], None] | None = None) -> None:
+    """Run a worker app until SIGTERM/SIGINT (or until ``parent_pid`` is gone)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    logger.info("worker process %d running", os.getpid())
+    if on_ready is not None:
+        on_ready()
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), PARENT_CHECK_SECONDS)
+            except TimeoutError:
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    logger.warning("the server process %d is gone; stopping", parent_pid)
+                    return
+    finally:
+        await runner.cleanup()
+
+
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _worker_processes_ctx(count: int, config: Config,
+                          ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """``zhiyi serve --workers N``: N ``zhiyi worker`` processes live and die with the server."""
+
+    async def worker_processes_ctx(app: web.Application) -> AsyncIterator[None]:
+        command = [sys.executable, "-m", "zhiyi_server", "worker", "--data",
+                   str(config.data_path), "--parent-pid", str(os.getpid())]
+        env = {**os.environ, "DATA_STORAGE_PATH": str(config.data_path)}
+        if config.db_path is not None:
+            env["ZHIYI_DB"] = str(config.db_path)
+        children = [await asyncio.create_subprocess_exec(*command, env=env)
+                    for _ in range(count)]
+        logger.info("started %d worker processes: %s", count,
+                    ", ".join(str(c.pid) for c in children))
+        yield
+        await asyncio.gather(*(_stop_child(child) for child in children))
+
+    return worker_processes_ctx
+
+
+async def _stop_child(child: asyncio.subprocess.Process) -> None:
+    """SIGTERM a worker (its in-flight tasks stay leased; a dead owner's leases are
+    recovered at the next start or reconciliation), SIGKILL if it lags."""
+    if child.returncode is None:
+        child.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(child.wait(), CHILD_STOP_SECONDS)
+    except TimeoutError:
+        logger.warning("worker process %d did not stop; killing it", child.pid)
+        child.kill()
+        await child.wait()
+
+
+CHILD_STOP_SECONDS = 10.0
+
+
 def _add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/", index, name="index")
@@ -1459,8 +1553,12 @@ async def _local_login_token(config: Config) -> str | None:
 
 def _serve_command(args: argparse.Namespace) -> int:
     config = Config.from_env(host=args.host, port=args.port,
-                             data_path=Path(args.data) if args.data else None)
+                             data_path=Path(args.data) if args.data else None,
+                             worker_processes=args.workers)
     config.data_path.mkdir(parents=True, exist_ok=True)
+    processes = config.worker_process_count
+    if processes:
+        config = dataclasses.replace(config, run_workers=False)
     token = None
     if config.host in LOOPBACK_HOSTS:
         token = asyncio.run(_local_login_token(config))
@@ -1475,11 +1573,23 @@ def _serve_command(args: argparse.Namespace) -> int:
                   "(new users: `zhiyi user add NAME --credits N`).", flush=True)
         print(f"Data: {config.data_path.resolve()}  (Ctrl-C to stop)", flush=True)
 
+    app = create_app(config)
+    if processes:
+        app.cleanup_ctx.append(_worker_processes_ctx(processes, config))
     try:
-        web.run_app(create_app(config), host=config.host, port=config.port, print=announce,
+        web.run_app(app, host=config.host, port=config.port, print=announce,
                     access_log=None, shutdown_timeout=5)
     except OSError as e:
         raise CliError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from e
+    return 0
+
+
+def _worker_command(args: argparse.Namespace) -> int:
+    config = Config.from_env(data_path=Path(args.data) if args.data else None)
+    if not config.data_path.is_dir():
+        raise CliError(f"the data folder {config.data_path} does not exist here; a worker "
+                       "needs the server's DATA_STORAGE_PATH (a shared folder across hosts)")
+    asyncio.run(run_worker_app(create_worker_app(config), parent_pid=args.parent_pid))
     return 0
 
 
@@ -1535,6 +1645,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="worker processes to start beside the server (ZHIYI_WORKERS; "
+                            "0: workers run in the server process; default: one per core)")
+    worker = commands.add_parser("worker", help="run workers only (no HTTP), on the same data")
+    worker.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
+    worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True)
     add = user_commands.add_parser("add", help="create a user and print a token")
@@ -1586,6 +1702,8 @@ def main(argv: list[str] | None = None) -> int:
             return _backup_command(args)
         if args.command == "restore":
             return _restore_command(args)
+        if args.command == "worker":
+            return _worker_command(args)
         return int(args.run(args) or 0)
     except (CliError, ConfigError, SQLiteTooOld) as e:
         print(f"zhiyi: {e}", file=sys.stderr)

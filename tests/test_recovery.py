@@ -31,9 +31,11 @@ def free_port() -> int:
 class ServerProcess:
     """A real Zhiyi server in a subprocess, ended only by its own PID."""
 
-    def __init__(self, port: int, data: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, port: int, data: Path, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.port = port
         self.data = data
+        self.args = args
         self.env = {**os.environ, "WORKER_CONCURRENCY": "4", "RECONCILE_SECONDS": "3600",
                     "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
@@ -46,7 +48,8 @@ class ServerProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "serve_for_tests.py"), str(self.port), str(self.data)],
+            [sys.executable, str(HERE / "serve_for_tests.py"), str(self.port), str(self.data),
+             *self.args],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert self.proc.stdout is not None
         for line in self.proc.stdout:

@@ -127,7 +127,7 @@ async def test_stale_attempt_cannot_complete(store: TaskStore) -> None:
     await store.add_user("alice", 5)
     task, _ = await store.create_processing_task(new_task("alice"))
     first = await store.claim_next_task("w", 60)
-    await store.requeue_orphans(3, expired_only=False)
+    await store.requeue_orphans(3, dead_owners=["w"])
     second = await store.claim_next_task("w", 60)
     assert second is not None and second.attempts == first.attempts + 1
     assert await store.complete_task(task.id, "r.txt", attempt=first.attempts) is None

@@ -1,0 +1,279 @@
+"""Several processes on one database: HTTP processes, worker processes, kill -9.
+
+Real processes on 127.0.0.1 (``serve_for_tests.py``), real SSE parsing. The
+HTTP processes run no workers; the worker processes serve no HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from helpers import SSEMessage, SSEReader
+from test_recovery import ServerProcess, free_port, make_user
+from test_storage import new_task
+
+from processors import default_registry
+from storage import Event, TaskStatus, TaskStore
+from worker import HOST, WorkerPool, WorkerSettings
+
+pytestmark = pytest.mark.timeout(300)
+
+HTTP_ENV = {"WORKER_CONCURRENCY": "0", "MAX_ACTIVE_TASKS_PER_USER": "1000",
+            "SSE_MAX_PER_USER": "1000"}
+WORKER_ENV = {"WORKER_CONCURRENCY": "4", "RECONCILE_SECONDS": "0.5"}
+
+
+async def test_events_of_other_processes_reach_listeners_once_in_id_order(
+        tmp_path: Path) -> None:
+    """Store A's listener gets B's events too: before A's own next event (read in A's
+    write transaction), or from the tailer; never twice, never out of order."""
+    path = tmp_path / "zhiyi.db"
+    a = await TaskStore.open(path, watch_seconds=3600)  # the tailer never runs by itself
+    b = await TaskStore.open(path)
+    seen: list[Event] = []
+    a.add_listener(seen.append)
+    try:
+        await b.add_user("bob", 5)
+        await a.add_user("alice", 5)
+        await b.grant_credits("bob", 1)    # B's events, unseen by A so far
+        await b.grant_credits("bob", 2)
+        await a.grant_credits("alice", 1)  # A's own write brings B's first
+        assert [e.user_id for e in seen] == ["bob", "bob", "alice"]
+        await b.grant_credits("bob", 3)
+        await a.catch_up()                 # the tailer's step
+        await a.catch_up()                 # nothing new: nothing again
+        await a.grant_credits("alice", 2)
+        everything = await a.events_after(0, user_id="bob") + \
+            await a.events_after(0, user_id="alice")
+    finally:
+        await a.close()
+        await b.close()
+    assert [e.id for e in seen] == sorted(e.id for e in everything)
+    assert [e.user_id for e in seen] == ["bob", "bob", "alice", "bob", "alice"]
+
+
+def _pool(store: TaskStore, tmp_path: Path) -> WorkerPool:
+    return WorkerPool(store, default_registry(), WorkerSettings(concurrency=0),
+                      tmp_path / "data", engine_factory=lambda name: None)  # type: ignore
+
+
+async def _claimed_by(store: TaskStore, owner: str, lease_seconds: float) -> int:
+    await store.create_processing_task(new_task("alice"))
+    task = await store.claim_next_task(owner, lease_seconds)
+    assert task is not None
+    return task.id
+
+
+async def test_recovery_takes_only_expired_or_provably_dead_leases(tmp_path: Path) -> None:
+    store = await TaskStore.open(tmp_path / "zhiyi.db")
+    try:
+        await store.add_user("alice", 10)
+        elsewhere = await _claimed_by(store, "other-host:1:abc", 60)
+        alive_here = await _claimed_by(store, f"{HOST}:1:abc", 60)  # pid 1 always runs
+        dead_here = await _claimed_by(store, f"{HOST}:{2**22 + 7}:abc", 60)  # no such pid
+        expired = await _claimed_by(store, "other-host:1:abc", -1)
+        await _pool(store, tmp_path).recover()
+        states = {i: (await store.get_task_by_id(i)).status
+                  for i in (elsewhere, alive_here, dead_here, expired)}
+    finally:
+        await store.close()
+    assert states == {elsewhere: TaskStatus.PROCESSING, alive_here: TaskStatus.PROCESSING,
+                      dead_here: TaskStatus.PENDING, expired: TaskStatus.PENDING}
+
+
+class Cluster:
+    """HTTP and worker processes on one data folder; stopped at the end by their PIDs."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.processes: list[ServerProcess] = []
+
+    def http(self) -> ServerProcess:
+        return self._start(ServerProcess(free_port(), self.data, env=HTTP_ENV))
+
+    def worker(self) -> ServerProcess:
+        return self._start(ServerProcess(free_port(), self.data, env=WORKER_ENV,
+                                         args=("worker",)))
+
+    def _start(self, proc: ServerProcess) -> ServerProcess:
+        self.processes.append(proc)
+        proc.start()
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            proc.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    data = tmp_path / "data"
+    data.mkdir()
+    group = Cluster(data)
+    yield group
+    group.stop()
+
+
+async def create_task(session: aiohttp.ClientSession, url: str, task_type: str) -> int:
+    form = aiohttp.FormData()
+    form.add_field("taskType", task_type)
+    form.add_field("file", b"x", filename="n.txt")
+    async with session.post(f"{url}/api/tasks/create", data=form) as resp:
+        assert resp.status == 201, await resp.text()
+        return (await resp.json())["taskId"]
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with session.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def wait_for(predicate: Any, what: str, attempts: int = 600) -> None:
+    """Poll a condition (bounded by a count, not by the machine's speed)."""
+    for _ in range(attempts):
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+def steps_log(data: Path) -> list[str]:
+    path = data / "steps.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def test_cancel_through_one_http_process_stops_the_task_in_a_worker_process(
+        cluster: Cluster) -> None:
+    token = await make_user(cluster.data, 10)
+    http = cluster.http()
+    cluster.worker()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        task_id = await create_task(session, http.url, "count")
+        await wait_for(lambda: _logged(cluster.data, f"{task_id} 2"), "the worker ran steps")
+        async with session.post(f"{http.url}/api/tasks/{task_id}/cancel") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["task"]["taskStatus"] == "cancelled"
+        await wait_for(lambda: _logged(cluster.data, f"{task_id} cancelled"),
+                       "the worker process stopped the attempt")
+        me = await get_json(session, f"{http.url}/api/me")
+    assert me["credits"] == 10  # charged, then refunded once
+    lines = steps_log(cluster.data)
+    assert lines[-1] == f"{task_id} cancelled"  # no step ran after the stop
+
+
+async def _logged(data: Path, line: str) -> bool:
+    return line in steps_log(data)
+
+
+class StreamWatcher:
+    """Follows one task's stream, moving to another HTTP process when its own dies."""
+
+    def __init__(self, session: aiohttp.ClientSession, task_id: int,
+                 urls: list[str]) -> None:
+        self.session = session
+        self.task_id = task_id
+        self.urls = urls
+        self.ids: list[int] = []
+        self.first_id: int | None = None
+        self.reconnects = 0
+        self.final: dict[str, Any] | None = None
+
+    async def run(self) -> None:
+        while self.final is None:
+            url = self.urls[0]
+            headers = {"Last-Event-ID": str(self.ids[-1] if self.ids else self.first_id)} \
+                if self.first_id is not None else {}
+            try:
+                async with self.session.get(f"{url}/api/sse/tasks/{self.task_id}",
+                                            headers=headers) as resp:
+                    if resp.status == 204:
+                        raise AssertionError(f"task {self.task_id}: 204 before its final event")
+                    assert resp.status == 200, await resp.text()
+                    await self._read(resp)
+            # A killed server: refused, reset, or (aiohttp) "Connection closed." mid-read.
+            except (aiohttp.ClientError, ConnectionError, RuntimeError):
+                pass
+            if self.final is None:
+                self.reconnects += 1
+                await asyncio.sleep(0.1)
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> None:
+        reader = SSEReader(resp)
+        while (message := await reader.next(timeout=120)) is not None:
+            self._take(message)
+
+    def _take(self, message: SSEMessage) -> None:
+        assert message.id is not None
+        event_id = int(message.id)
+        if self.first_id is None:  # the snapshot: events after it follow
+            self.first_id = event_id
+        else:
+            self.ids.append(event_id)
+        if message.payload.get("status") in ("completed", "failed", "cancelled"):
+            self.final = message.payload
+
+
+async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -> None:
+    """Every stream sees every event of its task once, in order, across a kill -9 of one
+    HTTP process and one worker process; no task is lost and each is charged once."""
+    tasks = 240
+    token = await make_user(cluster.data, 1000)
+    http_a, http_b = cluster.http(), cluster.http()
+    worker_a, _ = cluster.worker(), cluster.worker()
+    headers = {"Authorization": f"Bearer {token}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
+        watchers: list[StreamWatcher] = []
+        runs: list[asyncio.Task[None]] = []
+        a_alive = True
+        for n in range(tasks):
+            # Tasks are created and followed on A and B in turn; once A is killed, its
+            # clients move to B and new tasks go to B.
+            first = http_a if n % 2 == 0 and a_alive else http_b
+            urls = [first.url, http_b.url] if first is http_a else [http_b.url]
+            task_id = await create_task(session, first.url, "quick")
+            watcher = StreamWatcher(session, task_id, urls)
+            watchers.append(watcher)
+            runs.append(asyncio.create_task(watcher.run()))
+            if n == tasks // 3:
+                worker_a.kill()
+            if n == tasks // 2:
+                http_a.kill()
+                a_alive = False
+                for w in watchers:
+                    w.urls = [http_b.url]
+        for w in watchers:
+            w.urls = [http_b.url]
+        await asyncio.wait_for(asyncio.gather(*runs), 240)
+        ledger = await get_json(session, f"{http_b.url}/api/me/ledger?limit=100")
+        entries = ledger["entries"]
+        while ledger["nextCursor"] is not None:
+            ledger = await get_json(
+                session, f"{http_b.url}/api/me/ledger?limit=100&cursor={ledger['nextCursor']}")
+            entries += ledger["entries"]
+        me = await get_json(session, f"{http_b.url}/api/me")
+
+    store = await TaskStore.open(cluster.data / "zhiyi.db")
+    try:
+        for w in watchers:
+            assert w.final is not None and w.final["status"] == "completed", w.final
+            assert w.first_id is not None
+            events = await store.events_after(w.first_id, task_id=w.task_id)
+            assert w.ids == [e.id for e in events], (w.task_id, w.ids, events)
+        interrupted = [w.task_id for w in watchers if "interrupted" in str(
+            await store.events_after(0, task_id=w.task_id))]
+    finally:
+        await store.close()
+    assert any(w.reconnects for w in watchers)  # some clients did move to B
+    assert interrupted  # the killed worker had tasks in flight; they were resumed
+    charges = Counter(e["taskId"] for e in entries if e["reason"] == "charge")
+    assert charges == {w.task_id: 1 for w in watchers}
+    assert not [e for e in entries if e["reason"] == "refund"]
+    assert me["credits"] == sum(e["amount"] for e in entries) == 1000 - tasks
