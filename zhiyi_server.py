@@ -1438,25 +1438,26 @@ def _worker_processes_ctx(count: int, config: Config,
         logger.info("started %d worker processes: %s", count,
                     ", ".join(str(c.pid) for c in children))
         yield
-        await asyncio.gather(*(_stop_child(child) for child in children))
+        # A worker gets its own grace for running attempts, and a margin to hand the rest back.
+        timeout = config.shutdown_grace_seconds + CHILD_STOP_MARGIN_SECONDS
+        await asyncio.gather(*(_stop_child(child, timeout) for child in children))
 
     return worker_processes_ctx
 
 
-async def _stop_child(child: asyncio.subprocess.Process) -> None:
-    """SIGTERM a worker (its in-flight tasks stay leased; a dead owner's leases are
-    recovered at the next start or reconciliation), SIGKILL if it lags."""
+async def _stop_child(child: asyncio.subprocess.Process, timeout: float) -> None:
+    """SIGTERM a worker (it hands unfinished tasks back to the queue), SIGKILL if it lags."""
     if child.returncode is None:
         child.send_signal(signal.SIGTERM)
     try:
-        await asyncio.wait_for(child.wait(), CHILD_STOP_SECONDS)
+        await asyncio.wait_for(child.wait(), timeout)
     except TimeoutError:
         logger.warning("worker process %d did not stop; killing it", child.pid)
         child.kill()
         await child.wait()
 
 
-CHILD_STOP_SECONDS = 10.0
+CHILD_STOP_MARGIN_SECONDS = 10.0
 
 
 def _add_routes(app: web.Application) -> None:
