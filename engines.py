@@ -447,7 +447,10 @@ async def _with_retries(
             except TransientEngineError as e:
                 error = e
         if isinstance(error, RateLimited):
-            delay = _backoff_seconds(rate_limits, settings, error.retry_after)
+            # The first retry without Retry-After only waits for a slot under the cut
+            # limit: that is the backpressure. Later ones back off, doubling.
+            delay = (_backoff_seconds(rate_limits - 1, settings, error.retry_after)
+                     if rate_limits or error.retry_after is not None else 0.0)
             rate_limits += 1
             if waited + delay > settings.rate_limit_patience:
                 raise TransientEngineError(
@@ -474,12 +477,15 @@ async def _with_retries(
 class AdaptiveLimit:
     """How many requests may be in flight to one engine: AIMD, as TCP does.
 
-    Starts at ``maximum``. A rate-limited answer halves the limit (multiplicative
-    decrease), once per round: rejections of requests sent before the last decrease
-    do not cut again. Every successful answer adds ``1 / limit`` (additive increase:
-    about one more slot per round of successes), up to ``maximum``. Waiters get slots
-    in arrival order.
+    Starts at ``maximum``. A rate-limited answer multiplies the limit by
+    ``DECREASE`` (0.7, CUBIC's factor: halving would leave a capped engine idle
+    for several rounds after each probe), once per round: rejections of requests
+    sent before the last cut do not cut again. Every successful answer adds
+    ``1 / limit`` (additive increase: about one more slot per round of successes),
+    up to ``maximum``. Waiters get slots in arrival order.
     """
+
+    DECREASE = 0.7
 
     def __init__(self, maximum: int, *, minimum: int = 1) -> None:
         if maximum < 1:
@@ -548,7 +554,7 @@ class AdaptiveLimit:
             return  # this round already paid for the rejection
         self._round += 1
         self.decreases += 1
-        self.limit = max(float(self.minimum), self.limit / 2)
+        self.limit = max(float(self.minimum), self.limit * self.DECREASE)
         logger.info("engine rate limited: at most %d requests in flight now", self.slots)
 
 

@@ -17,6 +17,7 @@ Embedding apps register their own types on a :class:`Registry`::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -509,8 +510,27 @@ class SegmentTranslation:
 
     async def _batches(self, segments: Iterator[tuple[int, str]],
                        resumed: frozenset[int]) -> AsyncIterator[_Batch]:
-        """The segments an earlier attempt did not journal, in batches (read off the loop)."""
-        while batch := await asyncio.to_thread(_next_batch, segments, resumed):
+        """Batches of the segments to send: not journalled earlier, not in the memory.
+
+        Segments are read (off the loop) in chunks of ``MEMORY_CHUNK``; each chunk is
+        looked up in the memory at once and its hits journalled, so the batches sent
+        hold only misses: a revised document's few changed paragraphs travel together.
+        """
+        batch: _Batch = []
+        size = 0
+        while chunk := await asyncio.to_thread(_next_chunk, segments, resumed, MEMORY_CHUNK):
+            known = await self._recall([text for _, text in chunk])
+            if known:
+                await self._journal_batch([(chunk[pos][0], text) for pos, text in known.items()])
+            for pos, (index, text) in enumerate(chunk):
+                if pos in known:
+                    continue
+                batch.append((index, text))
+                size += len(text)
+                if len(batch) >= BATCH_MAX_ITEMS or size >= BATCH_MAX_CHARS:
+                    yield batch
+                    batch, size = [], 0
+        if batch:
             yield batch
 
     async def _choose_memory_scope(self) -> None:
@@ -524,14 +544,10 @@ class SegmentTranslation:
 
     async def _translate_batch(self, batch: _Batch) -> None:
         texts = [text for _, text in batch]
-        known = await self._recall(texts)
-        todo = [pos for pos in range(len(texts)) if pos not in known]
-        if todo:
-            translated = await self._translate([texts[pos] for pos in todo])
-            known.update(zip(todo, translated, strict=True))
-            await self._remember([texts[pos] for pos in todo], translated)
-        done = [(index, known[pos]) for pos, (index, _) in enumerate(batch)]
-        await self._journal_batch(done)
+        translated = await self._translate(texts)
+        await self._remember(texts, translated)
+        await self._journal_batch(
+            [(index, text) for (index, _), text in zip(batch, translated, strict=True)])
 
     async def _recall(self, texts: list[str]) -> dict[int, str]:
         """Translations the memory holds, by position in ``texts``; they are not sent."""
@@ -622,12 +638,8 @@ async def _bounded_gather(items: AsyncIterator[_Item],
     """
     running: set[asyncio.Task[None]] = set()
     try:
-        async for item in items:
-            running.add(asyncio.ensure_future(work(item)))
-            if len(running) >= limit:
-                finished, running = await asyncio.wait(
-                    running, return_when=asyncio.FIRST_COMPLETED)
-                _raise_first(finished)
+        async with contextlib.aclosing(items):
+            await _start_all(items, work, limit, running)
         while running:
             finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             _raise_first(finished)
@@ -635,6 +647,17 @@ async def _bounded_gather(items: AsyncIterator[_Item],
         for job in running:
             job.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+
+
+async def _start_all(items: AsyncIterator[_Item], work: Callable[[_Item], Awaitable[None]],
+                     limit: int, running: set[asyncio.Task[None]]) -> None:
+    """Start ``work`` on each item, waiting for a free slot (and failing fast) past ``limit``."""
+    async for item in items:
+        running.add(asyncio.ensure_future(work(item)))
+        if len(running) >= limit:
+            finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            running -= finished
+            _raise_first(finished)
 
 
 def _raise_first(finished: set[asyncio.Task[None]]) -> None:
@@ -652,21 +675,21 @@ def translated_name(name: str, target: str) -> str:
 
 BATCH_MAX_CHARS = 4000
 BATCH_MAX_ITEMS = 25
+#: segments read and looked up in the translation memory at once
+MEMORY_CHUNK = 500
 
 
 def _count(items: Iterator[str]) -> int:
     return sum(1 for _ in items)
 
 
-def _next_batch(segments: Iterator[tuple[int, str]], done: frozenset[int]) -> _Batch:
-    """The next segments not in ``done``, up to the batch caps."""
-    batch: _Batch = []
-    size = 0
+def _next_chunk(segments: Iterator[tuple[int, str]], done: frozenset[int],
+                size: int) -> _Batch:
+    """The next ``size`` segments not in ``done``."""
+    chunk: _Batch = []
     for index, segment in segments:
-        if index in done:
-            continue
-        batch.append((index, segment))
-        size += len(segment)
-        if len(batch) >= BATCH_MAX_ITEMS or size >= BATCH_MAX_CHARS:
-            break
-    return batch
+        if index not in done:
+            chunk.append((index, segment))
+            if len(chunk) >= size:
+                break
+    return chunk

@@ -40,34 +40,35 @@ async def ledger(client, headers) -> list[dict]:
 # ------------------------------------------------------------------ the limiter
 
 
-async def test_adaptive_limit_halves_once_per_round_and_grows_back_slowly() -> None:
-    limit = AdaptiveLimit(8)
-    slots = [limit.slot() for _ in range(8)]
+async def test_adaptive_limit_cuts_once_per_round_and_grows_back_slowly() -> None:
+    limit = AdaptiveLimit(10)
+    slots = [limit.slot() for _ in range(10)]
     held = [await s.__aenter__() for s in slots]
-    assert limit.inflight == 8 and limit.slots == 8
-    # Four answers of the same round are rate limited: one cut, not four.
+    assert limit.inflight == 10 and limit.slots == 10
+    # Four answers of the same round are rate limited: one cut (x 0.7), not four.
     for slot in held[:4]:
         slot.rate_limited()
-    assert limit.slots == 4 and limit.decreases == 1
+    assert limit.slots == 7 and limit.decreases == 1
+    # Answers to requests sent before the cut neither cut again nor grow the limit.
     for s in slots:
         await s.__aexit__(None, None, None)
-    # A request of the new round that is rejected cuts again.
+    assert limit.limit == 7.0
+    # A request of the new round that is rejected cuts again: 7 x 0.7 = 4.9.
     async with limit.slot() as slot:
         slot.rate_limited()
-    assert limit.slots == 2 and limit.decreases == 2
-    # Additive increase: about one slot per round of successes (2 + 1/2 + 1/2.5 ...).
-    for _ in range(2):
+    assert limit.slots == 4 and limit.decreases == 2
+    # Additive increase: about one slot per round of successes (4.9 + 1/4.9 + ...).
+    async with limit.slot():
+        pass
+    assert limit.slots == 5
+    for _ in range(5):
         async with limit.slot():
             pass
-    assert limit.slots == 2
-    for _ in range(3):
-        async with limit.slot():
-            pass
-    assert limit.slots == 3
+    assert limit.slots == 6
     for _ in range(200):
         async with limit.slot():
             pass
-    assert limit.slots == 8  # never above the maximum
+    assert limit.slots == 10  # never above the maximum
 
 
 async def test_adaptive_limit_admits_in_order_and_survives_cancelled_waiters() -> None:
