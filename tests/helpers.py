@@ -1,10 +1,17 @@
-"""Test helpers: users, uploads, polling, and SSE reading with the client's parser."""
+"""Shared test helpers: users, uploads, polling, SSE reading with the client's parser,
+controllable test processors, and real servers in subprocesses (test modules import
+from here, never from each other)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,9 +20,12 @@ from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestClient
+from page_helpers import free_port as free_port  # the one free_port, re-exported
 
 from client import SSEMessage as WireMessage
 from client import SSEParser
+from processors import PermanentError, Registry, TaskContext, TransientError, default_registry
+from storage import TaskStore
 from zhiyi_server import STORE
 
 
@@ -177,3 +187,151 @@ async def eventually(check: Callable[[], object], what: str, timeout: float = 10
         if loop.time() > end:
             raise AssertionError(f"after {timeout} s, still not: {what}")
         await asyncio.sleep(0.01)
+
+
+# ------------------------------------------------------------ test processors
+class Gates:
+    """Lets a test hold a processor at a step and release it."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.calls = 0
+        self.fail_times = 0
+
+
+def make_registry(gates: Gates) -> Registry:
+    registry = default_registry().copy()
+
+    @registry.processor("steps", extensions=(".txt",), parses_document=False)
+    async def steps(ctx: TaskContext) -> Path:
+        """Ten progress steps, then copies the input."""
+        for i in range(1, 11):
+            await ctx.progress(i * 10 - 5, f"step {i} of 10", stage="working")
+            await asyncio.sleep(0.01)
+        out = ctx.result_path("out.txt")
+        out.write_bytes(ctx.input_path.read_bytes().upper())
+        return out
+
+    @registry.processor("gate", extensions=(".txt",), parses_document=False)
+    async def gate(ctx: TaskContext) -> Path:
+        await ctx.progress(30, "waiting at the gate", stage="gate")
+        (ctx.result_path("partial.txt")).write_text("partial")
+        gates.started.set()
+        try:
+            await gates.release.wait()
+        except asyncio.CancelledError:
+            gates.cancelled.set()
+            raise
+        await ctx.progress(60, "past the gate")
+        out = ctx.result_path("gate.txt")
+        out.write_text("done")
+        return out
+
+    @registry.processor("flaky", extensions=(".txt",), parses_document=False)
+    async def flaky(ctx: TaskContext) -> Path:
+        gates.calls += 1
+        if gates.calls <= gates.fail_times:
+            raise TransientError(f"flaky failure {gates.calls}")
+        out = ctx.result_path("ok.txt")
+        out.write_text(f"ok after {gates.calls}")
+        return out
+
+    @registry.processor("broken", extensions=(".txt",), parses_document=False)
+    async def broken(ctx: TaskContext) -> Path:
+        raise PermanentError("this document cannot be processed", "bad_document")
+
+    @registry.processor("buggy", extensions=(".txt",), parses_document=False)
+    async def buggy(ctx: TaskContext) -> Path:
+        return {}["missing"]
+
+    @registry.processor("hang", extensions=(".txt",), parses_document=False)
+    async def hang(ctx: TaskContext) -> Path:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    @registry.processor("chatty", extensions=(".txt",), parses_document=False)
+    async def chatty(ctx: TaskContext) -> Path:
+        for i in range(100_000):
+            await ctx.progress(i / 1000, f"report {i}")
+        out = ctx.result_path("chatty.txt")
+        out.write_text("done")
+        return out
+
+    return registry
+
+
+# ------------------------------------------------- real servers in subprocesses
+HERE = Path(__file__).parent
+
+
+class ServerProcess:
+    """A real Zhiyi server in a subprocess, ended only by its own PID."""
+
+    def __init__(self, port: int, data: Path, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
+        self.port = port
+        self.data = data
+        self.args = args
+        self.env = {**os.environ, "WORKER_CONCURRENCY": "4", "RECONCILE_SECONDS": "3600",
+                    "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+        self._drainer: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "serve_for_tests.py"), str(self.port), str(self.data),
+             *self.args],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if "READY" in line:
+                # Keep reading its log, or a chatty server would block on a full pipe.
+                self._drainer = threading.Thread(target=self._drain, args=(self.proc.stdout,),
+                                                 daemon=True)
+                self._drainer.start()
+                return
+        raise AssertionError("the server did not start")
+
+    def _drain(self, stream: Any) -> None:
+        for line in stream:
+            self.log.append(line)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self._reap()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+        if self.proc:
+            self._reap()
+
+    def _reap(self) -> None:
+        assert self.proc is not None
+        self.proc.wait(10)
+        if self._drainer is not None:
+            self._drainer.join(10)  # the pipe ends when the process is gone
+            self._drainer = None
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+async def make_user(data: Path, credits: int) -> str:
+    store = await TaskStore.open(data / "zhiyi.db")
+    try:
+        await store.add_user("alice", credits)
+        return await store.issue_token("alice")
+    finally:
+        await store.close()

@@ -10,7 +10,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from test_recovery import free_port
+from helpers import free_port
 
 ZHIYI = [sys.executable, "-m", "zhiyi_server"]
 

@@ -13,8 +13,17 @@ import docx
 import pytest
 from aiohttp.test_utils import TestClient
 from fakes import FakeLibreTranslate, FakeOpenAI
-from helpers import SSEReader, add_user, create, form, get_task, wait_status
-from test_recovery import ServerProcess, free_port, make_user
+from helpers import (
+    ServerProcess,
+    SSEReader,
+    add_user,
+    create,
+    form,
+    free_port,
+    get_task,
+    make_user,
+    wait_status,
+)
 
 from zhiyi_server import STORE
 

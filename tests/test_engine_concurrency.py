@@ -13,8 +13,7 @@ from pathlib import Path
 
 import aiohttp
 from fakes import FakeLibreTranslate
-from helpers import add_user, create, wait_status
-from test_recovery import ServerProcess, free_port, make_user
+from helpers import ServerProcess, add_user, create, free_port, make_user, wait_status
 
 from engines import AdaptiveLimit, EngineSettings, make_engine
 

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import aiohttp
-from helpers import SSEReader
-from test_recovery import ServerProcess, free_port, make_user
+from helpers import ServerProcess, SSEReader, free_port, make_user
 
 SIZE = 20 * 1024 * 1024
 

@@ -9,92 +9,22 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 from helpers import (
+    Gates,
     SSEMessage,
     SSEReader,
     add_user,
     create,
     eventually,
     get_task,
+    make_registry,
     parse_sse,
     wait_status,
 )
 
-from processors import PermanentError, Registry, TaskContext, TransientError, default_registry
+from processors import Registry, TaskContext, default_registry
 from sse import SSEHub, encode_event
 from storage import TaskStatus
 from zhiyi_server import HUB, POOL, STORE
-
-
-class Gates:
-    """Lets a test hold a processor at a step and release it."""
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
-        self.cancelled = asyncio.Event()
-        self.calls = 0
-        self.fail_times = 0
-
-
-def make_registry(gates: Gates) -> Registry:
-    registry = default_registry().copy()
-
-    @registry.processor("steps", extensions=(".txt",), parses_document=False)
-    async def steps(ctx: TaskContext) -> Path:
-        """Ten progress steps, then copies the input."""
-        for i in range(1, 11):
-            await ctx.progress(i * 10 - 5, f"step {i} of 10", stage="working")
-            await asyncio.sleep(0.01)
-        out = ctx.result_path("out.txt")
-        out.write_bytes(ctx.input_path.read_bytes().upper())
-        return out
-
-    @registry.processor("gate", extensions=(".txt",), parses_document=False)
-    async def gate(ctx: TaskContext) -> Path:
-        await ctx.progress(30, "waiting at the gate", stage="gate")
-        (ctx.result_path("partial.txt")).write_text("partial")
-        gates.started.set()
-        try:
-            await gates.release.wait()
-        except asyncio.CancelledError:
-            gates.cancelled.set()
-            raise
-        await ctx.progress(60, "past the gate")
-        out = ctx.result_path("gate.txt")
-        out.write_text("done")
-        return out
-
-    @registry.processor("flaky", extensions=(".txt",), parses_document=False)
-    async def flaky(ctx: TaskContext) -> Path:
-        gates.calls += 1
-        if gates.calls <= gates.fail_times:
-            raise TransientError(f"flaky failure {gates.calls}")
-        out = ctx.result_path("ok.txt")
-        out.write_text(f"ok after {gates.calls}")
-        return out
-
-    @registry.processor("broken", extensions=(".txt",), parses_document=False)
-    async def broken(ctx: TaskContext) -> Path:
-        raise PermanentError("this document cannot be processed", "bad_document")
-
-    @registry.processor("buggy", extensions=(".txt",), parses_document=False)
-    async def buggy(ctx: TaskContext) -> Path:
-        return {}["missing"]
-
-    @registry.processor("hang", extensions=(".txt",), parses_document=False)
-    async def hang(ctx: TaskContext) -> Path:
-        await asyncio.sleep(3600)
-        raise AssertionError("unreachable")
-
-    @registry.processor("chatty", extensions=(".txt",), parses_document=False)
-    async def chatty(ctx: TaskContext) -> Path:
-        for i in range(100_000):
-            await ctx.progress(i / 1000, f"report {i}")
-        out = ctx.result_path("chatty.txt")
-        out.write_text("done")
-        return out
-
-    return registry
 
 
 @pytest.fixture

@@ -3,91 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-
-from storage import TaskStore
-
-HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A real Zhiyi server in a subprocess, ended only by its own PID."""
-
-    def __init__(self, port: int, data: Path, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
-        self.port = port
-        self.data = data
-        self.args = args
-        self.env = {**os.environ, "WORKER_CONCURRENCY": "4", "RECONCILE_SECONDS": "3600",
-                    "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", **(env or {})}
-        self.proc: subprocess.Popen[str] | None = None
-        self.log: list[str] = []
-        self._drainer: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "serve_for_tests.py"), str(self.port), str(self.data),
-             *self.args],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if "READY" in line:
-                # Keep reading its log, or a chatty server would block on a full pipe.
-                self._drainer = threading.Thread(target=self._drain, args=(self.proc.stdout,),
-                                                 daemon=True)
-                self._drainer.start()
-                return
-        raise AssertionError("the server did not start")
-
-    def _drain(self, stream: Any) -> None:
-        for line in stream:
-            self.log.append(line)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self._reap()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-        if self.proc:
-            self._reap()
-
-    def _reap(self) -> None:
-        assert self.proc is not None
-        self.proc.wait(10)
-        if self._drainer is not None:
-            self._drainer.join(10)  # the pipe ends when the process is gone
-            self._drainer = None
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+from helpers import ServerProcess, free_port, make_user
 
 
 @pytest.fixture
@@ -95,15 +17,6 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     proc = ServerProcess(free_port(), tmp_path / "data")
     yield proc
     proc.stop()
-
-
-async def make_user(data: Path, credits: int) -> str:
-    store = await TaskStore.open(data / "zhiyi.db")
-    try:
-        await store.add_user("alice", credits)
-        return await store.issue_token("alice")
-    finally:
-        await store.close()
 
 
 async def create_count_task(session: aiohttp.ClientSession, url: str) -> int:

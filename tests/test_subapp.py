@@ -6,8 +6,7 @@ import asyncio
 from pathlib import Path
 
 from aiohttp import web
-from helpers import SSEReader, form
-from test_processing import Gates, make_registry
+from helpers import Gates, SSEReader, form, make_registry
 
 from zhiyi_server import STORE, Config, create_app
 

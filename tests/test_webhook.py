@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sqlite3
 import sys
 import time
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import SSEReader, add_user, create, get_task, wait_status
+from helpers import SSEReader, add_user, create, free_port, get_task, wait_status
 
 from external import sign
 from processors import default_registry
@@ -24,12 +23,6 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 import external_worker
 
 SECRET = "s3cret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeService:
