@@ -141,6 +141,7 @@ def zhiyi(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, env=os.environ.copy())
 
 
+@pytest.mark.slow
 def test_cli_backup_and_restore_say_what_to_do(tmp_path: Path) -> None:
     data = tmp_path / "data"
     assert zhiyi("user", "add", "carol", "--credits", "5", "--data", str(data)).returncode == 0

@@ -10,6 +10,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 from helpers import free_port
 
 ZHIYI = [sys.executable, "-m", "zhiyi_server"]
@@ -22,6 +23,7 @@ def zhiyi(*args: str, data: Path | None = None, env: dict[str, str] | None = Non
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_user_commands(tmp_path: Path) -> None:
     data = tmp_path / "data"
     added = zhiyi("user", "add", "alice", "--credits", "25", data=data)
@@ -47,6 +49,7 @@ def test_user_commands(tmp_path: Path) -> None:
     assert bad_env.returncode == 1 and "ZHIYI_PORT" in bad_env.stderr
 
 
+@pytest.mark.slow
 def test_serve_first_start_prints_a_login_url(tmp_path: Path) -> None:
     data = tmp_path / "data"
     port = free_port()

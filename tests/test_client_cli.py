@@ -38,7 +38,8 @@ from client import (
     resolve_settings,
 )
 
-pytestmark = pytest.mark.timeout(120)
+# Real server subprocesses (and a slow fake engine) for most tests here.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 MakeServer = Callable[..., ZhiyiServer]
 

@@ -126,6 +126,7 @@ async def test_engine_failing_for_good_fails_and_refunds(make_client, aiohttp_se
     assert (await (await client.get("/api/me", headers=headers)).json())["credits"] == 5
 
 
+@pytest.mark.slow
 async def test_kill_9_mid_translation_resumes_without_resending(tmp_path: Path,
                                                                 aiohttp_server) -> None:
     fake = FakeLibreTranslate()

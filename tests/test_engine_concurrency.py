@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import pytest
 from fakes import FakeLibreTranslate
 from helpers import ServerProcess, add_user, create, free_port, make_user, wait_status
 
@@ -179,6 +180,7 @@ def journalled(data: Path) -> int:
     return sum(len(p.read_bytes().splitlines()) for p in data.glob("*/*/work/translated.jsonl"))
 
 
+@pytest.mark.slow
 async def test_kill_9_during_concurrent_batches_resends_only_what_was_in_flight(
         tmp_path: Path, aiohttp_server) -> None:
     fake = FakeLibreTranslate(latency=0.05)

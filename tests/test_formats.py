@@ -135,6 +135,7 @@ def test_text_long_paragraphs_are_split(tmp_path: Path) -> None:
     assert out.read_bytes() == path.read_bytes()
 
 
+@pytest.mark.slow
 def test_large_text_file_streams(tmp_path: Path) -> None:
     path = tmp_path / "big.txt"
     paragraph = "Zhiyi reads large files a line at a time, {name}. " * 8 + "Then it ends.\n"
@@ -163,6 +164,7 @@ def test_large_text_file_streams(tmp_path: Path) -> None:
         assert f.readline() == paragraph.upper()
 
 
+@pytest.mark.slow
 def test_file_without_line_breaks_streams(tmp_path: Path) -> None:
     path = write(tmp_path, "one-line.txt", "没有换行也没有句号的中文" * 400_000)  # 14 MB
     out = tmp_path / "out.txt"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import aiohttp
+import pytest
 from helpers import ServerProcess, SSEReader, free_port, make_user
 
 SIZE = 20 * 1024 * 1024
@@ -29,6 +30,7 @@ def write_big_text(path: Path) -> None:
             written += len(paragraph) + 2
 
 
+@pytest.mark.slow
 async def test_twenty_megabytes_bounded_memory_steady_progress(tmp_path: Path) -> None:
     source = tmp_path / "big.txt"
     write_big_text(source)

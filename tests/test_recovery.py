@@ -33,6 +33,7 @@ async def task_of(session: aiohttp.ClientSession, url: str, task_id: int) -> dic
         return (await resp.json())["task"]
 
 
+@pytest.mark.slow
 async def test_kill_9_mid_task_then_restart(server: ServerProcess) -> None:
     server.data.mkdir(parents=True)
     token = await make_user(server.data, 50)
