@@ -25,8 +25,15 @@ from page_helpers import free_port as free_port  # the one free_port, re-exporte
 from client import SSEMessage as WireMessage
 from client import SSEParser
 from processors import PermanentError, Registry, TaskContext, TransientError, default_registry
-from storage import TaskStore
+from storage import NewTask, TaskStore
 from zhiyi_server import STORE
+
+
+def new_task(user: str, cost: int = 1, key: str | None = None) -> NewTask:
+    """A small translate task of ``user`` for the store on its own."""
+    return NewTask(user_id=user, task_type="translate", params={"targetLang": "zh"},
+                   file_name="a.txt", file_size=3, file_path=f"{user}/x", credits_cost=cost,
+                   idempotency_key=key)
 
 
 async def add_user(client: TestClient, name: str = "alice", credits: int = 100) -> dict[str, str]:

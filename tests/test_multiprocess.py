@@ -14,15 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import SSEMessage, SSEReader
-from test_recovery import ServerProcess, free_port, make_user
-from test_storage import new_task
+from helpers import ServerProcess, SSEMessage, SSEReader, free_port, make_user, new_task
 
 from processors import default_registry
 from storage import Event, TaskStatus, TaskStore
 from worker import HOST, WorkerPool, WorkerSettings
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 HTTP_ENV = {"WORKER_CONCURRENCY": "0", "MAX_ACTIVE_TASKS_PER_USER": "1000",
             "SSE_MAX_PER_USER": "1000"}

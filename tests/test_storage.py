@@ -10,12 +10,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import new_task
 
 from storage import (
     SCHEMA_VERSION,
     InsufficientCredits,
     InvalidTransition,
-    NewTask,
     SQLiteTooOld,
     TaskNotFound,
     TaskStatus,
@@ -33,12 +33,6 @@ async def store(tmp_path: Path):
     store = await TaskStore.open(tmp_path / "zhiyi.db")
     yield store
     await store.close()
-
-
-def new_task(user: str, cost: int = 1, key: str | None = None) -> NewTask:
-    return NewTask(user_id=user, task_type="translate", params={"targetLang": "zh"},
-                   file_name="a.txt", file_size=3, file_path=f"{user}/x", credits_cost=cost,
-                   idempotency_key=key)
 
 
 async def ledger_sum(store: TaskStore, user: str) -> int:
