@@ -10,6 +10,7 @@ Engines:
 * ``argos`` - Argos Translate, offline, when ``argostranslate`` and a model are installed.
 * ``libretranslate`` - a LibreTranslate server (``POST {url}/translate``).
 * ``openai`` - an OpenAI-compatible chat API (``POST {base}/chat/completions``).
+* ``deepl`` - DeepL's API v2 (``POST {url}/v2/translate``), with its own glossaries.
 
 HTTP engines protect placeholders, inline tags, entities and URLs with tokens
 (:func:`protect_placeholders`), send segments in batches (:func:`batch_segments`),
@@ -56,6 +57,7 @@ __all__ = [
     "EngineLimits",
     "EngineSettings",
     "EngineStatus",
+    "Glossary",
     "RateLimited",
     "TransientEngineError",
     "UnknownEngine",
@@ -70,7 +72,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Engines this module builds; ``external`` is handled by the server, not here.
-ENGINE_NAMES: tuple[str, ...] = ("pseudo", "argos", "libretranslate", "openai")
+ENGINE_NAMES: tuple[str, ...] = ("pseudo", "argos", "libretranslate", "openai", "deepl")
 
 _T = TypeVar("_T")
 
@@ -87,6 +89,7 @@ _ERROR_DETAIL_MAX = 300
 _LIBRE_LABEL = "LibreTranslate"
 _OPENAI_LABEL = "OpenAI-compatible API"
 _ARGOS_LABEL = "Argos Translate"
+_DEEPL_LABEL = "DeepL"
 
 
 # --------------------------------------------------------------------------- errors
@@ -137,6 +140,10 @@ class EngineSettings:
     #: Optional: local OpenAI-compatible servers (llama.cpp, Ollama, vLLM) need none.
     openai_api_key: str | None = None
     openai_model: str = "gpt-4o-mini"
+    deepl_api_key: str | None = None
+    #: ``https://api-free.deepl.com`` or ``https://api.deepl.com``; None: chosen by the key
+    #: (free keys end in ``:fx``).
+    deepl_api_url: str | None = None
     #: Total seconds for one HTTP request, connect to last byte.
     request_timeout: float = 60.0
     #: Extra attempts per batch for 429, 5xx, timeouts and malformed answers.
@@ -935,6 +942,132 @@ def _parse_segments(content: str, expected: int) -> list[str]:
     return segments
 
 
+# --------------------------------------------------------------------------- DeepL
+
+#: Term pairs ``(source term, target term)`` of a glossary, for engines that take one.
+Glossary = Sequence[tuple[str, str]]
+
+
+class _DeepLEngine:
+    """DeepL's API v2: ``POST /v2/translate`` with a list of texts; its own glossaries.
+
+    Inline tags go with ``tag_handling=xml``. With a glossary the engine creates it
+    once (``POST /v2/glossaries``, TSV entries) and names it in every request; DeepL
+    then needs the source language. 456 (quota exceeded) is a permanent failure.
+    """
+
+    name = "deepl"
+    paid = True
+    #: takes a glossary itself (others get terms as placeholders from the processor)
+    native_glossary = True
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        session: aiohttp.ClientSession,
+        limit: AdaptiveLimit | None = None,
+    ) -> None:
+        self._settings = settings
+        self._session = session
+        self._limit = limit
+        key = settings.deepl_api_key or ""
+        default = "https://api-free.deepl.com" if key.endswith(":fx") else "https://api.deepl.com"
+        self._base = (settings.deepl_api_url or default).rstrip("/")
+        self._headers = {"Authorization": f"DeepL-Auth-Key {key}"}
+        #: glossary ids made by this engine, by (source, target, terms)
+        self._glossaries: dict[tuple[str, str, tuple[tuple[str, str], ...]], str] = {}
+
+    async def translate(
+        self, texts: Sequence[str], source: str, target: str, glossary: Glossary | None = None
+    ) -> list[str]:
+        glossary_id = None
+        if glossary:
+            if not source or source == "auto":
+                raise EngineError(f"{_DEEPL_LABEL} needs sourceLang to use a glossary.")
+            glossary_id = await self._glossary_id(source, target, tuple(glossary))
+        send = functools.partial(self._send, source=source, target=target,
+                                 glossary_id=glossary_id)
+        return await _translate_protected(
+            texts, send, self._settings, _DEEPL_LABEL, self._limit, inline_tags="native"
+        )
+
+    async def _send(
+        self, batch: list[str], source: str, target: str, glossary_id: str | None
+    ) -> list[str]:
+        tagged = any(_INLINE_TAG_RE.search(text) for text in batch)
+        sent = [_escape_around_tags(text) for text in batch] if tagged else batch
+        payload: dict[str, Any] = {"text": sent, "target_lang": _deepl_lang(target)}
+        if source and source != "auto":
+            payload["source_lang"] = _deepl_lang(source).split("-")[0]
+        if glossary_id:
+            payload["glossary_id"] = glossary_id
+        if tagged:
+            payload["tag_handling"] = "xml"
+        reply = await self._post("/v2/translate", payload)
+        data = _json_answer(reply, _DEEPL_LABEL)
+        items = data.get("translations") if isinstance(data, dict) else None
+        out = [item.get("text") for item in items if isinstance(item, dict)] if isinstance(
+            items, list) else None
+        if out is None or not all(isinstance(text, str) for text in out):
+            raise TransientEngineError(f"{_DEEPL_LABEL} answered without a list of translations.")
+        texts = cast(list[str], out)
+        return [_unescape_around_tags(text) for text in texts] if tagged else texts
+
+    async def _glossary_id(self, source: str, target: str,
+                           terms: tuple[tuple[str, str], ...]) -> str:
+        key = (source, target, terms)
+        if key not in self._glossaries:
+            entries = "".join(f"{_tsv_cell(a)}\t{_tsv_cell(b)}\n" for a, b in terms)
+            payload = {"name": f"zhiyi {source}-{target}", "source_lang": source.split("-")[0],
+                       "target_lang": target.split("-")[0], "entries": entries,
+                       "entries_format": "tsv"}
+
+            async def create() -> str:
+                reply = await self._post("/v2/glossaries", payload)
+                data = _json_answer(reply, _DEEPL_LABEL)
+                glossary_id = data.get("glossary_id") if isinstance(data, dict) else None
+                if not isinstance(glossary_id, str):
+                    raise TransientEngineError(f"{_DEEPL_LABEL} made no glossary.")
+                return glossary_id
+
+            self._glossaries[key] = await _with_retries(create, self._settings, self._limit)
+        return self._glossaries[key]
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> _Reply:
+        reply = await _post_json(self._session, self._base + path, payload, self._headers,
+                                 self._settings, _DEEPL_LABEL)
+        if reply.status == 456:
+            raise EngineError(_sentence(
+                f"{_DEEPL_LABEL} says the account's character quota is used up (HTTP 456); "
+                "wait for the next billing period or raise the limit",
+                _error_detail(reply.body)))
+        _raise_for_retryable(reply, _DEEPL_LABEL)
+        if reply.status >= 300:
+            raise EngineError(_deepl_rejection(reply))
+        return reply
+
+
+def _deepl_lang(code: str) -> str:
+    """DeepL's spelling of a language code: ``zh`` -> ``ZH``, ``en-us`` -> ``EN-US``."""
+    return code.strip().upper()
+
+
+def _tsv_cell(text: str) -> str:
+    """A term as one TSV cell (DeepL refuses tabs and newlines inside entries)."""
+    return " ".join(text.split())
+
+
+def _deepl_rejection(reply: _Reply) -> str:
+    detail = _error_detail(reply.body)
+    if reply.status == 403:
+        head = f"{_DEEPL_LABEL} rejected the key (HTTP 403); check DEEPL_API_KEY and DEEPL_API_URL"
+    elif reply.status == 404:
+        head = f"{_DEEPL_LABEL} has no such endpoint (HTTP 404); check DEEPL_API_URL"
+    else:
+        head = f"{_DEEPL_LABEL} rejected the request (HTTP {reply.status})"
+    return _sentence(head, detail)
+
+
 # --------------------------------------------------------------------------- Argos
 
 
@@ -1033,6 +1166,12 @@ def _libretranslate_status(settings: EngineSettings) -> EngineStatus:
     return EngineStatus("libretranslate", True, None)
 
 
+def _deepl_status(settings: EngineSettings) -> EngineStatus:
+    if not settings.deepl_api_key:
+        return EngineStatus("deepl", False, "Set DEEPL_API_KEY to a DeepL API key.")
+    return EngineStatus("deepl", True, None)
+
+
 def _openai_status(settings: EngineSettings) -> EngineStatus:
     # The base URL is required and the key optional: local OpenAI-compatible servers
     # (llama.cpp, Ollama, vLLM) take none. OpenAI itself always needs one.
@@ -1053,6 +1192,7 @@ _STATUSES: dict[str, Callable[[EngineSettings], EngineStatus]] = {
     "argos": _argos_status,
     "libretranslate": _libretranslate_status,
     "openai": _openai_status,
+    "deepl": _deepl_status,
 }
 
 
@@ -1087,4 +1227,6 @@ def make_engine(
     limit = limits[name] if limits is not None else None
     if name == "libretranslate":
         return _LibreTranslateEngine(settings, session, limit)
+    if name == "deepl":
+        return _DeepLEngine(settings, session, limit)
     return _OpenAIEngine(settings, session, limit)

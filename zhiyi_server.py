@@ -212,6 +212,8 @@ class Config:
     openai_model: str = "gpt-4o-mini"
     engine_concurrency: int = 4
     engine_max_inflight: int = 16
+    deepl_api_key: str | None = None
+    deepl_api_url: str | None = None
     #: run the workers in this process (an embedding app may run them elsewhere)
     run_workers: bool = True
     #: ``zhiyi serve`` starts this many ``zhiyi worker`` processes (0: workers in-process;
@@ -255,6 +257,8 @@ class Config:
             openai_model=e.get("OPENAI_MODEL") or "gpt-4o-mini",
             engine_concurrency=_env_int(e, "ENGINE_CONCURRENCY", 4, 1),
             engine_max_inflight=_env_int(e, "ENGINE_MAX_INFLIGHT", 16, 1),
+            deepl_api_key=e.get("DEEPL_API_KEY") or None,
+            deepl_api_url=e.get("DEEPL_API_URL") or None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -282,6 +286,8 @@ class Config:
             openai_api_key=self.openai_api_key,
             openai_model=self.openai_model,
             max_inflight=self.engine_max_inflight,
+            deepl_api_key=self.deepl_api_key,
+            deepl_api_url=self.deepl_api_url,
         )
 
     def worker_settings(self) -> WorkerSettings:

@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 __all__ = [
+    "FakeDeepL",
     "FakeLibreTranslate",
     "FakeOpenAI",
     "RecordedRequest",
@@ -398,6 +400,86 @@ def _completion(body: dict[str, Any], content: str) -> dict[str, Any]:
         ],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
+
+
+class FakeDeepL(_FakeService):
+    """DeepL's API v2: ``POST /v2/translate`` and ``POST /v2/glossaries``.
+
+    Needs ``Authorization: DeepL-Auth-Key <api_key>`` (403 otherwise). A translation
+    is :func:`fake_translation` with the lower-cased ``target_lang``, after the named
+    glossary's source terms were replaced by their target terms (whole words, any
+    case), so a glossary shows in the output as DeepL's would. ``quota_left`` in
+    characters: past it, 456 as DeepL answers.
+    """
+
+    def __init__(self, api_key: str = "key:fx", quota_left: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(api_key, **kwargs)
+        self.quota_left = quota_left
+        #: glossary id -> (source_lang, target_lang, [(source, target), ...])
+        self.glossaries: dict[str, tuple[str, str, list[tuple[str, str]]]] = {}
+
+    def url(self, server: TestServer) -> str:
+        """The value for ``DEEPL_API_URL`` once served by ``server``."""
+        return _base_url(server)
+
+    def _add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v2/translate", self._translate)
+        app.router.add_post("/v2/glossaries", self._glossary)
+
+    def _authorised(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"DeepL-Auth-Key {self.api_key}"
+
+    async def _glossary(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return web.json_response({"message": "Forbidden"}, status=403)
+        body = await request.json()
+        if body.get("entries_format") != "tsv" or not body.get("source_lang"):
+            return web.json_response({"message": "Bad request"}, status=400)
+        pairs = [tuple(line.split("\t")) for line in body["entries"].splitlines() if line]
+        glossary_id = f"g{len(self.glossaries) + 1}"
+        self.glossaries[glossary_id] = (body["source_lang"], body["target_lang"],
+                                        [(a, b) for a, b in pairs])
+        return web.json_response({"glossary_id": glossary_id, "ready": True,
+                                  "entry_count": len(pairs)}, status=201)
+
+    async def _translate(self, request: web.Request) -> web.Response:
+        body, step = await self._record(request, lambda b: list(b["text"]))
+        scripted = self._scripted(step, {"message": step.message or "Too many requests"})
+        if scripted is not None:
+            return scripted
+        if not self._authorised(request):
+            return web.json_response({"message": "Forbidden"}, status=403)
+        if not isinstance(body, dict) or not body.get("text") or not body.get("target_lang"):
+            return web.json_response({"message": "Value for 'text' not supplied."}, status=400)
+        glossary = body.get("glossary_id")
+        if glossary is not None and (glossary not in self.glossaries
+                                     or not body.get("source_lang")):
+            return web.json_response({"message": "Invalid glossary"}, status=400)
+        size = sum(map(len, body["text"]))
+        if self.quota_left is not None:
+            if size > self.quota_left:
+                return web.json_response({"message": "Quota exceeded"}, status=456)
+            self.quota_left -= size
+        terms = self.glossaries[glossary][2] if glossary else []
+        target = body["target_lang"].lower()
+
+        def answer() -> tuple[Any, list[str]]:
+            out = [{"detected_source_language": "EN",
+                    "text": fake_translation(_apply_terms(text, terms), target)}
+                   for text in body["text"]]
+            return {"translations": out}, list(body["text"])
+
+        return await self._work(request, answer)
+
+    def _busy_body(self) -> dict[str, Any]:
+        return {"message": "Too many requests"}
+
+
+def _apply_terms(text: str, terms: list[tuple[str, str]]) -> str:
+    for source, target in terms:
+        text = re.sub(rf"\b{re.escape(source)}\b", target, text, flags=re.IGNORECASE)
+    return text
 
 
 @asynccontextmanager

@@ -308,9 +308,9 @@ def test_openai_itself_needs_a_key() -> None:
     assert _status(with_key, "openai").available
 
 
-@pytest.mark.parametrize("name", ["external", "deepl", ""])
+@pytest.mark.parametrize("name", ["external", "google", ""])
 async def test_make_engine_unknown(session: aiohttp.ClientSession, name: str) -> None:
-    with pytest.raises(UnknownEngine, match="pseudo, argos, libretranslate, openai"):
+    with pytest.raises(UnknownEngine, match="pseudo, argos, libretranslate, openai, deepl"):
         make_engine(name, EngineSettings(), session)
 
 
@@ -320,6 +320,7 @@ async def test_make_engine_unknown(session: aiohttp.ClientSession, name: str) ->
         ("argos", "pip install 'zhiyi[argos]'"),
         ("libretranslate", "LIBRETRANSLATE_URL"),
         ("openai", "OPENAI_BASE_URL"),
+        ("deepl", "DEEPL_API_KEY"),
     ],
 )
 async def test_make_engine_unavailable(
