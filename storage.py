@@ -646,6 +646,9 @@ class TaskStore:
                 if current == version:
                     continue
                 version = current
+                # Another process may have revoked a token: forget what was remembered
+                # (at most one read per token and watch period under load).
+                self._token_users.clear()
                 if self._listeners:
                     await self.catch_up()
                 for callback in list(self._change_callbacks):
@@ -1380,6 +1383,15 @@ class TaskStore:
                 (str(top),),
             )
             return cursor.rowcount
+        return await self._write(_op)
+
+    async def data_folder_id(self) -> str:
+        """A random id of this database, made once: the data folder holds a copy, so a
+        worker on another host can tell it sees the server's files (see the CLI)."""
+        def _op(txn: _Txn) -> Any:
+            txn.db.execute("INSERT INTO meta (key, value) VALUES ('data_folder_id', ?) "
+                           "ON CONFLICT (key) DO NOTHING", (secrets.token_hex(16),))
+            return _scalar(txn.db, "SELECT value FROM meta WHERE key = 'data_folder_id'")
         return await self._write(_op)
 
     async def events_pruned_through(self) -> int:

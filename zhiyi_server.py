@@ -1508,6 +1508,28 @@ async def _with_store(config: Config, action: Callable[[TaskStore], Awaitable[An
         await store.close()
 
 
+DATA_FOLDER_MARK = ".zhiyi-data-id"
+
+
+async def _mark_data_folder(config: Config, *, create: bool) -> None:
+    """The server writes the database's id into its data folder; a worker checks it.
+
+    A worker on another host whose ``DATA_STORAGE_PATH`` is not the shared folder
+    would fail every task on missing files: it refuses to start instead.
+    """
+    expected = await _with_store(config, lambda store: store.data_folder_id())
+    mark = config.data_path / DATA_FOLDER_MARK
+    found = mark.read_text().strip() if mark.is_file() else None
+    if found is None and create:
+        mark.write_text(expected + "\n")
+        return
+    if found != expected:
+        raise CliError(f"{config.data_path} is not the data folder of this database "
+                       f"({DATA_FOLDER_MARK} is {'missing' if found is None else 'different'});"
+                       " every process needs the same DATA_STORAGE_PATH (a shared folder across "
+                       "hosts)")
+
+
 async def _user_add(store: TaskStore, name: str, credits: int) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
         raise CliError("user names are 1-64 letters, digits, '_', '.', '@' or '-'")
@@ -1566,6 +1588,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     processes = config.worker_process_count
     if processes:
         config = dataclasses.replace(config, run_workers=False)
+    asyncio.run(_mark_data_folder(config, create=True))
     token = None
     if config.host in LOOPBACK_HOSTS:
         token = asyncio.run(_local_login_token(config))
@@ -1596,6 +1619,7 @@ def _worker_command(args: argparse.Namespace) -> int:
     if not config.data_path.is_dir():
         raise CliError(f"the data folder {config.data_path} does not exist here; a worker "
                        "needs the server's DATA_STORAGE_PATH (a shared folder across hosts)")
+    asyncio.run(_mark_data_folder(config, create=False))
     asyncio.run(run_worker_app(create_worker_app(config), parent_pid=args.parent_pid))
     return 0
 

@@ -7,6 +7,11 @@ HTTP processes run no workers; the worker processes serve no HTTP.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +59,26 @@ async def test_events_of_other_processes_reach_listeners_once_in_id_order(
         await b.close()
     assert [e.id for e in seen] == sorted(e.id for e in everything)
     assert [e.user_id for e in seen] == ["bob", "bob", "alice", "bob", "alice"]
+
+
+async def test_a_token_revoked_by_another_process_stops_working(tmp_path: Path) -> None:
+    path = tmp_path / "zhiyi.db"
+    a = await TaskStore.open(path, watch_seconds=0.01)
+    b = await TaskStore.open(path)
+    a.add_listener(lambda event: None)  # an HTTP process: its store watches the file
+    try:
+        await b.add_user("alice", 0)
+        token = await b.issue_token("alice")
+        assert await a.user_for_token(token) == "alice"  # now remembered by A
+        await b.revoke_token(token)
+        for _ in range(500):
+            if await a.user_for_token(token) is None:
+                break
+            await asyncio.sleep(0.01)
+        assert await a.user_for_token(token) is None
+    finally:
+        await a.close()
+        await b.close()
 
 
 def _pool(store: TaskStore, tmp_path: Path) -> WorkerPool:
@@ -275,3 +300,72 @@ async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -
     assert charges == {w.task_id: 1 for w in watchers}
     assert not [e for e in entries if e["reason"] == "refund"]
     assert me["credits"] == sum(e["amount"] for e in entries) == 1000 - tasks
+
+
+def test_serve_with_worker_processes_completes_tasks_and_stops_them(tmp_path: Path) -> None:
+    """``zhiyi serve --workers 2``: the HTTP process runs no workers, its children do,
+    and they end with it."""
+    data = tmp_path / "data"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zhiyi_server", "serve", "--port", str(port), "--data", str(data),
+         "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    drain: threading.Thread | None = None
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        token = proc.stdout.readline().split("token=", 1)[1].strip()
+        for line in proc.stderr:
+            if "started 2 worker processes:" in line:
+                children = [int(pid) for pid in line.rsplit(":", 1)[1].split(",")]
+                break
+        drain = threading.Thread(target=proc.stderr.read, daemon=True)
+        drain.start()  # the rest of its log, or a chatty server blocks on a full pipe
+        status = asyncio.run(_translate_once(f"http://127.0.0.1:{port}", token))
+        assert status == "completed"
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        if drain is not None:
+            drain.join(10)  # the pipe ends with the process
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    assert proc.returncode == 0
+    assert len(children) == 2
+    for pid in children:  # reaped by the server: no such process any more
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def _translate_once(url: str, token: str) -> str:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        form = aiohttp.FormData()
+        form.add_field("taskType", "translate")
+        form.add_field("params", '{"targetLang": "zh", "engine": "pseudo"}')
+        form.add_field("file", b"Hello world.", filename="a.txt")
+        async with session.post(f"{url}/api/tasks/create", data=form) as resp:
+            assert resp.status == 201, await resp.text()
+            task_id = (await resp.json())["taskId"]
+        async with session.get(f"{url}/api/sse/tasks/{task_id}") as resp:
+            messages = await SSEReader(resp).collect_until_final(timeout=60)
+        return messages[-1].payload["status"]
+
+
+def test_a_worker_that_cannot_see_the_servers_files_refuses_to_start(tmp_path: Path) -> None:
+    """Another host's worker with the database but not the shared data folder."""
+    served, elsewhere = tmp_path / "served", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "ZHIYI_DB": str(served / "zhiyi.db")}
+    made = subprocess.run([sys.executable, "-m", "zhiyi_server", "user", "add", "bob",
+                           "--data", str(served)], env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    (served / ".zhiyi-data-id").write_text("written by the server\n")
+    for folder, word in ((elsewhere, "missing"), (served, "different")):
+        result = subprocess.run(
+            [sys.executable, "-m", "zhiyi_server", "worker", "--data", str(folder)],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"zhiyi: {folder} is not the data folder of this database")
+        assert word in last
