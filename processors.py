@@ -309,7 +309,7 @@ def default_registry() -> Registry:
 
 processor = _DEFAULT.processor
 
-DOCUMENT_EXTENSIONS = (".txt", ".md", ".srt", ".html", ".htm", ".docx", ".pdf")
+DOCUMENT_EXTENSIONS = formats.SUPPORTED_EXTENSIONS
 TRANSLATE_RATE = 1
 EXTRACT_RATE_CHARS = 10_000
 

@@ -21,7 +21,8 @@ from docx.oxml.parser import parse_xml
 from lxml import etree
 
 from .model import BadDocument, _atomic_output, _BaseDocument, _has_words, _Translations
-from .tags import Piece, fallback_pieces, has_tag_lookalike, parse_tagged, strip_tags
+from .runs import TaggedParagraph, _Barrier, _Span
+from .tags import strip_tags
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def _docx_segments(document: Any) -> Iterator[_DocxSegment]:
 
 def _root_segments(root: etree._Element) -> Iterator[_DocxSegment]:
     for paragraph in _all_paragraphs(root):
-        tagged = _TaggedParagraph.build(paragraph)
+        tagged = TaggedParagraph.build(paragraph, _paragraph_items(paragraph), _run_like)
         if tagged is not None:
             if _has_words(strip_tags(tagged.text)):
                 yield tagged
@@ -184,23 +185,6 @@ def _root_segments(root: etree._Element) -> Iterator[_DocxSegment]:
 # --------------------------------------------------------------------------- inline tags
 
 _SIMPLE_CONTAINERS = frozenset({_W_HYPERLINK, qn("w:ins"), qn("w:smartTag")})
-
-
-@dataclass
-class _Span:
-    """Consecutive text runs with one formatting: one stretch of a tagged segment."""
-
-    key: tuple[Any, bytes]  #: (the hyperlink or other container, or None; the rPr XML)
-    runs: list[etree._Element]
-    text: str
-
-
-@dataclass
-class _Barrier:
-    """Paragraph children that are not text (fields, images, footnote marks): one
-    self-closing tag, moved as they are."""
-
-    elements: list[etree._Element]
 
 
 def _run_kind(run: etree._Element, in_field: bool) -> str:
@@ -264,114 +248,6 @@ def _paragraph_items(paragraph: etree._Element) -> list[_Span | _Barrier] | None
         elif child.tag in _BLOCK_CONTAINERS and next(child.iter(_W_T), None) is not None:
             return None
     return items
-
-
-@dataclass
-class _TaggedParagraph:
-    """A paragraph as one segment whose formatting changes are inline tags.
-
-    The span with the most text is the paragraph's main style and goes untagged; every
-    other span is ``<xN>...</xN>``, every barrier ``<xN/>``. Rendering rebuilds the
-    paragraph's runs from the translated pieces: new runs copy the formatting of the
-    span they belong to, links are re-made around their translated text, and barriers
-    are moved as they are. Bookmarks, comment marks and deletions stay in place.
-    """
-
-    paragraph: etree._Element
-    text: str
-    lead: str
-    trail: str
-    main: _Span
-    spans: dict[int, _Span]
-    barriers: dict[int, _Barrier]
-    units: list[etree._Element]
-
-    @classmethod
-    def build(cls, paragraph: etree._Element) -> _TaggedParagraph | None:
-        items = _paragraph_items(paragraph)
-        text_spans = [item for item in items or () if isinstance(item, _Span)]
-        if items is None or not text_spans:
-            return None
-        # Barriers at either end (a comment mark, a leading image) need no tag: they stay
-        # where they are, before or after the rebuilt runs.
-        while isinstance(items[0], _Barrier):
-            items.pop(0)
-        while isinstance(items[-1], _Barrier):
-            items.pop()
-        if has_tag_lookalike("".join(span.text for span in text_spans)):
-            return None
-        weight: dict[tuple[Any, bytes], int] = {}
-        for span in text_spans:
-            weight[span.key] = weight.get(span.key, 0) + len(span.text.strip())
-        main_key = max(weight, key=lambda key: (weight[key], key[0] is None))
-        parts: list[str] = []
-        spans: dict[int, _Span] = {}
-        barriers: dict[int, _Barrier] = {}
-        for item in items:
-            if isinstance(item, _Barrier):
-                number = len(spans) + len(barriers) + 1
-                barriers[number] = item
-                parts.append(f"<x{number}/>")
-            elif item.key == main_key:
-                parts.append(item.text)
-            else:
-                number = len(spans) + len(barriers) + 1
-                spans[number] = item
-                parts.append(f"<x{number}>{item.text}</x{number}>")
-        full = "".join(parts)
-        text = full.strip()
-        start = full.index(text) if text else 0
-        main = next(span for span in text_spans if span.key == main_key)
-        return cls(paragraph, text, full[:start], full[start + len(text) :], main, spans,
-                   barriers, _units(paragraph, items))
-
-    def apply(self, translation: str) -> bool:
-        if translation == self.text:
-            return False
-        pieces = parse_tagged(translation, set(self.spans), set(self.barriers))
-        lost = pieces is None and bool(self.spans or self.barriers)  # else: tags invented
-        if pieces is None:
-            pieces = fallback_pieces(translation, sorted(self.barriers))
-        pieces = [Piece(self.lead), *pieces, Piece(self.trail)]
-        new: list[etree._Element] = []
-        container: etree._Element | None = None  # the source of the last copied container
-        for piece in pieces:
-            if piece.empty:
-                assert piece.tag is not None
-                new.extend(self.barriers[piece.tag].elements)
-                container = None
-                continue
-            if not piece.text:
-                continue
-            span = self.main if piece.tag is None else self.spans[piece.tag]
-            run = _run_like(span.runs[0], piece.text)
-            source = span.key[0]
-            if source is None:
-                new.append(run)
-            elif source is container:
-                new[-1].append(run)
-            else:
-                copy = etree.Element(source.tag, dict(source.attrib))
-                copy.append(run)
-                new.append(copy)
-            container = source
-        index = self.paragraph.index(self.units[0])
-        for unit in self.units:
-            self.paragraph.remove(unit)
-        for offset, element in enumerate(new):
-            self.paragraph.insert(index + offset, element)
-        return lost
-
-
-def _units(paragraph: etree._Element, items: list[_Span | _Barrier]) -> list[etree._Element]:
-    """The paragraph's children that the items came from, each once, in order."""
-    found: dict[int, etree._Element] = {}
-    for item in items:
-        elements = item.elements if isinstance(item, _Barrier) else item.runs
-        for element in elements:
-            top = element if element.getparent() is paragraph else element.getparent()
-            found.setdefault(id(top), top)
-    return sorted(found.values(), key=paragraph.index)
 
 
 def _run_like(template: etree._Element, text: str) -> etree._Element:
