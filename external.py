@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "ExternalService",
     "ResultFetchError",
     "SignatureError",
+    "check_signature_headers",
     "sign",
     "verify_signature",
 ]
@@ -52,21 +54,38 @@ def sign(secret: str, timestamp: int | str, body: bytes) -> str:
     return "sha256=" + mac.hexdigest()
 
 
+TIMESTAMP_PATTERN = re.compile(r"[0-9]{1,12}")
+SIGNATURE_PATTERN = re.compile(r"sha256=[0-9a-f]{64}")
+
+
+def check_signature_headers(
+    timestamp: str | None, signature: str | None, *, now: float | None = None,
+) -> None:
+    """Everything that can be checked before the body is read: presence, form, the window.
+
+    The patterns are ASCII-only, so a header of any other text is refused here
+    rather than reaching the constant-time compare (which takes ASCII only).
+    """
+    if not timestamp or not signature:
+        raise SignatureError("missing X-Zhiyi-Timestamp or X-Zhiyi-Signature header")
+    if not TIMESTAMP_PATTERN.fullmatch(timestamp.strip()):
+        raise SignatureError("X-Zhiyi-Timestamp is not a number of seconds")
+    if not SIGNATURE_PATTERN.fullmatch(signature.strip().lower()):
+        raise SignatureError("X-Zhiyi-Signature is not sha256= and 64 hex digits")
+    current = time.time() if now is None else now
+    if abs(current - int(timestamp)) > SIGNATURE_WINDOW_SECONDS:
+        raise SignatureError("the timestamp is more than 300 seconds away from the server's time")
+
+
 def verify_signature(
     secret: str, timestamp: str | None, signature: str | None, body: bytes,
     *, now: float | None = None,
 ) -> None:
     """Raise :class:`SignatureError` unless the headers sign ``body`` within the window."""
-    if not timestamp or not signature:
-        raise SignatureError("missing X-Zhiyi-Timestamp or X-Zhiyi-Signature header")
-    try:
-        sent_at = int(timestamp)
-    except ValueError as e:
-        raise SignatureError("X-Zhiyi-Timestamp is not a number of seconds") from e
-    current = time.time() if now is None else now
-    if abs(current - sent_at) > SIGNATURE_WINDOW_SECONDS:
-        raise SignatureError("the timestamp is more than 300 seconds away from the server's time")
-    if not hmac.compare_digest(sign(secret, timestamp, body), signature.strip()):
+    check_signature_headers(timestamp, signature, now=now)
+    assert timestamp is not None and signature is not None
+    expected = sign(secret, timestamp.strip(), body)
+    if not hmac.compare_digest(expected, signature.strip().lower()):
         raise SignatureError("the signature does not match the body")
 
 
@@ -116,7 +135,8 @@ class ExternalService:
         form.add_field("callbackUrl", self.callback_url)
         async with aiofiles.open(input_path, "rb") as f:
             form.add_field("file", await f.read(), filename=file_name)
-        async with self.session.post(self.service_url, data=form, timeout=self.timeout) as resp:
+        async with self.session.post(self.service_url, data=form, timeout=self.timeout,
+                                     allow_redirects=False) as resp:
             if resp.status >= 500 or resp.status == 429:
                 raise _RetryableAnswer(f"HTTP {resp.status}")
             if resp.status >= 300:
@@ -132,12 +152,12 @@ class ExternalService:
         return external_id
 
     async def fetch_result(self, url: str, out: Path) -> None:
-        """Stream ``url`` to ``out``; only from the service's origin, within the size cap."""
-        target = URL(url)
-        if target.origin() != self.service_url.origin():
-            raise ResultFetchError(
-                f"The result URL is not on the external service's origin "
-                f"({self.service_url.origin()}); it was not fetched.")
+        """Stream ``url`` to ``out``: only from the service's origin, no redirects, capped."""
+        try:
+            target = URL(url)
+        except (ValueError, TypeError) as e:
+            raise ResultFetchError("The result URL is not a URL; it was not fetched.") from e
+        self._check_origin(target)
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             await self._download(target, out)
@@ -152,8 +172,21 @@ class ExternalService:
             await _remove(out)
             raise
 
+    def _check_origin(self, url: URL) -> None:
+        if not url.absolute or url.origin() != self.service_url.origin():
+            raise ResultFetchError(
+                f"The result URL is not on the external service's origin "
+                f"({self.service_url.origin()}); it was not fetched.")
+
     async def _download(self, target: URL, out: Path) -> None:
-        async with self.session.get(target, timeout=self.timeout) as resp:
+        # No redirects: a redirect could lead anywhere, and the origin check would be moot.
+        async with self.session.get(target, timeout=self.timeout,
+                                    allow_redirects=False) as resp:
+            self._check_origin(resp.url)
+            if 300 <= resp.status < 400:
+                raise ResultFetchError(
+                    f"The result URL answered with a redirect (HTTP {resp.status}); "
+                    "redirects are not followed, so nothing was fetched.")
             if resp.status != 200:
                 raise ResultFetchError(f"The result download answered HTTP {resp.status}.")
             if (resp.content_length or 0) > self.max_result_bytes:

@@ -35,6 +35,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
+from yarl import URL
 
 #: Zhiyi's sibling modules imported right below (``client`` only by the CLI). Their generic
 #: names may also be an embedding app's own modules; see ``refuse_shadowed_modules``.
@@ -83,7 +84,13 @@ refuse_shadowed_modules(*SIBLING_MODULES)
 import backup
 import engines
 import formats
-from external import ExternalService, ResultFetchError, SignatureError, verify_signature
+from external import (
+    ExternalService,
+    ResultFetchError,
+    SignatureError,
+    check_signature_headers,
+    verify_signature,
+)
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import DiskSpace, Metrics, disk_space
 from processors import (
@@ -194,6 +201,8 @@ class Config:
     sse_retry_ms: int = 3000
     sse_buffer_events: int = 256
     max_upload_mb: int = 50
+    #: a request body must arrive within this (uploads: no pause longer than this)
+    body_timeout_seconds: float = 30.0
     retention_days: float = 30.0
     retry_base_seconds: float = 2.0
     max_attempts: int = 3
@@ -240,6 +249,7 @@ class Config:
             sse_max_per_user=_env_int(e, "SSE_MAX_PER_USER", 32, 1),
             sse_max_total=_env_int(e, "SSE_MAX_TOTAL", 10_000, 1),
             max_upload_mb=_env_int(e, "MAX_UPLOAD_MB", 50, 1),
+            body_timeout_seconds=_env_float(e, "BODY_TIMEOUT_SECONDS", 30.0),
             retention_days=_env_float(e, "RETENTION_DAYS", 30.0),
             retry_base_seconds=_env_float(e, "RETRY_BASE_SECONDS", 2.0),
             max_attempts=_env_int(e, "MAX_ATTEMPTS", 3, 1),
@@ -385,7 +395,10 @@ async def error_middleware(
     try:
         return await handler(request)
     except ApiError as e:
-        return json_error(e.status, e.code, e.message, headers=e.headers, **e.extra)
+        response = json_error(e.status, e.code, e.message, headers=e.headers, **e.extra)
+        if e.status in (408, 413):
+            response.force_close()  # the rest of the body is not worth reading
+        return response
     except StoreError as e:
         err = api_error_from_store(e)
         return json_error(err.status, err.code, err.message, headers=err.headers, **err.extra)
@@ -408,7 +421,8 @@ async def current_user(request: web.Request) -> str:
     store = request.config_dict[STORE]
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else None
-    token = token or request.cookies.get(SESSION_COOKIE)
+    if not token and (token := request.cookies.get(SESSION_COOKIE)):
+        require_same_origin(request)  # a cookie rides along cross-site; a bearer token cannot
     user = await store.user_for_token(token) if token else None
     if user is None:
         raise ApiError(401, "unauthenticated",
@@ -419,7 +433,9 @@ async def current_user(request: web.Request) -> str:
 
 async def create_session(request: web.Request) -> web.Response:
     """``POST /api/session {"token"}``: exchange an API token for a session cookie."""
-    body = await _json_body(request)
+    if same_origin(request) is False:
+        raise _cross_site()
+    body = await _json_body(request, SESSION_MAX_BYTES)
     token = body.get("token")
     store = request.config_dict[STORE]
     user = await store.user_for_token(token) if isinstance(token, str) and token else None
@@ -433,6 +449,7 @@ async def create_session(request: web.Request) -> web.Response:
 async def delete_session(request: web.Request) -> web.Response:
     token = request.cookies.get(SESSION_COOKIE)
     if token:
+        require_same_origin(request)
         await request.config_dict[STORE].revoke_token(token)
     response = web.json_response({"success": True})
     response.del_cookie(SESSION_COOKIE, path="/")
@@ -442,8 +459,141 @@ async def delete_session(request: web.Request) -> web.Response:
 async def _set_session_cookie(request: web.Request, response: web.StreamResponse,
                               user: str) -> None:
     session = await request.config_dict[STORE].issue_token(user, kind="session")
+    public_url = request.config_dict[CONFIG].public_url or ""
+    secure = request.secure or public_url.lower().startswith("https://")
     response.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="Strict", path="/",
-                        max_age=30 * 24 * 3600, secure=request.secure)
+                        max_age=30 * 24 * 3600, secure=secure)
+
+
+# ------------------------------------------------------------- request guards
+SAFE_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS})
+WEBHOOK_MAX_BYTES = 1024 * 1024
+SESSION_MAX_BYTES = 4 * 1024
+#: the multipart body of a create: the file cap plus room for the small fields and headers
+MULTIPART_SLACK_BYTES = 256 * 1024
+#: every response; the page loads only its own files and needs no inline script or style
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
+#: a result is never rendered as a page of this origin, even if opened in place
+RESULT_CSP = "default-src 'none'; sandbox; frame-ancestors 'none'"
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the same protective headers on every answer."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+def _origin_key(text: str) -> tuple[str, str, int | None] | None:
+    try:
+        url = URL(text)
+    except (ValueError, TypeError):
+        return None
+    if not url.absolute or not url.host:
+        return None
+    return url.scheme.lower(), url.host.lower(), url.port
+
+
+def _own_origins(request: web.Request) -> set[tuple[str, str, int | None]]:
+    """This server's origins: as the request reached it, and as ``PUBLIC_URL`` names it."""
+    candidates = [f"{request.scheme}://{request.host}",
+                  request.config_dict[CONFIG].public_url or ""]
+    return {key for text in candidates if text and (key := _origin_key(text))}
+
+
+def same_origin(request: web.Request) -> bool | None:
+    """Whether the browser says this request comes from this server's own pages.
+
+    ``Sec-Fetch-Site`` when sent (every current browser), else ``Origin``, else
+    the origin of ``Referer``; None when the request says nothing (not a browser).
+    """
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site.strip().lower() == "same-origin"
+    source = request.headers.get(hdrs.ORIGIN) or request.headers.get(hdrs.REFERER)
+    if not source:
+        return None
+    key = _origin_key(source)
+    return key is not None and key in _own_origins(request)
+
+
+def _cross_site() -> ApiError:
+    return ApiError(403, "cross_site",
+                    "Refused: a change made with the session cookie must come from this "
+                    "server's own page. Scripts should send 'Authorization: Bearer <token>'.")
+
+
+def require_same_origin(request: web.Request) -> None:
+    """403 ``cross_site`` for an unsafe request that does not prove it is same-origin."""
+    if request.method not in SAFE_METHODS and same_origin(request) is not True:
+        raise _cross_site()
+
+
+def is_top_level_navigation(request: web.Request) -> bool:
+    """A page load in the address bar or from a link, not an image, script or frame."""
+    dest = request.headers.get("Sec-Fetch-Dest")
+    mode = request.headers.get("Sec-Fetch-Mode")
+    if dest is not None or mode is not None:
+        return dest == "document" and mode in (None, "navigate")
+    # No Fetch Metadata (an old browser): a navigation asks for HTML, sub-requests do not.
+    return "text/html" in request.headers.get(hdrs.ACCEPT, "")
+
+
+def _too_large_body(limit: int) -> ApiError:
+    size = f"{limit // 1024} KB" if limit < 1024 * 1024 else f"{limit // (1024 * 1024)} MB"
+    return ApiError(413, "too_large", f"The request body is larger than this route's "
+                    f"{size} limit.", limit=limit)
+
+
+def _slow_body(seconds: float) -> ApiError:
+    return ApiError(408, "request_timeout",
+                    f"The request body did not arrive in time ({seconds:g} s); send it again.")
+
+
+@contextlib.asynccontextmanager
+async def metered_body(request: web.Request, limit: int, *, rolling: bool = False,
+                       too_large: ApiError | None = None) -> AsyncIterator[Callable[[], None]]:
+    """Read a body under a size cap and a deadline; yields ``progress()`` to call per piece.
+
+    ``progress()`` refuses the body (413) once more than ``limit`` bytes were
+    received. The deadline is ``BODY_TIMEOUT_SECONDS`` for the whole body, or
+    with ``rolling`` for each pause between pieces (large uploads); past it, 408.
+    ``too_large`` replaces the generic 413 (an upload's says which file cap).
+    """
+    refusal = too_large or _too_large_body(limit)
+    if request.content_length is not None and request.content_length > limit:
+        raise refusal
+    seconds = request.config_dict[CONFIG].body_timeout_seconds
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(seconds) as deadline:
+
+            def progress() -> None:
+                if request.content.total_bytes > limit:
+                    raise refusal
+                if rolling:
+                    deadline.reschedule(loop.time() + seconds)
+
+            yield progress
+    except TimeoutError as e:
+        raise _slow_body(seconds) from e
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, within ``limit`` bytes and the body deadline."""
+    data = bytearray()
+    async with metered_body(request, limit) as progress:
+        while chunk := await request.content.readany():
+            data += chunk
+            progress()
+    return bytes(data)
 
 
 # ---------------------------------------------------------------------- pages
@@ -451,6 +601,9 @@ async def index(request: web.Request) -> web.StreamResponse:
     """The page; ``/?token=...`` logs in (as Jupyter does) and redirects to a clean URL."""
     token = request.query.get("token")
     if token is not None:
+        if not is_top_level_navigation(request):
+            raise ApiError(403, "cross_site", "Log in with ?token= only by opening the link "
+                           "in the browser; it is refused from images, scripts and frames.")
         user = await request.config_dict[STORE].user_for_token(token)
         target = request.rel_url.with_query(None)
         if user is None:
@@ -761,6 +914,7 @@ async def task_result(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={
         "Content-Disposition": content_disposition(task.result_name or "result"),
         "Content-Type": _content_type(path.name),
+        "Content-Security-Policy": RESULT_CSP,
     })
 
 
@@ -842,12 +996,12 @@ async def create_task(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "Idempotency-Key must be at most 200 characters.")
     if key and (earlier := await store.find_by_idempotency_key(user_id, key)):
         return _created(request, earlier, status=200)
-    if (request.content_length or 0) > config.max_upload_bytes + MAX_FIELD_BYTES:
-        raise _too_large(config)
     task_dir_rel = f"{user_id}/{uuid.uuid4().hex}"
     task_dir = config.data_path / task_dir_rel
     try:
-        upload = await _read_upload(request, task_dir / "original", config)
+        async with metered_body(request, config.max_upload_bytes + MULTIPART_SLACK_BYTES,
+                                rolling=True, too_large=_too_large(config)) as progress:
+            upload = await _read_upload(request, task_dir / "original", config, progress)
         task_type, params = _validate_upload(request, upload)
         quote, cost = await _price(request, user_id, task_type, params, upload)
         task, created = await store.create_processing_task(NewTask(
@@ -908,7 +1062,8 @@ def _too_large(config: Config) -> ApiError:
                     f"The file is larger than the {config.max_upload_mb} MB limit.")
 
 
-async def _read_upload(request: web.Request, original_dir: Path, config: Config) -> Upload:
+async def _read_upload(request: web.Request, original_dir: Path, config: Config,
+                       progress: Callable[[], None]) -> Upload:
     # The raw header: aiohttp's parsed content_type costs ~0.5 ms per upload
     # (every multipart boundary is new, so its cache never hits).
     if not request.headers.get("Content-Type", "").lower().startswith("multipart/"):
@@ -918,6 +1073,7 @@ async def _read_upload(request: web.Request, original_dir: Path, config: Config)
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
+            progress()
             if not isinstance(part, aiohttp.BodyPartReader):
                 continue
             # Parsed once here: aiohttp re-parses the header on every .name/.filename.
@@ -926,13 +1082,14 @@ async def _read_upload(request: web.Request, original_dir: Path, config: Config)
             name = content_disposition_filename(disposition, "name")
             if name == "file":
                 filename = content_disposition_filename(disposition, "filename")
-                await _save_file(part, filename, upload, original_dir, config)
+                await _save_file(part, filename, upload, original_dir, config, progress)
             elif name == "taskType":
-                upload.task_type = (await _read_field(part, name)).strip()
+                upload.task_type = (await _read_field(part, name, progress)).strip()
             elif name == "params":
-                upload.params_text = await _read_field(part, name)
+                upload.params_text = await _read_field(part, name, progress)
             else:
-                await part.release()
+                while await part.read_chunk(64 * 1024):  # skipped, but counted
+                    progress()
     except (ValueError, AssertionError, aiohttp.ClientPayloadError,
             HttpProcessingError) as e:
         reason = getattr(e, "message", None) or str(e)
@@ -940,18 +1097,21 @@ async def _read_upload(request: web.Request, original_dir: Path, config: Config)
     return upload
 
 
-async def _read_field(part: aiohttp.BodyPartReader, name: str) -> str:
+async def _read_field(part: aiohttp.BodyPartReader, name: str,
+                      progress: Callable[[], None]) -> str:
     """A small text field, read no further than its cap."""
     data = bytearray()
     while chunk := await part.read_chunk(16 * 1024):
+        progress()
         data += chunk
         if len(data) > MAX_FIELD_BYTES:
-            raise ApiError(400, "bad_request", f"The field {name} is longer than 64 KB.")
+            raise ApiError(413, "too_large", f"The field {name} is longer than 64 KB.",
+                           limit=MAX_FIELD_BYTES)
     return bytes(data).decode("utf-8", errors="replace")
 
 
 async def _save_file(part: aiohttp.BodyPartReader, filename: str | None, upload: Upload,
-                     original_dir: Path, config: Config) -> None:
+                     original_dir: Path, config: Config, progress: Callable[[], None]) -> None:
     """Stream one file part to disk, enforcing the size cap as bytes arrive."""
     if upload.file_path is not None:
         raise ApiError(400, "bad_request", "Send exactly one file per task.")
@@ -961,6 +1121,7 @@ async def _save_file(part: aiohttp.BodyPartReader, filename: str | None, upload:
     try:
         async with aiofiles.open(upload.file_path, "wb") as f:
             while chunk := await part.read_chunk(256 * 1024):
+                progress()
                 upload.file_size += len(chunk)
                 if upload.file_size > config.max_upload_bytes:
                     raise _too_large(config)
@@ -1002,12 +1163,25 @@ def _parse_params(text: str | None) -> dict[str, Any]:
         params = json.loads(text)
     except json.JSONDecodeError as e:
         raise ApiError(400, "bad_params", f"params is not valid JSON: {e.msg}.") from e
+    except RecursionError as e:
+        raise ApiError(400, "bad_params", "params is nested too deeply; send a flat "
+                       "JSON object of names and values.") from e
     if not isinstance(params, dict):
         raise ApiError(400, "bad_params", "params must be a JSON object.")
+    for name, value in params.items():
+        if isinstance(value, dict | list):
+            raise ApiError(400, "bad_params", f"The parameter {name!r} must be a string, "
+                           "number or boolean, not a nested object or list.")
     return params
 
 
 def _check_params(task_type: TaskType, params: dict[str, Any], config: Config) -> None:
+    # Types that declare their params take no others; an external type without
+    # declarations passes its (flat, 64 KB) params on to the service as they are.
+    unknown = sorted(set(params) - set(task_type.params)) if task_type.params else []
+    if unknown:
+        raise ApiError(400, "bad_params", f"Unknown parameter {unknown[0]!r} for "
+                       f"{task_type.name}; it takes {', '.join(task_type.params)}.")
     for name, spec in task_type.params.items():
         value = params.get(name)
         if value is None or value == "":
@@ -1075,10 +1249,15 @@ def _document_stats(path: Path) -> formats.DocumentStats:
     return formats.document_stats(formats.open_document(path))
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
+    """A JSON object body sent as ``application/json`` (forms cannot send that cross-site)."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type",
+                       "Send the body as JSON with 'Content-Type: application/json'.")
+    raw = await read_body(request, limit)
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, "bad_request", "The body must be a JSON object.") from e
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "The body must be a JSON object.")
@@ -1193,10 +1372,12 @@ async def webhook(request: web.Request) -> web.Response:
         # 401: without a secret no signature can be verified, so none is accepted.
         raise ApiError(401, "webhook_disabled",
                        "Webhooks are disabled: this server has no WEBHOOK_SECRET configured.")
-    body = await request.read()
+    timestamp = request.headers.get("X-Zhiyi-Timestamp")
+    signature = request.headers.get("X-Zhiyi-Signature")
     try:
-        verify_signature(config.webhook_secret, request.headers.get("X-Zhiyi-Timestamp"),
-                         request.headers.get("X-Zhiyi-Signature"), body)
+        check_signature_headers(timestamp, signature)  # before reading any of the body
+        body = await read_body(request, WEBHOOK_MAX_BYTES)
+        verify_signature(config.webhook_secret, timestamp, signature, body)
     except SignatureError as e:
         metrics_.webhooks.labels("bad_signature").inc()
         raise ApiError(401, "bad_signature", f"Webhook refused: {e}.") from e
@@ -1215,7 +1396,7 @@ async def webhook(request: web.Request) -> web.Response:
 def _parse_report(body: bytes) -> dict[str, Any]:
     try:
         report = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, "bad_request", "The webhook body is not valid JSON.") from e
     if not isinstance(report, dict) or not isinstance(report.get("externalTaskId"), str):
         raise ApiError(400, "bad_request", "The webhook body needs a string externalTaskId.")
@@ -1385,6 +1566,7 @@ def create_app(config: Config | None = None, *, registry: Registry | None = None
     app.cleanup_ctx.extend([_store_ctx(config), _hub_ctx, _http_ctx, _pool_ctx,
                            _disk_watch_ctx])
     app.on_shutdown.append(_close_streams)
+    app.on_response_prepare.append(add_security_headers)
     _add_routes(app)
     return app
 

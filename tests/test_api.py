@@ -117,7 +117,7 @@ async def assert_nothing_changed(client: TestClient, headers: dict[str, str], cr
     ({"task_type": "nonsense"}, 400, "unknown_task_type"),
     ({"params": "{not json"}, 400, "bad_params"),
     ({"params": "[1, 2]"}, 400, "bad_params"),
-    ({"params": "{" + " " * 70_000 + "}"}, 400, "bad_request"),
+    ({"params": "{" + " " * 70_000 + "}"}, 413, "too_large"),
     ({"params": {"engine": "pseudo"}}, 400, "bad_params"),
     ({"params": {"targetLang": "zh", "engine": "warp-drive"}}, 400, "unknown_engine"),
     ({"params": {"targetLang": "zh", "engine": "openai"}}, 400, "unknown_engine"),
@@ -303,15 +303,17 @@ async def test_session_cookie_login_and_logout(idle_client: TestClient) -> None:
     cookie = resp.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
     assert (await idle_client.get("/api/me")).status == 200
-    assert (await idle_client.delete("/api/session")).status == 200
+    same_origin = {"Origin": str(idle_client.make_url("/")).rstrip("/")}
+    assert (await idle_client.delete("/api/session", headers=same_origin)).status == 200
     idle_client.session.cookie_jar.clear()
     assert (await idle_client.get("/api/me")).status == 401
-    resp = await idle_client.get(f"/?token={token}", allow_redirects=False)
+    navigation = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    resp = await idle_client.get(f"/?token={token}", allow_redirects=False, headers=navigation)
     assert resp.status == 302 and resp.headers["Location"] == "/"
     assert "HttpOnly" in resp.headers["Set-Cookie"]
     assert (await idle_client.get("/api/me")).status == 200
     idle_client.session.cookie_jar.clear()
-    resp = await idle_client.get("/?token=bad", allow_redirects=False)
+    resp = await idle_client.get("/?token=bad", allow_redirects=False, headers=navigation)
     assert resp.status == 302 and "login-failed" in resp.headers["Location"]
     resp = await idle_client.get("/")
     assert resp.status == 200 and "text/html" in resp.headers["Content-Type"]
