@@ -999,9 +999,7 @@ async def create_task(request: web.Request) -> web.Response:
     task_dir_rel = f"{user_id}/{uuid.uuid4().hex}"
     task_dir = config.data_path / task_dir_rel
     try:
-        async with metered_body(request, config.max_upload_bytes + MULTIPART_SLACK_BYTES,
-                                rolling=True, too_large=_too_large(config)) as progress:
-            upload = await _read_upload(request, task_dir / "original", config, progress)
+        upload = await _receive_upload(request, task_dir / "original", config)
         task_type, params = _validate_upload(request, upload)
         quote, cost = await _price(request, user_id, task_type, params, upload)
         task, created = await store.create_processing_task(NewTask(
@@ -1035,11 +1033,9 @@ async def quote_task(request: web.Request) -> web.Response:
     """``POST /api/tasks/quote``: what creating this task would charge; nothing is kept."""
     user_id = await current_user(request)
     config = request.config_dict[CONFIG]
-    if (request.content_length or 0) > config.max_upload_bytes + MAX_FIELD_BYTES:
-        raise _too_large(config)
     scratch = config.data_path / user_id / f"quote-{uuid.uuid4().hex}"
     try:
-        upload = await _read_upload(request, scratch, config)
+        upload = await _receive_upload(request, scratch, config)
         task_type, params = _validate_upload(request, upload)
         quote, cost = await _price(request, user_id, task_type, params, upload)
     finally:
@@ -1060,6 +1056,13 @@ def quote_json(quote: Quote, cost: int) -> dict[str, Any]:
 def _too_large(config: Config) -> ApiError:
     return ApiError(413, "file_too_large",
                     f"The file is larger than the {config.max_upload_mb} MB limit.")
+
+
+async def _receive_upload(request: web.Request, original_dir: Path, config: Config) -> Upload:
+    """The multipart body, under the upload cap (plus slack) and the body deadline."""
+    async with metered_body(request, config.max_upload_bytes + MULTIPART_SLACK_BYTES,
+                            rolling=True, too_large=_too_large(config)) as progress:
+        return await _read_upload(request, original_dir, config, progress)
 
 
 async def _read_upload(request: web.Request, original_dir: Path, config: Config,
