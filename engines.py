@@ -489,10 +489,14 @@ class AdaptiveLimit:
     for several rounds after each probe), once per round: rejections of requests
     sent before the last cut do not cut again. Every successful answer adds
     ``1 / limit`` (additive increase: about one more slot per round of successes),
-    up to ``maximum``. Waiters get slots in arrival order.
+    up to ``maximum``; within one slot of the limit that was last rejected, growth
+    is ``PLATEAU`` times slower, so a capped engine is probed rarely (CUBIC's
+    plateau). Waiters get slots in arrival order.
     """
 
     DECREASE = 0.7
+    #: growth is this many times slower within one slot of the last rejected limit
+    PLATEAU = 4
 
     def __init__(self, maximum: int, *, minimum: int = 1) -> None:
         if maximum < 1:
@@ -506,6 +510,8 @@ class AdaptiveLimit:
         #: how many times the limit was cut
         self.decreases = 0
         self._round = 0
+        #: the limit when the engine last said no (CUBIC's W_max)
+        self._rejected_at = float("inf")
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
@@ -554,13 +560,17 @@ class AdaptiveLimit:
                 waiter.set_result(None)
 
     def _grow(self) -> None:
-        self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+        step = 1.0 / self.limit
+        if self.limit + 1 > self._rejected_at:
+            step /= self.PLATEAU  # near where the engine said no: probe rarely
+        self.limit = min(float(self.maximum), self.limit + step)
 
     def _shrink(self, round_: int) -> None:
         if round_ != self._round:
             return  # this round already paid for the rejection
         self._round += 1
         self.decreases += 1
+        self._rejected_at = self.limit
         self.limit = max(float(self.minimum), self.limit * self.DECREASE)
         logger.info("engine rate limited: at most %d requests in flight now", self.slots)
 

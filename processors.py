@@ -25,7 +25,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 import engines
 import formats
@@ -661,9 +661,11 @@ async def _start_all(items: AsyncIterator[_Item], work: Callable[[_Item], Awaita
 
 
 def _raise_first(finished: set[asyncio.Task[None]]) -> None:
-    for job in finished:
-        if not job.cancelled() and job.exception() is not None:
-            raise cast(BaseException, job.exception())
+    # Every exception is fetched, so none is logged later as "never retrieved".
+    errors = [job.exception() for job in finished if not job.cancelled()]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def translated_name(name: str, target: str) -> str:
