@@ -586,10 +586,11 @@ async def metered_body(request: web.Request, limit: int, *, rolling: bool = Fals
         raise _slow_body(seconds) from e
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, *,
+                    too_large: ApiError | None = None) -> bytes:
     """The whole body, within ``limit`` bytes and the body deadline."""
     data = bytearray()
-    async with metered_body(request, limit) as progress:
+    async with metered_body(request, limit, too_large=too_large) as progress:
         while chunk := await request.content.readany():
             data += chunk
             progress()
@@ -773,9 +774,7 @@ async def memory_import(request: web.Request) -> web.Response:
     """``POST /api/memory/import[?engine=NAME]``: add a TMX document's units to the memory."""
     user_id = await current_user(request)
     config = request.config_dict[CONFIG]
-    if (request.content_length or 0) > config.max_upload_bytes:
-        raise _too_large(config)
-    body = await request.read()
+    body = await read_body(request, config.max_upload_bytes, too_large=_too_large(config))
     if not body:
         raise ApiError(400, "bad_request", "Send a TMX document as the request body.")
     engine = request.query.get("engine", "").strip() or None

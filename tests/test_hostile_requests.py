@@ -107,12 +107,16 @@ async def test_webhook_headers_are_checked_before_the_body(wclient: TestClient) 
     assert status == 401 and "300 seconds" in body["message"]
 
 
-@pytest.mark.parametrize("route", ["webhook", "session"])
+@pytest.mark.parametrize("route", ["webhook", "session", "memory"])
 async def test_slow_small_body_is_408(wclient: TestClient, route: str) -> None:
     """Headers, then 10 of the announced 100 bytes, then nothing: 408 and the connection ends."""
-    extra = (f"X-Zhiyi-Timestamp: {int(time.time())}\nX-Zhiyi-Signature: sha256={'0' * 64}\n"
-             if route == "webhook" else "")
-    path = "/api/tasks/webhook" if route == "webhook" else "/api/session"
+    extra, path = {
+        "webhook": (f"X-Zhiyi-Timestamp: {int(time.time())}\n"
+                    f"X-Zhiyi-Signature: sha256={'0' * 64}\n", "/api/tasks/webhook"),
+        "session": ("", "/api/session"),
+        "memory": (f"Authorization: {(await add_user(wclient))['Authorization']}\n",
+                   "/api/memory/import"),
+    }[route]
     answer = await raw_request(wclient, (
         f"POST {path} HTTP/1.1\nHost: x\nContent-Type: application/json\n"
         f"Content-Length: 100\n{extra}"), b'{"token": ')
