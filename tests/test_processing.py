@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from helpers import (
     Gates,
@@ -22,8 +24,8 @@ from helpers import (
 )
 
 from processors import Registry, TaskContext, default_registry
-from sse import SSEHub, encode_event
-from storage import TaskStatus
+from sse import SSEHub, StreamPlan, encode_event, stream_events
+from storage import Event, TaskStatus
 from zhiyi_server import HUB, POOL, STORE
 
 
@@ -608,6 +610,51 @@ def test_live_streams_get_chunks_written_directly_until_they_back_up() -> None:
     size = len(transport.written)
     hub.publish(Event(41, None, "alice", "notification", big))
     assert len(transport.written) == size  # nothing more is written to a dropped stream
+
+
+def status_event(event_id: int, status: str = "processing") -> Event:
+    data = {"taskId": 7, "status": status, "progress": event_id}
+    return Event(event_id, 7, "alice", "status_update", data,
+                 json.dumps(data, separators=(",", ":")))
+
+
+@pytest.mark.parametrize(("ends_on_final", "expected"), [
+    (True, [1, 2, 3, 4, 5, 6, 7, 8]),  # a task stream ends with its final event
+    (False, [1, 2, 3, 4, 5, 6, 7, 8, 9]),  # a notifications stream goes on
+])
+async def test_events_published_during_the_replay_are_sent_once_in_order(
+        aiohttp_client, ends_on_final: bool, expected: list[int]) -> None:
+    """Events committed while the replay is read reach the stream once, after it, in order."""
+    hub = SSEHub()
+    stored = [status_event(i) for i in range(1, 6)]
+    meanwhile = [stored[3], stored[4], status_event(6), status_event(7),
+                 status_event(8, "completed"), status_event(9)]
+
+    async def replay(after: int) -> list[Event]:
+        if after == 0:  # while the one page is read, 4 and 5 (in it) and 6-9 commit
+            for event in meanwhile:
+                hub.publish(event)
+        return [e for e in stored if e.id > after]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        sub = hub.subscribe("alice", 7)
+        try:
+            return await stream_events(request, sub, StreamPlan([], 0, replay, ends_on_final))
+        finally:
+            hub.unsubscribe(sub)
+
+    app = web.Application()
+    app.router.add_get("/stream", handler)
+    client = await aiohttp_client(app)
+    reader = SSEReader(await client.get("/stream"))
+    got = [int((await reader.next(timeout=5)).id) for _ in expected]
+    assert got == expected
+    if ends_on_final:
+        assert await reader.next(timeout=5) is None
+    else:
+        hub.publish(status_event(10))  # live from here on
+        assert int((await reader.next(timeout=5)).id) == 10
+        reader.response.close()
 
 
 async def test_replay_spans_several_pages_without_gaps(idle_client) -> None:

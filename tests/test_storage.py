@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import sqlite3
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -246,6 +248,113 @@ async def test_state_change_and_its_event_commit_or_fail_together(
     assert [(t, d.get("taskId"), d.get("status")) for _, t, d in new_events] == [
         ("notification", None, None), ("status_update", second.id, "cancelled")]
     assert [e.id for e in seen] == [e[0] for e in new_events]
+
+
+# ------------------------------------- ledger, event rows and replay bounds
+async def test_ledger_pages_cover_every_entry_once(store: TaskStore) -> None:
+    await store.add_user("alice", 1)
+    for amount in range(2, 7):
+        await store.grant_credits("alice", amount)
+    every, cursor = await store.get_ledger("alice", limit=100)
+    assert cursor is None and [e.amount for e in every] == [6, 5, 4, 3, 2, 1]  # newest first
+    for limit, sizes in ((3, [3, 3]), (4, [4, 2]), (6, [6]), (1, [1] * 6)):
+        pages, cursor = [], None
+        while True:
+            page, cursor = await store.get_ledger("alice", limit=limit, cursor=cursor)
+            pages.append(page)
+            if cursor is None:
+                break
+            assert cursor == page[-1].id
+        assert [len(p) for p in pages] == sizes
+        assert [e.id for p in pages for e in p] == [e.id for e in every]
+
+
+async def test_balance_drift_names_the_user_and_both_figures(
+        tmp_path: Path, store: TaskStore) -> None:
+    await store.add_user("alice", 5)
+    await store.add_user("bob", 3)
+    assert await store.balance_drift() == {}
+    with sqlite3.connect(tmp_path / "zhiyi.db") as db:  # a balance changed behind the ledger
+        db.execute("UPDATE users SET credits = 9 WHERE id = 'alice'")
+    assert await store.balance_drift() == {"alice": (9, 5)}
+
+
+async def test_retry_charges_again_and_only_from_failed_or_cancelled(store: TaskStore) -> None:
+    await store.add_user("alice", 5)
+    task, _ = await store.create_processing_task(new_task("alice", cost=2))
+    with pytest.raises(InvalidTransition):
+        await store.retry_task(task.id, "alice")  # pending
+    claimed = await store.claim_next_task("w", 60)
+    await store.fail_task(task.id, "boom", attempt=claimed.attempts)
+    assert (await store.get_user("alice")).credits == 5
+    retried = await store.retry_task(task.id, "alice")
+    assert retried.status is TaskStatus.PENDING and retried.attempts == 0
+    assert retried.credits_held == 2 and (await store.get_user("alice")).credits == 3
+    newest = (await store.get_ledger("alice", limit=1))[0][0]
+    assert (newest.amount, newest.reason, newest.task_id, newest.balance_after) == (
+        -2, "charge", task.id, 3)
+    last = (await store.events_after(0, task_id=task.id))[-1]
+    assert (last.type, last.data["status"]) == ("status_update", "pending")
+    with pytest.raises(TaskNotFound):
+        await store.retry_task(task.id, "bob")
+    claimed = await store.claim_next_task("w", 60)
+    await store.complete_task(task.id, "r.txt", attempt=claimed.attempts)
+    with pytest.raises(InvalidTransition):
+        await store.retry_task(task.id, "alice")  # completed
+    other, _ = await store.create_processing_task(new_task("alice", cost=1))
+    await store.cancel_task(other.id, "alice")
+    await store.mark_files_expired(other.id)
+    with pytest.raises(InvalidTransition, match="expired"):
+        await store.retry_task(other.id, "alice")
+    assert await store.balance_drift() == {}
+
+
+async def test_refunds_say_how_much_and_a_free_task_moves_no_credits(store: TaskStore) -> None:
+    await store.add_user("alice", 5)
+    free, _ = await store.create_processing_task(new_task("alice", cost=0))
+    await store.cancel_task(free.id, "alice")
+    assert [e.reason for e in (await store.get_ledger("alice"))[0]] == ["grant"]
+    assert not [e for e in await store.events_after(0, user_id="alice")
+                if e.type == "notification"]
+    paid, _ = await store.create_processing_task(new_task("alice", cost=2))
+    await store.cancel_task(paid.id, "alice")
+    notices = [e.data for e in await store.events_after(0, user_id="alice")
+               if e.type == "notification"]
+    assert notices == [
+        {"level": "info", "message": f"2 credits charged for task {paid.id}", "credits": 3},
+        {"level": "info", "message": f"2 credits refunded for task {paid.id}", "credits": 5},
+    ]
+
+
+async def test_event_rows_keep_task_user_and_stored_text(store: TaskStore) -> None:
+    await store.add_user("alice", 5)
+    await store.add_user("bob", 5)
+    task, _ = await store.create_processing_task(new_task("alice", cost=1))
+    await store.cancel_task(task.id, "alice")
+    await store.grant_credits("alice", 1)
+    await store.grant_credits("bob", 1)
+    events = await store.events_after(0, user_id="alice")
+    assert [(e.type, e.task_id) for e in events] == [  # charge, created, refund, cancelled
+        ("notification", None), ("status_update", task.id), ("notification", None),
+        ("status_update", task.id), ("notification", None)]
+    assert {e.user_id for e in events} == {"alice"}
+    for e in events:
+        assert e.raw == json.dumps(e.data, ensure_ascii=False, separators=(",", ":"))
+    assert await store.latest_event_id(user_id="alice") == events[-1].id
+    assert await store.latest_event_id(task_id=task.id) == events[3].id
+    assert await store.latest_event_id(user_id="nobody") == 0
+    assert await store.latest_event_id(task_id=task.id + 1) == 0
+    deleted = await store.delete_task(task.id, "alice")
+    assert deleted.id == task.id
+    gone = (await store.events_after(events[-1].id, user_id="alice"))[-1]
+    assert (gone.type, gone.task_id, gone.data, gone.is_final) == (
+        "task_deleted", task.id, {"taskId": task.id}, True)
+
+
+async def test_pruning_nothing_says_so(store: TaskStore) -> None:
+    await store.add_user("alice", 5)
+    assert await store.prune_events(datetime(2000, 1, 1, tzinfo=UTC)) == 0
+    assert await store.events_pruned_through() == 0
 
 
 # ------------------------------------------------------- the writer's edges
