@@ -35,7 +35,7 @@ from processors import (
     TaskContext,
     TransientError,
 )
-from storage import Task, TaskStore
+from storage import StoreUnavailable, Task, TaskStore
 
 __all__ = ["ProgressReporter", "StoreMemory", "WorkerPool", "WorkerSettings", "is_disk_full",
            "owner_is_gone", "task_dirs"]
@@ -43,6 +43,8 @@ __all__ = ["ProgressReporter", "StoreMemory", "WorkerPool", "WorkerSettings", "i
 logger = logging.getLogger(__name__)
 
 HOST = socket.gethostname()
+#: the longest a worker waits before claiming again while the database is unavailable
+MAX_BACKOFF_SECONDS = 30.0
 #: lease owners of the pools running in this process. Process-wide on purpose: it
 #: describes the process (which of its own past pools are gone), not one app.
 _LIVE_OWNERS: set[str] = set()
@@ -314,8 +316,18 @@ class WorkerPool:
 
     # ----------------------------------------------------------------- loops
     async def _worker(self) -> None:
+        failures = 0
         while not self._draining:
-            task = await self.store.claim_next_task(self.owner, self.settings.lease_seconds)
+            try:
+                task = await self.store.claim_next_task(self.owner, self.settings.lease_seconds)
+            except StoreUnavailable as e:
+                # The database is locked or unreachable for now: wait longer each time, go on.
+                failures += 1
+                delay = min(MAX_BACKOFF_SECONDS, self.settings.poll_seconds * 2 ** failures)
+                logger.warning("cannot claim tasks (%s); trying again in %g s", e, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
             if task is None:
                 await self._sleep_until_work()
                 continue
@@ -342,8 +354,11 @@ class WorkerPool:
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
             for task, _job in list(self._running.values()):
-                await self.store.renew_lease(task.id, task.attempts, self.settings.lease_seconds,
-                                             self.owner)
+                try:
+                    await self.store.renew_lease(task.id, task.attempts,
+                                                 self.settings.lease_seconds, self.owner)
+                except StoreUnavailable as e:
+                    logger.warning("cannot renew the lease of task %s now: %s", task.id, e)
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -1,0 +1,105 @@
+"""Tasks/s of a CPU-bound processor with workers in the server, and in 1 or 2 worker processes.
+
+Each task is the real pipeline: create (multipart upload), then its SSE stream
+read to the final event; the ``bench`` processor of ``cpu_launcher.py`` spends
+about 20 ms of CPU per task. One HTTP process serves every mode; the modes
+differ only in where the workers run:
+
+- ``in-process``: the HTTP process runs the workers (``--workers 0``);
+- ``1 process`` / ``2 processes``: the HTTP process runs none, ``zhiyi worker``
+  processes do (``--workers 1`` / ``--workers 2``).
+
+The figure that matters is the ratio of 2 processes to 1, measured in the same
+run. Usage: ``.venv/bin/python bench/workers.py [--m 400] [--c 16] [--rounds 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from common import (
+    BENCH_DIR,
+    PYTHON,
+    ServerProcess,
+    add_zhiyi_user,
+    free_port,
+    machine,
+    print_table,
+    remove_tree,
+    scratch_dir,
+    write_results,
+)
+from loadgen import run_tasks
+
+LAUNCHER = str(BENCH_DIR / "cpu_launcher.py")
+MODES = {"in-process": 0, "1 process": 1, "2 processes": 2}
+
+
+def start_mode(processes: int, data: Path, concurrency: int) -> list[ServerProcess]:
+    port = free_port()
+    common_env = {"ZHIYI_LOG_LEVEL": "WARNING", "MAX_ACTIVE_TASKS_PER_USER": "100000",
+                  "SSE_MAX_PER_USER": "100000", "RECONCILE_SECONDS": "3600"}
+    http_env = {**common_env, "WORKER_CONCURRENCY": "0" if processes else str(concurrency)}
+    started = [ServerProcess("http", [PYTHON, LAUNCHER, str(port), str(data)], http_env,
+                             data / "http.log").start()]
+    for n in range(processes):
+        started.append(ServerProcess(
+            f"worker{n}", [PYTHON, LAUNCHER, str(port), str(data), "worker"],
+            {**common_env, "WORKER_CONCURRENCY": str(concurrency)},
+            data / f"worker{n}.log").start())
+    started[0].port = port  # type: ignore[attr-defined]
+    return started
+
+
+def measure(processes: int, opts: argparse.Namespace) -> float:
+    data = scratch_dir(f"workers{processes}")
+    try:
+        token = add_zhiyi_user(data, "bench", 10 * (opts.m + opts.warmup))
+        servers = start_mode(processes, data, opts.concurrency)
+        try:
+            base = f"http://127.0.0.1:{servers[0].port}"  # type: ignore[attr-defined]
+            headers = {"Authorization": f"Bearer {token}"}
+            asyncio.run(run_tasks(base, headers, opts.warmup, opts.c))
+            start = time.monotonic()
+            results = asyncio.run(run_tasks(base, headers, opts.m, opts.c))
+            elapsed = time.monotonic() - start
+        finally:
+            for server in reversed(servers):
+                server.stop()
+        bad = [r.status for r in results if r.status != "completed"]
+        if bad:
+            raise RuntimeError(f"{len(bad)} tasks did not complete: {bad[:3]}")
+        return opts.m / elapsed
+    finally:
+        remove_tree(data)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", type=int, default=400, help="tasks per measurement")
+    parser.add_argument("--c", type=int, default=16, help="tasks in flight")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2, help="measurements of each mode")
+    parser.add_argument("--concurrency", type=int, default=4, help="WORKER_CONCURRENCY")
+    opts = parser.parse_args()
+    figures: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for _ in range(opts.rounds):  # interleaved, so drifting load hits every mode alike
+        for mode, processes in MODES.items():
+            figures[mode].append(measure(processes, opts))
+    best = {mode: max(values) for mode, values in figures.items()}
+    rows = [[mode, " / ".join(f"{v:.1f}" for v in figures[mode]), f"{best[mode]:.1f}",
+             f"{best[mode] / best['1 process']:.2f}"] for mode in MODES]
+    print_table(f"CPU-bound tasks (~20 ms CPU each), M={opts.m}, C={opts.c}, "
+                f"cores={os.cpu_count()}",
+                ["workers", "tasks/s per round", "best", "vs 1 process"], rows)
+    write_results("workers", {"machine": machine(), "m": opts.m, "c": opts.c,
+                              "figures": figures, "best": best})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
