@@ -15,7 +15,9 @@ import enum
 import hashlib
 import json
 import logging
+import os
 import secrets
+import socket
 import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -561,6 +563,84 @@ class HealthFigures:
     drifting_users: int  #: users whose balance differs from their ledger sum
 
 
+class _Poked(asyncio.DatagramProtocol):
+    def __init__(self, poked: asyncio.Event) -> None:
+        self.poked = poked
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.poked.set()
+
+
+class WakePeers:
+    """Loopback UDP pings between the processes of one host that share a database file.
+
+    A watching store binds ``127.0.0.1:<any port>`` and lists the port in
+    ``meta`` (key ``wake:<host>:<pid>:<nonce>``); after each of its commits a
+    store pings the ports listed for its host, so the other processes look at
+    once instead of at their next poll. Only a hint: a lost ping costs one
+    watch period, and processes on other hosts rely on the poll.
+    """
+
+    def __init__(self) -> None:
+        self.poked = asyncio.Event()
+        self.key = f"wake:{HOST}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.ports: list[int] = []
+        self._own_port: int | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._sender: socket.socket | None = None
+        self._scheduled = False
+
+    async def bind(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Poked(self.poked), local_addr=("127.0.0.1", 0))
+        self._own_port = self._transport.get_extra_info("sockname")[1]
+        self._sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sender.setblocking(False)
+        return self._own_port
+
+    def set_peers(self, ports: Iterable[int]) -> None:
+        self.ports = [p for p in ports if p != self._own_port]
+
+    def ping_soon(self) -> None:
+        """Ping every peer once, after whatever else this loop iteration commits."""
+        if self.ports and self._sender is not None and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._ping)
+
+    def _ping(self) -> None:
+        self._scheduled = False
+        for port in self.ports:
+            try:
+                assert self._sender is not None
+                self._sender.sendto(b"!", ("127.0.0.1", port))
+            except OSError:  # a peer gone meanwhile, or a full buffer: the poll covers it
+                pass
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        if self._sender is not None:
+            self._sender.close()
+
+
+HOST = socket.gethostname()
+#: how often a watching store re-reads which processes of its host to ping
+PEER_REFRESH_SECONDS = 1.0
+#: the shortest time between two looks at the database, however many pings arrive
+MIN_LOOK_SECONDS = 0.002
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class TaskStore:
     """The whole database behind one object. Open with :meth:`open`."""
 
@@ -571,7 +651,8 @@ class TaskStore:
         self._listeners: list[EventListener] = []
         #: events are handed to listeners once each, in id order: this is the last one
         self._delivered_through = 0
-        self._writer = GroupWriter(path, clock, self._publish, lambda: self._delivered_through)
+        self._writer = GroupWriter(path, clock, self._own_commit, lambda: self._delivered_through)
+        self._wake = WakePeers()
         self._watch_seconds = watch_seconds
         self._watcher: asyncio.Task[None] | None = None
         self._change_callbacks: list[ChangeCallback] = []
@@ -604,6 +685,12 @@ class TaskStore:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
             self._watcher = None
+            try:
+                await self._write(lambda txn: txn.db.execute(
+                    "DELETE FROM meta WHERE key = ?", (self._wake.key,)))
+            except StoreError as e:
+                logger.warning("could not unlist this process's wake-up port: %s", e)
+        self._wake.close()
         if self._reader is not None:
             await self._reader.close()
         await self._writer.close()
@@ -635,26 +722,66 @@ class TaskStore:
                 self._watch(), name="zhiyi-sqlite-watch")
 
     async def _watch(self) -> None:
-        """Poll ``PRAGMA data_version`` of the writer: it moves only when another
-        connection (another process) commits. Then hand on the events it wrote
-        and tell the change callbacks. A cheap statement every ``watch_seconds``."""
+        """Look for other processes' commits: ``PRAGMA data_version`` of the writer
+        moves only when another connection commits. A look happens when a
+        process of this host pings (see :class:`WakePeers`), and at the latest
+        every ``watch_seconds``. Then the events they wrote are handed on and
+        the change callbacks told."""
+        loop = asyncio.get_running_loop()
+        await self._register_wake_port()
         version = await self._writer.data_version()
+        next_refresh = next_look = 0.0
         while True:
-            await asyncio.sleep(self._watch_seconds)
+            try:
+                if loop.time() >= next_refresh:
+                    next_refresh = loop.time() + PEER_REFRESH_SECONDS
+                    await self._refresh_wake_peers()
+            except Exception:
+                logger.exception("reading which processes to wake failed")
+            try:
+                await asyncio.wait_for(self._wake.poked.wait(), max(
+                    0.0, min(next_look, next_refresh) - loop.time()))
+            except TimeoutError:
+                if loop.time() < next_look:
+                    continue  # only the peer list was due
+            self._wake.poked.clear()
+            next_look = loop.time() + self._watch_seconds
             try:
                 current = await self._writer.data_version()
-                if current == version:
-                    continue
-                version = current
-                # Another process may have revoked a token: forget what was remembered
-                # (at most one read per token and watch period under load).
-                self._token_users.clear()
-                if self._listeners:
-                    await self.catch_up()
-                for callback in list(self._change_callbacks):
-                    await callback()
+                if current != version:
+                    version = current
+                    await self._foreign_commit()
             except Exception:
                 logger.exception("watching the database for other processes' commits failed")
+            await asyncio.sleep(MIN_LOOK_SECONDS)
+
+    async def _foreign_commit(self) -> None:
+        # Another process may have revoked a token: forget what was remembered
+        # (at most one read per token and look under load).
+        self._token_users.clear()
+        if self._listeners:
+            await self.catch_up()
+        for callback in list(self._change_callbacks):
+            await callback()
+
+    async def _register_wake_port(self) -> None:
+        """List this process's ping port; unlist ports of this host's dead processes."""
+        port = await self._wake.bind()
+
+        def _op(txn: _Txn) -> None:
+            for row in txn.db.execute("SELECT key FROM meta WHERE key LIKE ?",
+                                      (f"wake:{HOST}:%",)).fetchall():
+                pid = row["key"].split(":")[2]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    txn.db.execute("DELETE FROM meta WHERE key = ?", (row["key"],))
+            txn.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                           (self._wake.key, str(port)))
+        await self._write(_op)
+
+    async def _refresh_wake_peers(self) -> None:
+        rows = await self._fetchall("SELECT value FROM meta WHERE key LIKE ?",
+                                    (f"wake:{HOST}:%",))
+        self._wake.set_peers(int(r["value"]) for r in rows)
 
     async def catch_up(self) -> None:
         """Hand listeners every committed event they have not had yet, in id order.
@@ -679,6 +806,10 @@ class TaskStore:
     async def _write(self, op: WriteOp) -> Any:
         """Run ``op`` in a write transaction; its events are published after COMMIT."""
         return await self._writer.run(op)
+
+    def _own_commit(self, events: list[Event]) -> None:
+        self._publish(events)
+        self._wake.ping_soon()  # other processes of this host look now, not at their poll
 
     def _publish(self, events: list[Event]) -> None:
         for event in events:

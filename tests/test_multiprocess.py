@@ -61,6 +61,31 @@ async def test_events_of_other_processes_reach_listeners_once_in_id_order(
     assert [e.user_id for e in seen] == ["bob", "bob", "alice", "bob", "alice"]
 
 
+async def test_a_commit_pings_the_other_processes_of_the_host(tmp_path: Path) -> None:
+    """A's own poll is an hour: only B's loopback ping can make A look."""
+    path = tmp_path / "zhiyi.db"
+    a = await TaskStore.open(path, watch_seconds=3600)
+    b = await TaskStore.open(path)
+    seen: list[Event] = []
+    a.add_listener(seen.append)
+    b.add_listener(lambda event: None)  # B watches too, so it knows whom to ping
+    try:
+        await b.add_user("bob", 0)
+        for _ in range(500):  # B re-reads the list of ports every second
+            if b._wake.ports:
+                break
+            await asyncio.sleep(0.01)
+        await b.grant_credits("bob", 1)
+        for _ in range(500):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert [e.id for e in seen] == [e.id for e in await b.events_after(0, user_id="bob")]
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_a_token_revoked_by_another_process_stops_working(tmp_path: Path) -> None:
     path = tmp_path / "zhiyi.db"
     a = await TaskStore.open(path, watch_seconds=0.01)
