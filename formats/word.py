@@ -329,7 +329,11 @@ class DocxDocument(_BaseDocument):
 
     def __init__(self, path: Path, extension: str) -> None:
         super().__init__(path, extension)
-        self._document = _load_docx(path)
+        self._document = self._load()
+
+    def _load(self) -> Any:
+        """A fresh python-docx Document of this file (rendering edits one in place)."""
+        return _load_docx(self.path)
 
     def segments(self) -> Iterator[str]:
         """Each paragraph's tagged text, in document order, part by part."""
@@ -340,7 +344,7 @@ class DocxDocument(_BaseDocument):
         """Write a copy with translated paragraphs; runs, styles and tables are kept.
 
         Returns how many segments lost their inline formatting (broken tags)."""
-        document = _load_docx(self.path)  # a fresh copy: rendering edits the XML in place
+        document = self._load()  # a fresh copy: rendering edits the XML in place
         feed = _Translations(translations)
         parts = list(_part_roots(document))
         lost = 0

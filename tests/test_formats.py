@@ -567,23 +567,23 @@ PDF_LINES = [
 ]
 
 
-def test_pdf_text_is_extracted_to_txt(tmp_path: Path) -> None:
+def test_pdf_becomes_a_word_document(tmp_path: Path) -> None:
     path = write_pdf(tmp_path / "report.pdf", PDF_LINES)
     doc = open_document(path)
-    assert doc.result_name("report.pdf") == "report.txt"
+    assert doc.result_name("report.pdf") == "report.docx"
     assert list(doc.segments()) == [
         "Zhiyi sample report",
         "This is the first paragraph of the sample document, and it continues on a second line.",
         "A second paragraph with a {name} placeholder.",
     ]
     _, out = round_trip(path, pseudo)
-    assert out.name == "out-report.txt"
-    assert out.read_text(encoding="utf-8") == (
-        "[ZHIYI SAMPLE REPORT]\n\n"
-        "[THIS IS THE FIRST PARAGRAPH OF THE SAMPLE DOCUMENT, AND IT CONTINUES ON A SECOND LINE.]"
-        "\n\n[A SECOND PARAGRAPH WITH A {name} PLACEHOLDER.]\n"
-    )
-    assert "".join(doc.plain_text()).startswith("Zhiyi sample report\n\nThis is the first")
+    assert out.name == "out-report.docx"
+    assert [p.text for p in docx.Document(str(out)).paragraphs] == [
+        "[ZHIYI SAMPLE REPORT]",
+        "[THIS IS THE FIRST PARAGRAPH OF THE SAMPLE DOCUMENT, AND IT CONTINUES ON A SECOND LINE.]",
+        "[A SECOND PARAGRAPH WITH A {name} PLACEHOLDER.]",
+    ]
+    assert "".join(doc.plain_text()).startswith("Zhiyi sample report\nThis is the first")
 
 
 # --------------------------------------------------------------------------- encodings

@@ -9,10 +9,12 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import docx
 import openpyxl
 import polib
 import pptx
 import pytest
+from fpdf import FPDF
 from openpyxl.cell.rich_text import CellRichText, TextBlock
 from openpyxl.cell.text import InlineFont
 from pptx.util import Inches
@@ -239,3 +241,49 @@ def test_broken_xliff_is_refused(tmp_path: Path) -> None:
     path.write_text("<xliff><file>", encoding="utf-8")
     with pytest.raises(BadDocument, match="not valid XLIFF"):
         open_document(path)
+
+
+# --------------------------------------------------------------------------- pdf
+
+
+def make_pdf(path: Path) -> Path:
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_font("Helvetica", "B", 20)
+    pdf.cell(0, 12, "Annual Report", new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("Helvetica", "", 11)
+    pdf.multi_cell(0, 6, "The first paragraph wraps over several lines of the page, so the "
+                   "converter has to join them back into one paragraph before anything is "
+                   "translated, with {name} kept.")
+    pdf.ln(4)
+    with pdf.table() as table:
+        for cells in (("Region", "Sales"), ("North", "100")):
+            row = table.row()
+            for text in cells:
+                row.cell(text)
+    pdf.add_page()
+    pdf.multi_cell(0, 6, "- First bullet item\n- Second bullet item")
+    pdf.output(str(path))
+    return path
+
+
+def test_pdf_becomes_docx_with_headings_tables_lists_and_pages(tmp_path: Path) -> None:
+    source = make_pdf(tmp_path / "report.pdf")
+    doc = open_document(source)
+    assert doc.result_name("report.pdf") == "report.docx"
+    out, lost, segments = render(source, upper)
+    assert lost == 0
+    assert segments[0] == "Annual Report"
+    assert segments[1].startswith("The first paragraph wraps") and segments[1].endswith("kept.")
+    assert {"Region", "Sales", "North", "First bullet item", "Second bullet item"} <= set(
+        segments
+    )
+    result = docx.Document(str(out))
+    styles = [(p.style.name, p.text) for p in result.paragraphs if p.text]
+    assert styles[0] == ("Heading 1", "[ANNUAL REPORT]")
+    assert styles[1][1].startswith("[THE FIRST PARAGRAPH WRAPS") and "{name}" in styles[1][1]
+    assert ("List Bullet", "[FIRST BULLET ITEM]") in styles
+    assert [[c.text for c in row.cells] for row in result.tables[0].rows] == [
+        ["[REGION]", "[SALES]"], ["[NORTH]", "[100]"]
+    ]
+    assert 'w:type="page"' in result.element.xml  # the second page starts on its own
