@@ -104,6 +104,8 @@ class TaskContext:
     engine_concurrency: int = 4
     #: the user's translation memory, when the runner has one
     memory: TranslationMemory | None = None
+    #: set by a processor: the completed task's status message (e.g. what a glossary did)
+    summary: str | None = None
 
     async def progress(self, percent: float, message: str, *, stage: str | None = None) -> None:
         """Report progress; cheap to call often (the runner coalesces writes)."""
@@ -168,6 +170,10 @@ class TranslationMemory(Protocol):
 
     async def remember(self, entries: Sequence[memory.Entry]) -> None:
         """Remember new translations."""
+        ...
+
+    async def glossary(self, name: str) -> memory.Glossary | None:
+        """The user's glossary called ``name``, if it exists."""
         ...
 
 
@@ -318,6 +324,8 @@ TRANSLATE_PARAMS = {
     "sourceLang": ParamSpec(default="auto", description="Language of the document, or auto"),
     "engine": ParamSpec(default="pseudo", description="Translation engine",
                         choices=(*engines.ENGINE_NAMES, "external")),
+    "glossary": ParamSpec(description="Name of one of your glossaries for this language "
+                                      "pair: its terms come out as given"),
     "memory": ParamSpec(choices=("use", "ignore"),
                         description="use (the default): segments in your translation memory "
                                     "are not sent or charged; ignore: translate everything "
@@ -333,10 +341,12 @@ ANALYZE_PARAMS = {
 }
 
 
-def memory_scope(params: dict[str, Any], language: str) -> memory.Scope | None:
+def memory_scope(params: dict[str, Any], language: str,
+                 glossary: memory.Glossary | None = None) -> memory.Scope | None:
     """Where a translation with these params looks segments up; None: no memory.
 
-    A source language of ``auto`` is the document's detected ``language``.
+    A source language of ``auto`` is the document's detected ``language``. Translations
+    made with a glossary are remembered apart: the engine is ``NAME+<terms digest>``.
     """
     engine = str(params.get("engine") or "pseudo")
     target = params.get("targetLang")
@@ -345,7 +355,22 @@ def memory_scope(params: dict[str, Any], language: str) -> memory.Scope | None:
     source = str(params.get("sourceLang") or "auto")
     if source == "auto":
         source = language
+    if glossary is not None:
+        engine = f"{engine}+{memory.glossary_fingerprint(glossary.terms)}"
     return memory.Scope(source.lower(), str(target).lower(), engine)
+
+
+def glossary_problem(glossary: memory.Glossary | None, name: str, source: str,
+                     target: str) -> str | None:
+    """Why the glossary called ``name`` cannot serve this pair, or None if it can."""
+    if glossary is None:
+        return f"You have no glossary called {name!r}."
+    if glossary.target_lang.lower() != target.lower() or (
+            source.lower() not in ("auto", "unknown")
+            and glossary.source_lang.lower() != source.lower()):
+        return (f"The glossary {name!r} is for {glossary.source_lang} to "
+                f"{glossary.target_lang}, not {source} to {target}.")
+    return None
 
 
 def segment_keys(doc: formats.Document) -> list[tuple[str, int]]:
@@ -479,6 +504,8 @@ class SegmentTranslation:
         self.from_memory = 0
         #: memory "ignore": translate everything again (and remember the new translations)
         self.recall = ctx.params.get("memory") != "ignore"
+        self.glossary: memory.Glossary | None = None
+        self.terms: memory.TermPlan | None = None
         # One journal writer at a time: lines of two batches must not interleave.
         self._journal_lock = asyncio.Lock()
 
@@ -489,14 +516,16 @@ class SegmentTranslation:
             logger.info("task %s resumes with %d of %d segments done", self.ctx.task_id,
                         len(self.translations), self.total)
         await self._report()
+        await self._load_glossary()
         await self._choose_memory_scope()
         segments = enumerate(self.doc.segments())
         resumed = frozenset(self.translations)
         await _bounded_gather(self._batches(segments, resumed), self._translate_batch,
                               max(1, self.ctx.engine_concurrency))
-        remembered = f" ({self.from_memory} from memory)" if self.from_memory else ""
-        await self.ctx.progress(99, f"writing the translated document{remembered}",
+        summary = await self._summary()
+        await self.ctx.progress(99, f"writing the translated document{summary}",
                                 stage="writing")
+        self.ctx.summary = f"completed{summary}"
         out = self.ctx.result_path(translated_name(self.doc.result_name(self.ctx.file_name),
                                                    self.target))
         in_order = (self.translations[i] for i in range(self.total))
@@ -533,14 +562,40 @@ class SegmentTranslation:
         if batch:
             yield batch
 
+    async def _load_glossary(self) -> None:
+        name = self.ctx.params.get("glossary")
+        if not name:
+            return
+        found = await self.ctx.memory.glossary(str(name)) if self.ctx.memory else None
+        problem = glossary_problem(found, str(name), self.source, self.target)
+        if problem:
+            raise PermanentError(problem, "bad_params")
+        assert found is not None
+        self.glossary, self.terms = found, memory.TermPlan(found.terms)
+        if self.source == "auto":  # the glossary says what the source language is
+            self.source = found.source_lang
+
     async def _choose_memory_scope(self) -> None:
         params = {**self.ctx.params, "engine": self.engine_name}
         if self.ctx.memory is None or memory_scope(params, "unknown") is None:
             return
         language = "unknown"
-        if self.source == "auto":  # the detected language, as the quote at create used
+        if self.ctx.params.get("sourceLang") in (None, "", "auto"):
+            # the detected language, as the quote at create used
             language = (await asyncio.to_thread(formats.document_stats, self.doc)).language
-        self.scope = memory_scope(params, language)
+        self.scope = memory_scope(params, language, self.glossary)
+
+    async def _summary(self) -> str:
+        """`` (40 from memory; 7 glossary terms applied)``, or empty."""
+        parts = []
+        if self.from_memory:
+            parts.append(f"{self.from_memory} of {self.total} segments from memory")
+        if self.terms is not None:
+            applied = await asyncio.to_thread(_count_terms, self.terms, self.doc.segments())
+            distinct = len(set(t.casefold() for t in applied))
+            parts.append(f"{len(applied)} glossary term{'' if len(applied) == 1 else 's'} "
+                         f"applied ({distinct} distinct)")
+        return f" ({'; '.join(parts)})" if parts else ""
 
     async def _translate_batch(self, batch: _Batch) -> None:
         texts = [text for _, text in batch]
@@ -578,8 +633,20 @@ class SegmentTranslation:
         await self._report()
 
     async def _translate(self, batch: list[str]) -> list[str]:
+        """The engine's translations; glossary terms through the engine's own glossary
+        (DeepL) or as placeholders every engine keeps, with the target terms put back."""
+        if self.terms is None or self.glossary is None:
+            return await self._send(batch)
+        if getattr(self.engine, "native_glossary", False):
+            return await self._send(batch, glossary=self.glossary.terms)
+        protected = [self.terms.protect(text) for text in batch]
+        translated = await self._send([text for text, _ in protected])
+        return [self.terms.restore(text, targets)
+                for text, (_, targets) in zip(translated, protected, strict=True)]
+
+    async def _send(self, batch: list[str], **glossary: Any) -> list[str]:
         try:
-            result = await self.engine.translate(batch, self.source, self.target)
+            result = await self.engine.translate(batch, self.source, self.target, **glossary)
         except engines.TransientEngineError as e:
             raise TransientError(str(e)) from e
         except engines.EngineError as e:
@@ -683,6 +750,10 @@ MEMORY_CHUNK = 500
 
 def _count(items: Iterator[str]) -> int:
     return sum(1 for _ in items)
+
+
+def _count_terms(terms: memory.TermPlan, segments: Iterator[str]) -> list[str]:
+    return [term for segment in segments for term in terms.find(segment)]
 
 
 def _next_chunk(segments: Iterator[tuple[int, str]], done: frozenset[int],

@@ -100,3 +100,14 @@ CREATE TABLE IF NOT EXISTS translation_memory (
     created_at   TEXT NOT NULL,
     PRIMARY KEY (user_id, source_lang, target_lang, engine, source_key)
 );
+
+-- Glossaries: term pairs a translation keeps as given (issue 11).
+CREATE TABLE IF NOT EXISTS glossaries (
+    user_id      TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    name         TEXT NOT NULL,
+    source_lang  TEXT NOT NULL,
+    target_lang  TEXT NOT NULL,
+    terms        TEXT NOT NULL,                             -- JSON [[source, target], ...]
+    created_at   TEXT NOT NULL,
+    PRIMARY KEY (user_id, name)
+);

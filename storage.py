@@ -28,7 +28,7 @@ from typing import Any
 
 import aiosqlite
 
-from translation_memory import Entry, Scope
+from translation_memory import Entry, Glossary, Scope
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -85,6 +85,17 @@ MIGRATIONS: dict[int, str] = {
             target_text  TEXT NOT NULL,
             created_at   TEXT NOT NULL,
             PRIMARY KEY (user_id, source_lang, target_lang, engine, source_key)
+        );
+    """,
+    4: """
+        CREATE TABLE IF NOT EXISTS glossaries (
+            user_id      TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            name         TEXT NOT NULL,
+            source_lang  TEXT NOT NULL,
+            target_lang  TEXT NOT NULL,
+            terms        TEXT NOT NULL,
+            created_at   TEXT NOT NULL,
+            PRIMARY KEY (user_id, name)
         );
     """,
 }
@@ -1004,6 +1015,41 @@ class TaskStore:
             return txn.db.execute(sql, args).rowcount
         return await self._write(_op)
 
+    # -------------------------------------------------------------- glossaries
+    async def glossary_put(self, user_id: str, glossary: Glossary) -> bool:
+        """Store a glossary under its name (replacing one of that name); True if new."""
+        def _op(txn: _Txn) -> Any:
+            existed = _scalar(txn.db, "SELECT 1 FROM glossaries WHERE user_id = ? AND name = ?",
+                              (user_id, glossary.name))
+            txn.db.execute(
+                """INSERT INTO glossaries (user_id, name, source_lang, target_lang, terms,
+                   created_at) VALUES (?,?,?,?,?,?)
+                   ON CONFLICT (user_id, name) DO UPDATE SET source_lang = excluded.source_lang,
+                   target_lang = excluded.target_lang, terms = excluded.terms,
+                   created_at = excluded.created_at""",
+                (user_id, glossary.name, glossary.source_lang, glossary.target_lang,
+                 json.dumps(glossary.terms, ensure_ascii=False), txn.now),
+            )
+            return not existed
+        return await self._write(_op)
+
+    async def glossaries(self, user_id: str, name: str | None = None) -> list[Glossary]:
+        """The user's glossaries by name (or the one called ``name``)."""
+        sql, args = "SELECT * FROM glossaries WHERE user_id = ?", [user_id]
+        if name is not None:
+            sql += " AND name = ?"
+            args.append(name)
+        rows = await self._fetchall(sql + " ORDER BY name", args)
+        return [Glossary(r["name"], r["source_lang"], r["target_lang"],
+                         [tuple(pair) for pair in json.loads(r["terms"])], r["created_at"])
+                for r in rows]
+
+    async def glossary_delete(self, user_id: str, name: str) -> bool:
+        def _op(txn: _Txn) -> Any:
+            return txn.db.execute("DELETE FROM glossaries WHERE user_id = ? AND name = ?",
+                                  (user_id, name)).rowcount == 1
+        return await self._write(_op)
+
     # ------------------------------------------------------------------ tasks
     async def create_processing_task(self, new: NewTask) -> tuple[Task, bool]:
         """Insert a pending task and charge its cost, in one transaction.
@@ -1252,17 +1298,18 @@ class TaskStore:
         return await self._write(_op)
 
     async def complete_task(
-        self, task_id: int, result_name: str, *, attempt: int | None = None
+        self, task_id: int, result_name: str, *, attempt: int | None = None,
+        message: str = "completed",
     ) -> Task | None:
         """Mark the task completed with its result; ``None`` if it was no longer running."""
         def _op(txn: _Txn) -> Any:
             cursor = txn.db.execute(
                 f"""UPDATE processing_tasks SET status = 'completed', progress = 100,
-                   status_message = 'completed', stage = 'done', eta_seconds = 0,
+                   status_message = ?, stage = 'done', eta_seconds = 0,
                    result_name = ?, lease_owner = NULL, lease_until = NULL,
                    external_deadline = NULL, completed_at = ?, updated_at = ?
                    WHERE id = ? AND status = 'processing' {_attempt_clause(attempt)}""",
-                (result_name, txn.now, txn.now, task_id, *_attempt_args(attempt)),
+                (message, result_name, txn.now, txn.now, task_id, *_attempt_args(attempt)),
             )
             if cursor.rowcount != 1:
                 return None

@@ -172,6 +172,10 @@ class StoreMemory:
     async def remember(self, entries: Sequence[memory.Entry]) -> None:
         await self.store.memory_remember(self.user_id, entries)
 
+    async def glossary(self, name: str) -> memory.Glossary | None:
+        found = await self.store.glossaries(self.user_id, name)
+        return found[0] if found else None
+
 
 def _log_write_error(future: asyncio.Future[bool]) -> None:
     if not future.cancelled() and future.exception() is not None:
@@ -436,7 +440,7 @@ class WorkerPool:
                 outcome = await asyncio.wait_for(
                     task_type.processor(ctx), self.settings.task_timeout)
             await reporter.flush()
-            await self._finish(task, outcome)
+            await self._finish(task, outcome, ctx.summary)
             self._observe("completed", task, time.monotonic() - started)
         except asyncio.CancelledError:
             raise
@@ -480,7 +484,8 @@ class WorkerPool:
         except (engines.UnknownEngine, engines.EngineError) as e:
             raise PermanentError(str(e), "engine_unavailable") from e
 
-    async def _finish(self, task: Task, outcome: Path | AwaitExternal) -> None:
+    async def _finish(self, task: Task, outcome: Path | AwaitExternal,
+                      summary: str | None = None) -> None:
         if isinstance(outcome, AwaitExternal):
             deadline = self.store.now() + timedelta(seconds=self.settings.external_timeout_seconds)
             await self.store.set_external(task.id, task.attempts, outcome.external_task_id,
@@ -489,7 +494,8 @@ class WorkerPool:
         result_dir = task_dirs(self.data_path, task)[2]
         if not _is_inside(outcome, result_dir):
             raise PermanentError("The processor wrote its result outside the result folder.")
-        done = await self.store.complete_task(task.id, outcome.name, attempt=task.attempts)
+        done = await self.store.complete_task(task.id, outcome.name, attempt=task.attempts,
+                                              message=summary or "completed")
         if done is None:
             logger.info("task %s finished but was no longer running; result dropped", task.id)
 

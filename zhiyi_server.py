@@ -98,6 +98,7 @@ from processors import (
     Registry,
     TaskType,
     default_registry,
+    glossary_problem,
     memory_scope,
     remembered,
     segment_keys,
@@ -127,7 +128,16 @@ from storage import (
     UserExists,
     UserNotFound,
 )
-from translation_memory import BadTmx, Entry, Scope, from_tmx, to_tmx
+from translation_memory import (
+    BadGlossary,
+    BadTmx,
+    Entry,
+    Glossary,
+    Scope,
+    from_tmx,
+    parse_glossary,
+    to_tmx,
+)
 from worker import WorkerPool, WorkerSettings, is_disk_full, task_dirs
 
 __all__ = ["CONFIG", "HUB", "POOL", "STORE", "Config", "create_app", "create_worker_app",
@@ -789,6 +799,107 @@ async def memory_import(request: web.Request) -> web.Response:
     return web.json_response({"success": True, "imported": imported})
 
 
+# ---------------------------------------------------------------- glossaries
+GLOSSARY_NAME = re.compile(r"[\w.@ -]{1,64}")
+
+
+def glossary_json(glossary: Glossary, *, with_terms: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = {"name": glossary.name, "sourceLang": glossary.source_lang,
+                            "targetLang": glossary.target_lang, "terms": len(glossary.terms),
+                            "createdAt": glossary.created_at}
+    if with_terms:
+        data["entries"] = [{"source": a, "target": b} for a, b in glossary.terms]
+    return data
+
+
+async def list_glossaries(request: web.Request) -> web.Response:
+    """``GET /api/glossaries``: the user's glossaries (without their terms)."""
+    user_id = await current_user(request)
+    found = await request.config_dict[STORE].glossaries(user_id)
+    return web.json_response({"success": True, "glossaries": [glossary_json(g) for g in found]})
+
+
+async def get_glossary(request: web.Request) -> web.Response:
+    user_id = await current_user(request)
+    name = request.match_info["name"]
+    found = await request.config_dict[STORE].glossaries(user_id, name)
+    if not found:
+        raise ApiError(404, "glossary_not_found", f"You have no glossary called {name!r}.")
+    return web.json_response({"success": True,
+                              "glossary": glossary_json(found[0], with_terms=True)})
+
+
+async def delete_glossary(request: web.Request) -> web.Response:
+    user_id = await current_user(request)
+    name = request.match_info["name"]
+    if not await request.config_dict[STORE].glossary_delete(user_id, name):
+        raise ApiError(404, "glossary_not_found", f"You have no glossary called {name!r}.")
+    return web.json_response({"success": True})
+
+
+async def upload_glossary(request: web.Request) -> web.Response:
+    """``POST /api/glossaries``: multipart ``name``, ``sourceLang``, ``targetLang``, ``file``.
+
+    A glossary of the same name is replaced (200); a new one answers 201.
+    """
+    user_id = await current_user(request)
+    fields, file_name, data = await _read_glossary_form(request)
+    name = fields.get("name", "").strip()
+    source, target = (fields.get(k, "").strip().lower() for k in ("sourceLang", "targetLang"))
+    if not GLOSSARY_NAME.fullmatch(name):
+        raise ApiError(400, "bad_request", "name must be 1-64 letters, digits, spaces, "
+                       "'_', '.', '@' or '-'.")
+    if not source or not target or source == "auto":
+        raise ApiError(400, "bad_request", "Give sourceLang and targetLang (language codes, "
+                       "e.g. en and de).")
+    if data is None:
+        raise ApiError(400, "missing_file", "Attach the glossary as the multipart field "
+                       "'file' (.csv or .tbx).")
+    try:
+        terms = await asyncio.to_thread(parse_glossary, data, file_name, source, target)
+    except BadGlossary as e:
+        raise ApiError(422, "bad_glossary", str(e)) from e
+    glossary = Glossary(name, source, target, terms)
+    created = await request.config_dict[STORE].glossary_put(user_id, glossary)
+    stored = (await request.config_dict[STORE].glossaries(user_id, name))[0]
+    return web.json_response({"success": True, "glossary": glossary_json(stored)},
+                             status=201 if created else 200)
+
+
+async def _read_glossary_form(request: web.Request) -> tuple[dict[str, str], str, bytes | None]:
+    if not request.headers.get("Content-Type", "").lower().startswith("multipart/"):
+        raise ApiError(400, "bad_request", "Send multipart/form-data with the fields name, "
+                       "sourceLang, targetLang and file.")
+    config = request.config_dict[CONFIG]
+    fields: dict[str, str] = {}
+    file_name, data = "", None
+    async with metered_body(request, config.max_upload_bytes + MAX_FIELD_BYTES) as progress:
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                progress()
+                if not isinstance(part, aiohttp.BodyPartReader):
+                    continue
+                if part.name == "file":
+                    file_name = clean_file_name(part.filename)
+                    content = bytearray()
+                    while chunk := await part.read_chunk(64 * 1024):
+                        progress()
+                        content += chunk
+                    data = bytes(content)
+                elif part.name in ("name", "sourceLang", "targetLang"):
+                    fields[part.name] = await _read_field(part, part.name, progress)
+                else:
+                    while await part.read_chunk(64 * 1024):  # skipped, but counted
+                        progress()
+        except (ValueError, AssertionError, aiohttp.ClientPayloadError,
+                HttpProcessingError) as e:
+            reason = getattr(e, "message", None) or str(e)
+            raise ApiError(400, "bad_request",
+                           f"The multipart body is malformed: {reason}") from e
+    return fields, file_name, data
+
+
 # ---------------------------------------------------------------- task types
 def engine_statuses(config: Config) -> list[dict[str, Any]]:
     statuses = [dataclasses.asdict(s) for s in engines.engine_statuses(config.engine_settings())]
@@ -1228,10 +1339,11 @@ async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any
                        path: Path, quote: Quote) -> Quote:
     """The quote with the segments found in the user's translation memory."""
     assert quote.stats is not None
-    scope = memory_scope(params, quote.stats.language)
+    store = request.config_dict[STORE]
+    glossary = await _glossary_of(request, user_id, params, quote.stats.language)
+    scope = memory_scope(params, quote.stats.language, glossary)
     if scope is None or params.get("memory") == "ignore":
         return quote
-    store = request.config_dict[STORE]
     if not any(held == scope for held, _ in await store.memory_summary(user_id)):
         return quote  # nothing remembered for this pair: no second read of the document
     try:
@@ -1241,6 +1353,22 @@ async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any
     found = await store.memory_lookup(user_id, scope, [key for key, _ in keys])
     hits, characters = remembered(keys, found)
     return dataclasses.replace(quote, remembered_segments=hits, remembered_characters=characters)
+
+
+async def _glossary_of(request: web.Request, user_id: str, params: dict[str, Any],
+                       language: str) -> Glossary | None:
+    """The glossary ``params`` names, checked against the pair; 400 when it cannot serve."""
+    name = params.get("glossary")
+    if not name:
+        return None
+    found = await request.config_dict[STORE].glossaries(user_id, name)
+    glossary = found[0] if found else None
+    source = params.get("sourceLang") or "auto"
+    problem = glossary_problem(glossary, name, language if source == "auto" else source,
+                               str(params.get("targetLang") or ""))
+    if problem:
+        raise ApiError(400, "unknown_glossary", problem)
+    return glossary
 
 
 def _segment_keys(path: Path) -> list[tuple[str, int]]:
@@ -1672,6 +1800,10 @@ def _add_routes(app: web.Application) -> None:
     r.add_delete("/api/memory", memory_clear)
     r.add_get("/api/memory/export.tmx", memory_export)
     r.add_post("/api/memory/import", memory_import)
+    r.add_get("/api/glossaries", list_glossaries)
+    r.add_post("/api/glossaries", upload_glossary)
+    r.add_get("/api/glossaries/{name}", get_glossary)
+    r.add_delete("/api/glossaries/{name}", delete_glossary)
     r.add_post("/api/tasks/webhook", webhook, name="webhook")
     r.add_get("/api/tasks", list_tasks)
     r.add_get("/api/tasks/{taskId}", get_task)
