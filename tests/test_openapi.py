@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -292,7 +293,7 @@ async def test_every_operation_answers_as_documented_without_credentials(
     """Protected operations answer 401 ``unauthenticated``; public ones a documented status."""
     client = await make_app_client(aiohttp_client, tmp_path, worker_concurrency=0)
     for path, method in sorted(doc_operations(spec)):
-        url = path.replace("{taskId}", "1")
+        url = re.sub(r"\{[^}]+\}", "1", path)  # every path parameter
         resp = await client.request(method.upper(), url, allow_redirects=False)
         if is_protected(spec, path, method):
             body = await check_response(spec, resp, path, method, 401)
