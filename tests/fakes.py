@@ -18,7 +18,6 @@ placeholder tokens pass through untouched.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import re
@@ -157,11 +156,6 @@ class _FakeService:
     def segments(self) -> list[str]:
         """Every text every request asked to translate, in arrival order."""
         return [text for request in self.requests for text in request.segments]
-
-    def gaps(self) -> list[float]:
-        """Seconds between the arrivals of consecutive requests."""
-        times = [request.at for request in self.requests]
-        return [later - earlier for earlier, later in itertools.pairwise(times)]
 
     async def wait_for_requests(self, count: int, within: float = 10.0) -> None:
         """Wait until at least ``count`` requests have arrived (TimeoutError after ``within`` s)."""

@@ -94,6 +94,34 @@ async def openai(aiohttp_server: ServerFactory) -> tuple[FakeOpenAI, EngineSetti
     )
 
 
+class RetryWaits:
+    """Records the wait each engine retry chose (``engines._backoff_seconds``).
+
+    Tests assert the chosen wait, not the time that passed: with ``sleep`` off
+    the engine retries at once, so no test measures the machine's clock.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.chosen: list[float] = []
+        self.sleep = True
+        self.reached = asyncio.Event()
+        self._real = engines._backoff_seconds
+        monkeypatch.setattr(engines, "_backoff_seconds", self._choose)
+
+    def _choose(self, attempt: int, settings: EngineSettings, retry_after: float | None) -> float:
+        delay = self._real(attempt, settings, retry_after)
+        self.chosen.append(delay)
+        self.reached.set()  # the engine goes straight on to sleep(delay), without a yield
+        return delay if self.sleep else 0.0
+
+
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> RetryWaits:
+    recorder = RetryWaits(monkeypatch)
+    recorder.sleep = False
+    return recorder
+
+
 def _chat(content: str) -> dict[str, Any]:
     """A minimal chat completion answering ``content``."""
     return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
@@ -424,25 +452,28 @@ async def test_libretranslate_lost_token_forever_is_transient(
 
 
 async def test_libretranslate_honours_retry_after_seconds(
-    session: aiohttp.ClientSession, libre: tuple[FakeLibreTranslate, EngineSettings]
+    session: aiohttp.ClientSession, libre: tuple[FakeLibreTranslate, EngineSettings],
+    waits: RetryWaits,
 ) -> None:
     fake, settings = libre
     fake.fail_next(429, retry_after="1")
     engine = make_engine("libretranslate", settings, session)
     assert await engine.translate(["Hello"], "en", "de") == ["<de>Hello"]
     assert [r.segments for r in fake.requests] == [["Hello"], ["Hello"]]
-    assert fake.gaps()[0] >= 0.95  # Retry-After wins over the 0.01 s backoff
+    assert waits.chosen == [1.0]  # Retry-After wins over the 0.01 s backoff
 
 
 async def test_libretranslate_honours_retry_after_http_date(
-    session: aiohttp.ClientSession, libre: tuple[FakeLibreTranslate, EngineSettings]
+    session: aiohttp.ClientSession, libre: tuple[FakeLibreTranslate, EngineSettings],
+    waits: RetryWaits,
 ) -> None:
     fake, settings = libre
-    fake.fail_next(503, retry_after=email.utils.formatdate(time.time() + 2, usegmt=True))
+    fake.fail_next(503, retry_after=email.utils.formatdate(time.time() + 30, usegmt=True))
     engine = make_engine("libretranslate", settings, session)
     assert await engine.translate(["Hello"], "en", "de") == ["<de>Hello"]
-    # The date has whole-second precision, so the wait is somewhere in (1, 2] seconds.
-    assert fake.gaps()[0] >= 0.9
+    assert len(fake.requests) == 2
+    # The date has whole-second precision: the wait is 29-30 s (28 allows a stalled machine).
+    assert len(waits.chosen) == 1 and 28 < waits.chosen[0] <= 30
 
 
 async def test_libretranslate_5xx_then_success(
@@ -671,14 +702,15 @@ async def test_openai_exhausted_quota_is_permanent(
 
 
 async def test_openai_honours_retry_after(
-    session: aiohttp.ClientSession, openai: tuple[FakeOpenAI, EngineSettings]
+    session: aiohttp.ClientSession, openai: tuple[FakeOpenAI, EngineSettings],
+    waits: RetryWaits,
 ) -> None:
     fake, settings = openai
     fake.fail_next(429, retry_after="1")
     engine = make_engine("openai", settings, session)
     assert await engine.translate(["Hello"], "en", "de") == ["<de>Hello"]
     assert len(fake.requests) == 2
-    assert fake.gaps()[0] >= 0.95
+    assert waits.chosen == [1.0]
 
 
 async def test_openai_5xx_then_success_and_forever(
@@ -756,14 +788,15 @@ async def test_cancel_during_slow_request_propagates(
 
 
 async def test_cancel_during_backoff_propagates(
-    session: aiohttp.ClientSession, libre: tuple[FakeLibreTranslate, EngineSettings]
+    session: aiohttp.ClientSession, libre: tuple[FakeLibreTranslate, EngineSettings],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake, settings = libre
     fake.fail_next(503, retry_after="30")
+    waits = RetryWaits(monkeypatch)  # really sleeps the 30 s, so the cancel lands in it
     engine = make_engine("libretranslate", settings, session)
     task = asyncio.create_task(engine.translate(["Hello"], "en", "de"))
-    await fake.wait_for_requests(1)
-    await asyncio.sleep(0.05)  # let it reach the backoff sleep
+    await asyncio.wait_for(waits.reached.wait(), 10)  # the engine is in its backoff sleep
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

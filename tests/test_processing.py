@@ -75,7 +75,10 @@ async def test_first_message_is_snapshot_with_latest_event_id(tclient, gates) ->
     task_id = (await create(tclient, headers, task_type="gate", params={}))["taskId"]
     await gates.started.wait()
     store = tclient.app[STORE]
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(10):  # progress writes are queued: wait for its commit
+        while not [e for e in await store.events_after(0, task_id=task_id)
+                   if e.data.get("progress") == 30]:
+            await asyncio.sleep(0.01)
     latest = await store.latest_event_id(task_id=task_id)
     resp = await tclient.get(sse_url(task_id), headers=headers)
     reader = SSEReader(resp)
