@@ -239,6 +239,8 @@ class TaskType:
     external: bool = False
     #: the document is parsed at create (cost from its text; bad files refused)
     parses_document: bool = True
+    #: what each accepted extension becomes (".pdf" -> ".docx"); empty: not said
+    results: dict[str, str] = field(default_factory=dict)
 
 
 class Registry:
@@ -270,6 +272,7 @@ class Registry:
         cost: CostRule | None = None,
         cost_description: str = "1 credit",
         parses_document: bool = True,
+        results: dict[str, str] | None = None,
     ) -> Callable[[Processor], Processor]:
         """Decorator registering ``fn`` as the processor of task type ``name``."""
 
@@ -278,7 +281,7 @@ class Registry:
                 name=name, processor=fn, description=description or (fn.__doc__ or "").strip(),
                 extensions=tuple(e.lower() for e in extensions), params=params or {},
                 cost=cost or flat(1), cost_description=cost_description,
-                parses_document=parses_document,
+                parses_document=parses_document, results=dict(results or {}),
             ))
             return fn
 
@@ -403,6 +406,7 @@ async def _open(ctx: TaskContext) -> formats.Document:
 
 @processor("analyze", extensions=DOCUMENT_EXTENSIONS, cost=flat(1),
            cost_description="1 credit", params=ANALYZE_PARAMS,
+           results=dict.fromkeys(DOCUMENT_EXTENSIONS, ".analysis.json"),
            description="A JSON report: characters, words, segments, language, credit quotes")
 async def analyze(ctx: TaskContext) -> Path:
     """A JSON report on the document and what each task type would cost.
@@ -446,6 +450,7 @@ async def analyze(ctx: TaskContext) -> Path:
 
 
 @processor("extract", extensions=DOCUMENT_EXTENSIONS, cost=extract_cost,
+           results=dict.fromkeys(DOCUMENT_EXTENSIONS, ".txt"),
            cost_description="1 credit per 10,000 characters, at least 1",
            description="The document's plain text (UTF-8)")
 async def extract(ctx: TaskContext) -> Path:
@@ -465,6 +470,7 @@ def _write_chunks(out: Path, chunks: Iterator[str]) -> None:
 
 
 @processor("translate", extensions=DOCUMENT_EXTENSIONS, params=TRANSLATE_PARAMS,
+           results={ext: formats.result_extension(ext) for ext in DOCUMENT_EXTENSIONS},
            cost=translate_cost, cost_description="1 credit per 1,000 characters, at least 1",
            description="Translates the document segment by segment, keeping its format")
 async def translate(ctx: TaskContext) -> Path | AwaitExternal:

@@ -920,6 +920,8 @@ def task_type_json(task_type: TaskType, config: Config) -> dict[str, Any]:
         "extensions": list(task_type.extensions),
         "cost": task_type.cost_description,
     }
+    if task_type.results:
+        data["results"] = dict(task_type.results)
     if "engine" in task_type.params and task_type.cost is translate_cost:
         data["engines"] = engine_statuses(config)  # analyze takes an engine to quote, too
     return data

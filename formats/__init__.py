@@ -41,6 +41,7 @@ __all__ = [
     "document_stats",
     "guess_language",
     "open_document",
+    "result_extension",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,15 @@ _FORMATS: dict[str, type[_BaseDocument]] = {
     ".po": PoDocument,
     ".pdf": PdfDocument,
 }
+
+
+def result_extension(extension: str) -> str:
+    """What a translated file of this extension is: a PDF becomes a Word document, the
+    rest stay what they were."""
+    factory = _FORMATS.get(extension.lower())
+    if factory is None:
+        return extension
+    return Path(factory.result_name_for("x" + extension)).suffix
 
 
 def open_document(path: Path, extension: str | None = None) -> Document:

@@ -253,6 +253,11 @@ class _BaseDocument:
 
     def result_name(self, file_name: str) -> str:
         """The translated result keeps the file name."""
+        return self.result_name_for(file_name)
+
+    @classmethod
+    def result_name_for(cls, file_name: str) -> str:
+        """`result_name` without opening a file."""
         return file_name
 
     def _no_text_message(self) -> str:

@@ -94,7 +94,8 @@ class PdfDocument(DocxDocument):
                 raise BadDocument(_DAMAGED) from e
             yield page
 
-    def result_name(self, file_name: str) -> str:
+    @classmethod
+    def result_name_for(cls, file_name: str) -> str:
         """The translation of "report.pdf" is "report.docx"."""
         return str(Path(file_name).with_suffix(".docx"))
 

@@ -89,7 +89,11 @@ export class UploadForm {
       box.append(this.paramField(type, name, spec));
     }
     this.q('#cost-rule').textContent = t('upload.cost', { rule: type.cost });
-    this.q('#accepts').textContent = t('upload.accepts', { list: type.extensions.join(' ') });
+    // Say what each file becomes where it changes kind (".pdf → .docx").
+    const results = type.results ?? {};
+    const accepted = type.extensions.map((ext) =>
+      results[ext] && results[ext] !== ext ? `${ext} → ${results[ext]}` : ext);
+    this.q('#accepts').textContent = t('upload.accepts', { list: accepted.join(' ') });
     this.q('#file-input').accept = type.extensions.join(',');
   }
 

@@ -275,6 +275,13 @@ async def test_task_types(idle_client: TestClient) -> None:
     assert engines["openai"]["available"] is False and engines["openai"]["reason"]
     assert engines["external"]["available"] is False
     assert "engines" not in types["analyze"]
+    # Every accepted extension says what it becomes.
+    for task_type in ("translate", "extract", "analyze"):
+        assert set(types[task_type]["results"]) == set(types[task_type]["extensions"])
+    assert {".pptx", ".xlsx", ".xlf", ".xliff", ".po"} <= set(translate["extensions"])
+    assert translate["results"][".pdf"] == ".docx"
+    assert translate["results"][".xlsx"] == ".xlsx"
+    assert types["extract"]["results"][".docx"] == ".txt"
 
 
 async def test_healthz_metrics_openapi_and_envelopes(idle_client: TestClient) -> None:

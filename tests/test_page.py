@@ -208,6 +208,9 @@ def test_cancel_refunds_credits(page: Page, server: ZhiyiServer, tmp_path: Path)
 def test_api_error_shown_in_place(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
     """An unsupported file: the server's 415 message appears by the form; nothing charged."""
     log_in(page, server)
+    # The form says what it accepts and what each file becomes.
+    expect(page.locator("#accepts")).to_contain_text(".pdf → .docx")
+    expect(page.locator("#accepts")).to_contain_text(".xlsx")
     exe = tmp_path / "setup.exe"
     exe.write_bytes(b"MZ\x90\x00not a document")
     upload(page, exe, engine="pseudo")
