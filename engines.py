@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import re
+import zipfile
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -43,6 +44,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
@@ -62,7 +64,9 @@ __all__ = [
     "TransientEngineError",
     "UnknownEngine",
     "batch_segments",
+    "check_argos_model",
     "engine_statuses",
+    "install_argos",
     "make_engine",
     "protect_placeholders",
     "pseudo_localize",
@@ -1131,7 +1135,7 @@ class _ArgosEngine:
         if translation is None:
             raise EngineError(
                 f"{_ARGOS_LABEL} has no model for {source} to {target}; install one with "
-                f"argospm install translate-{source}_{target}."
+                f"zhiyi engine install argos {source} {target}."
             )
         return translation
 
@@ -1144,6 +1148,85 @@ class _ArgosEngine:
                 f"(installed sources for {target}: {', '.join(sources) or 'none'})."
             )
         return sources[0]
+
+
+# Argos models are zip archives of one folder holding metadata.json ("type", "from_code",
+# "to_code", ...) beside the model: argostranslate's package format.
+_ARGOS_NO_LIBRARY = "Argos Translate is not installed; install it with pip install 'zhiyi[argos]'."
+
+
+def check_argos_model(path: Path, source: str, target: str) -> dict[str, Any]:
+    """The metadata of an ``.argosmodel`` file, if it is a translation model for the pair.
+
+    Raises :class:`EngineError` saying what the file is instead.
+    """
+    if not path.is_file():
+        raise EngineError(f"There is no file {str(path)!r}.")
+    if not zipfile.is_zipfile(path):
+        raise EngineError(f"{path.name} is not an Argos model (an .argosmodel is a zip archive).")
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.count("/") == 1
+                 and n.endswith("/metadata.json")]
+        if len(names) != 1:
+            raise EngineError(f"{path.name} is not an Argos model: it has no "
+                              "<folder>/metadata.json.")
+        try:
+            metadata = json.loads(archive.read(names[0]))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EngineError(f"{path.name}: its metadata.json is not JSON.") from e
+    if not isinstance(metadata, dict):
+        raise EngineError(f"{path.name}: its metadata.json is not a JSON object.")
+    pair = (metadata.get("from_code"), metadata.get("to_code"))
+    if metadata.get("type", "translate") != "translate" or pair != (source, target):
+        raise EngineError(
+            f"{path.name} is a {metadata.get('type', 'translate')} model for "
+            f"{pair[0]} to {pair[1]}, not a translation model for {source} to {target}."
+        )
+    return metadata
+
+
+def install_argos(source: str, target: str, file: Path | None = None) -> str:
+    """Install an Argos Translate model for ``source`` to ``target``; says what it did.
+
+    From ``file`` (an ``.argosmodel``), or else from argostranslate's package index
+    (which needs the network). Blocking: run it in a thread or from the command line.
+    Raises :class:`EngineError` with a sentence a person can act on.
+    """
+    if file is not None:
+        check_argos_model(file, source, target)
+    argos = _argos()
+    if argos is None:
+        raise EngineError(_ARGOS_NO_LIBRARY)
+    if (source, target) in _argos_pairs(argos):
+        return f"{_ARGOS_LABEL} already has a model for {source} to {target}."
+    if file is not None:
+        argos.package.install_from_path(file)
+    else:
+        _install_argos_from_index(argos, source, target)
+    if (source, target) not in _argos_pairs(argos):
+        raise EngineError(f"{_ARGOS_LABEL} did not take the model for {source} to {target}.")
+    return f"Installed the {_ARGOS_LABEL} model for {source} to {target}."
+
+
+def _install_argos_from_index(argos: ModuleType, source: str, target: str) -> None:
+    try:
+        argos.package.update_package_index()
+        available = argos.package.get_available_packages()
+    except Exception as e:  # urllib, JSON and file errors from the library
+        raise EngineError(
+            f"Could not read the Argos package index ({e}); download the model "
+            f"elsewhere and install it with zhiyi engine install argos {source} {target} "
+            "--file MODEL.argosmodel."
+        ) from e
+    found = [p for p in available if (p.from_code, p.to_code) == (source, target)]
+    if not found:
+        pairs = sorted(f"{p.from_code}-{p.to_code}" for p in available)
+        raise EngineError(f"The Argos package index has no model for {source} to {target} "
+                          f"(it has {', '.join(pairs[:40]) or 'none'}).")
+    try:
+        argos.package.install_from_path(found[0].download())
+    except Exception as e:
+        raise EngineError(f"Downloading the Argos model failed ({e}); use --file.") from e
 
 
 # --------------------------------------------------------------------------- registry
@@ -1162,8 +1245,8 @@ def _argos_status(settings: EngineSettings) -> EngineStatus:
         return EngineStatus(
             "argos",
             False,
-            "Argos Translate has no language model installed; install one, "
-            "e.g. argospm install translate-en_de.",
+            "Argos Translate has no language model installed; install one with "
+            "zhiyi engine install argos FROM TO (e.g. en de).",
         )
     return EngineStatus("argos", True, None, pairs)
 

@@ -2026,8 +2026,27 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("src", help="a folder made by zhiyi backup")
     for sub in (save, load):
         sub.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
+    engine = commands.add_parser("engine", help="manage translation engines")
+    engine_commands = engine.add_subparsers(dest="engine_command", required=True)
+    install = engine_commands.add_parser(
+        "install", help="install an offline model: zhiyi engine install argos FROM TO")
+    install.add_argument("engine", choices=["argos"])
+    install.add_argument("source", metavar="FROM", help="source language code, e.g. en")
+    install.add_argument("target", metavar="TO", help="target language code, e.g. de")
+    install.add_argument("--file", default=None, metavar="MODEL",
+                         help="an .argosmodel file (else argostranslate's package index)")
     _add_client_commands(commands)
     return parser
+
+
+def _engine_command(args: argparse.Namespace) -> int:
+    """``zhiyi engine install argos FROM TO [--file MODEL]``."""
+    try:
+        print(engines.install_argos(args.source.strip().lower(), args.target.strip().lower(),
+                                    Path(args.file) if args.file else None))
+    except engines.EngineError as e:
+        raise CliError(str(e)) from e
+    return 0
 
 
 def _add_client_commands(commands: Any) -> None:
@@ -2057,6 +2076,8 @@ def main(argv: list[str] | None = None) -> int:
             return _restore_command(args)
         if args.command == "worker":
             return _worker_command(args)
+        if args.command == "engine":
+            return _engine_command(args)
         return int(args.run(args) or 0)
     except (CliError, ConfigError, SQLiteTooOld) as e:
         print(f"zhiyi: {e}", file=sys.stderr)
