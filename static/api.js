@@ -80,3 +80,15 @@ export function createTask(file, taskType, params, idempotencyKey) {
   const headers = idempotencyKey ? { 'Idempotency-Key': idempotencyKey } : {};
   return request('POST', 'api/tasks/create', { body: form, headers });
 }
+
+/** What creating this task would charge: `{quote: {credits, segments, fromMemory, ...}}`. */
+export function quoteTask(file, taskType, params) {
+  const form = new FormData();
+  form.append('taskType', taskType);
+  form.append('params', JSON.stringify(params));
+  form.append('file', file, file.name);
+  return request('POST', 'api/tasks/quote', { body: form });
+}
+
+/** The user's glossaries: `{glossaries: [{name, sourceLang, targetLang, terms}]}`. */
+export const glossaries = () => request('GET', 'api/glossaries');

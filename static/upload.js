@@ -23,6 +23,7 @@ export class UploadForm {
     this.types = [];
     this.files = []; // {file, key}: the key makes a repeated submit of one file idempotent
     this.values = {}; // parameter values typed so far, kept across re-renders
+    this.glossaries = []; // the user's glossaries, for the glossary picker
     this.busy = false;
     this.submitted = false;
     this.q = (selector) => form.querySelector(selector);
@@ -53,15 +54,20 @@ export class UploadForm {
     window.addEventListener('dragover', (event) => event.preventDefault());
     window.addEventListener('drop', (event) => event.preventDefault());
     this.q('#task-type').addEventListener('change', () => this.renderParams());
+    this.q('#upload-quote').addEventListener('click', () => this.quote());
     this.form.addEventListener('submit', (event) => {
       event.preventDefault();
       this.submit();
     });
   }
 
-  /** Show the task types of `api/task-types`. */
+  /** Show the task types of `api/task-types` (and fetch the user's glossaries). */
   load(types) {
     this.types = types;
+    api.glossaries().then(({ glossaries }) => {
+      this.glossaries = glossaries;
+      this.renderParams();
+    }, () => {}); // without the list the picker offers none; the form still works
     const select = this.q('#task-type');
     // Translation is what most people come for; keep any earlier choice.
     const chosen = select.value || (types.some((type) => type.taskType === 'translate') ? 'translate' : '');
@@ -83,6 +89,7 @@ export class UploadForm {
     const type = this.selectedType;
     const box = this.q('#params');
     box.replaceChildren();
+    this.q('#quote-list').replaceChildren();
     if (!type) return;
     this.q('#type-description').textContent = type.description ?? '';
     for (const [name, spec] of Object.entries(type.params ?? {})) {
@@ -105,10 +112,21 @@ export class UploadForm {
     label.htmlFor = id;
     label.textContent = paramLabel(name) + (spec.required ? ' *' : '');
     let control;
-    if (name === 'engine' && type.engines) {
+    if (name === 'glossary') {
+      control = document.createElement('select');
+      control.append(new Option(t('glossary.none'), ''));
+      for (const g of this.glossaries) {
+        control.append(new Option(t('glossary.option', {
+          name: g.name, source: g.sourceLang, target: g.targetLang, terms: g.terms }), g.name));
+      }
+      control.value = this.values[name] ?? '';
+    } else if (name === 'engine' && type.engines) {
       control = document.createElement('select');
       for (const engine of type.engines) {
-        const text = engine.available ? engine.name : t('engine.unavailable', { name: engine.name, reason: engine.reason });
+        // An offline engine says which language pairs it has installed.
+        const pairs = (engine.pairs ?? []).map(([from, to]) => `${from} → ${to}`).join(', ');
+        const label = pairs ? t('engine.pairs', { name: engine.name, pairs }) : engine.name;
+        const text = engine.available ? label : t('engine.unavailable', { name: engine.name, reason: engine.reason });
         const option = new Option(text, engine.name);
         option.disabled = !engine.available;
         if (!engine.available) option.title = engine.reason ?? '';
@@ -136,6 +154,7 @@ export class UploadForm {
     control.required = Boolean(spec.required);
     control.addEventListener('input', () => {
       this.values[name] = control.value;
+      this.q('#quote-list').replaceChildren(); // a quote is for the params it was made with
     });
     field.append(label, control);
     if (spec.description) {
@@ -149,7 +168,44 @@ export class UploadForm {
     return field;
   }
 
+  /** Price each chosen file as it would be created now (memory hits included). */
+  async quote() {
+    if (this.busy) return;
+    this.clearMessages();
+    if (!this.files.length) {
+      this.showError(t('upload.chooseFile'));
+      return;
+    }
+    if (!this.form.reportValidity()) return;
+    this.busy = true;
+    const list = this.q('#quote-list');
+    list.replaceChildren();
+    const type = this.selectedType.taskType;
+    const params = this.params();
+    try {
+      for (const entry of this.files) {
+        this.q('#upload-status').textContent = t('upload.quoting', { name: entry.file.name });
+        const item = document.createElement('li');
+        try {
+          const { quote } = await api.quoteTask(entry.file, type, params);
+          item.textContent = quoteText(entry.file.name, quote);
+          item.dataset.credits = String(quote.credits);
+          item.dataset.fromMemory = String(quote.fromMemory);
+        } catch (error) {
+          const message = error.code && has(`error.${error.code}`) ? t(`error.${error.code}`) : error.message;
+          item.textContent = t('upload.fileError', { name: entry.file.name, message });
+          item.className = 'form-error';
+        }
+        list.append(item);
+      }
+    } finally {
+      this.busy = false;
+      this.q('#upload-status').textContent = '';
+    }
+  }
+
   addFiles(fileList) {
+    this.q('#quote-list').replaceChildren();
     for (const file of fileList) this.files.push({ file, key: newKey() });
     this.clearMessages();
     this.renderFiles();
@@ -219,8 +275,12 @@ export class UploadForm {
       for (const entry of this.files) {
         this.q('#upload-status').textContent = t('upload.submitting', { name: entry.file.name });
         try {
-          const { task } = await api.createTask(entry.file, type, params, entry.key);
-          done.push(t('upload.created', { id: task.taskId, name: task.fileName, cost: task.creditsCost }));
+          const { task, quote } = await api.createTask(entry.file, type, params, entry.key);
+          const fromMemory = quote?.fromMemory ?? 0;
+          done.push(fromMemory
+            ? t('upload.createdMemory', { id: task.taskId, name: task.fileName, cost: task.creditsCost,
+              n: fromMemory, total: quote.segments })
+            : t('upload.created', { id: task.taskId, name: task.fileName, cost: task.creditsCost }));
           this.onCreated(task);
         } catch (error) {
           // The same key again: if the answer was lost after the server made the
@@ -235,9 +295,17 @@ export class UploadForm {
       button.disabled = false;
     }
     this.files = kept;
+    this.q('#quote-list').replaceChildren();
     this.renderFiles();
     this.q('#upload-status').textContent = done.join(' ');
   }
+}
+
+function quoteText(name, quote) {
+  if (quote.fromMemory) {
+    return t('upload.quotedMemory', { name, cost: quote.credits, n: quote.fromMemory, total: quote.segments });
+  }
+  return t('upload.quoted', { name, cost: quote.credits });
 }
 
 function formatSize(bytes) {

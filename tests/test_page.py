@@ -24,6 +24,7 @@ from page_helpers import (
     api,
     create_task,
     slow_document,
+    wait_until,
 )
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -450,3 +451,51 @@ def test_drop_several_files(page: Page, server: ZhiyiServer) -> None:
     expect(page.locator("#file-list li")).to_have_count(0)
     expect(page.locator("#upload-status")).to_contain_text("Task #2 created for two.md")
     shot(page, "17-two-files-dropped")
+
+
+def test_quote_shows_memory_hits_and_the_glossary_picker(page: Page, server: ZhiyiServer,
+                                                         tmp_path: Path) -> None:
+    """A document translated once is quoted from memory; glossaries are offered by name."""
+    doc = slow_document(tmp_path / "memo.txt", 12)
+    params = {"targetLang": "zh", "sourceLang": "en", "engine": "pseudo"}
+    first = create_task(server.url, server.local_token, doc, params=params)
+    wait_until(lambda: api(server.url, server.local_token, "GET",
+                           f"api/tasks/{first['taskId']}")[1]["task"]["taskStatus"]
+               == "completed")
+    boundary = "glossaryboundary"
+    body = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in (("name", "animals"), ("sourceLang", "en"), ("targetLang", "zh")))
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+             f'filename="animals.csv"\r\n\r\nfox,狐狸\r\n--{boundary}--\r\n')
+    status, _, _ = api(server.url, server.local_token, "POST", "api/glossaries",
+                       body.encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 201
+
+    log_in(page, server)
+    page.set_input_files("#file-input", str(doc))
+    page.select_option("#task-type", "translate")
+    page.fill("#param-targetLang", "zh")
+    page.fill("#param-sourceLang", "en")
+    page.select_option("#param-engine", "pseudo")
+    expect(page.locator("#param-glossary option")).to_have_text(
+        ["(no glossary)", "animals (en → zh, 1 terms)"])
+    page.click("#upload-quote")
+    quoted = page.locator("#quote-list li")
+    expect(quoted).to_have_text("memo.txt: 0 credits; 12 of 12 segments from your translation "
+                                "memory are not sent or charged")
+    shot(page, "memory-quote")
+    # With the glossary the memory does not apply (its translations are remembered apart).
+    page.select_option("#param-glossary", "animals")
+    expect(quoted).to_have_count(0)
+    page.click("#upload-quote")
+    expect(quoted).to_have_attribute("data-from-memory", "0")
+    page.click("#upload-submit")
+    expect(page.locator("#upload-status")).to_contain_text("credits")
+    task = row(page, "memo.txt").first
+    expect(task).to_have_attribute("data-status", "completed")
+    task_id = int(task.get_attribute("data-task-id") or 0)
+    _, data, _ = api(server.url, server.local_token, "GET", f"api/tasks/{task_id}/result")
+    assert data is None  # a text result
+    _, _, raw = api(server.url, server.local_token, "GET", f"api/tasks/{task_id}/result")
+    assert raw.decode().count("狐狸") == 12
