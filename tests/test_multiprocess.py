@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,8 +22,8 @@ import aiohttp
 import pytest
 from helpers import ServerProcess, SSEMessage, SSEReader, free_port, make_user, new_task
 
-from processors import default_registry
-from storage import Event, TaskStatus, TaskStore
+from processors import Registry, TaskContext, default_registry
+from storage import Event, NewTask, TaskStatus, TaskStore
 from worker import HOST, WorkerPool, WorkerSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -394,3 +395,49 @@ def test_a_worker_that_cannot_see_the_servers_files_refuses_to_start(tmp_path: P
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"zhiyi: {folder} is not the data folder of this database")
         assert word in last
+
+
+async def test_workers_back_off_while_another_process_locks_the_database(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A claim that finds the file locked past the busy timeout is a StoreUnavailable:
+    the worker waits and claims again instead of dying."""
+    path = tmp_path / "zhiyi.db"
+    store = await TaskStore.open(path)
+    pool = WorkerPool(store, _quick_registry(), WorkerSettings(concurrency=1, poll_seconds=0.1),
+                      tmp_path / "data", engine_factory=lambda name: None)  # type: ignore
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        await store.add_user("alice", 5)
+        await pool.start()
+        locker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        for _ in range(600):
+            if "cannot claim tasks" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        locker.execute("COMMIT")
+        task, _ = await store.create_processing_task(NewTask(
+            user_id="alice", task_type="quick", params={}, file_name="a.txt", file_size=1,
+            file_path="alice/x", credits_cost=1))
+        pool.wake()
+        for _ in range(600):
+            if (await store.get_task_by_id(task.id)).status is TaskStatus.COMPLETED:
+                break
+            await asyncio.sleep(0.05)
+        assert (await store.get_task_by_id(task.id)).status is TaskStatus.COMPLETED
+        assert "cannot claim tasks" in caplog.text
+    finally:
+        locker.close()
+        await pool.stop()
+        await store.close()
+
+
+def _quick_registry() -> Registry:
+    registry = default_registry().copy()
+
+    @registry.processor("quick", extensions=(".txt",), parses_document=False)
+    async def quick(ctx: TaskContext) -> Path:
+        out = ctx.result_path("quick.txt")
+        await asyncio.to_thread(out.write_text, "done\n")
+        return out
+
+    return registry
