@@ -224,7 +224,7 @@ async def _logged(data: Path, line: str) -> bool:
 class StreamWatcher:
     """Follows one task's stream, moving to another HTTP process when its own dies."""
 
-    def __init__(self, session: aiohttp.ClientSession, task_id: int,
+    def __init__(self, session: aiohttp.ClientSession, task_id: int | None,
                  urls: list[str]) -> None:
         self.session = session
         self.task_id = task_id
@@ -233,15 +233,29 @@ class StreamWatcher:
         self.first_id: int | None = None
         self.reconnects = 0
         self.final: dict[str, Any] | None = None
+        #: a notification stream is done once it has this event id
+        self.until_id: int | None = None
+        self.more = asyncio.Event()
+        if task_id is None:  # the user's stream, from its very first event: no snapshot
+            self.first_id = 0
+
+    @property
+    def path(self) -> str:
+        return f"/api/sse/tasks/{self.task_id}" if self.task_id else "/api/sse/notifications"
+
+    @property
+    def done(self) -> bool:
+        if self.task_id is not None:
+            return self.final is not None
+        return self.until_id is not None and bool(self.ids) and self.ids[-1] >= self.until_id
 
     async def run(self) -> None:
-        while self.final is None:
+        while not self.done:
             url = self.urls[0]
             headers = {"Last-Event-ID": str(self.ids[-1] if self.ids else self.first_id)} \
                 if self.first_id is not None else {}
             try:
-                async with self.session.get(f"{url}/api/sse/tasks/{self.task_id}",
-                                            headers=headers) as resp:
+                async with self.session.get(f"{url}{self.path}", headers=headers) as resp:
                     if resp.status == 204:
                         raise AssertionError(f"task {self.task_id}: 204 before its final event")
                     assert resp.status == 200, await resp.text()
@@ -249,13 +263,19 @@ class StreamWatcher:
             # A killed server: refused, reset, or (aiohttp) "Connection closed." mid-read.
             except (aiohttp.ClientError, ConnectionError, RuntimeError):
                 pass
-            if self.final is None:
+            if not self.done:
                 self.reconnects += 1
                 await asyncio.sleep(0.1)
 
     async def _read(self, resp: aiohttp.ClientResponse) -> None:
         reader = SSEReader(resp)
-        while (message := await reader.next(timeout=120)) is not None:
+        while not self.done:
+            try:
+                message = await reader.next(timeout=1)
+            except TimeoutError:  # nothing new: is it done (until_id set meanwhile)?
+                continue
+            if message is None:
+                return
             self._take(message)
 
     def _take(self, message: SSEMessage) -> None:
@@ -265,8 +285,17 @@ class StreamWatcher:
             self.first_id = event_id
         else:
             self.ids.append(event_id)
-        if message.payload.get("status") in ("completed", "failed", "cancelled"):
+        if self.task_id is not None and message.payload.get("status") in (
+                "completed", "failed", "cancelled"):
             self.final = message.payload
+
+
+async def _last_user_event(data: Path) -> int:
+    store = await TaskStore.open(data / "zhiyi.db")
+    try:
+        return await store.latest_event_id(user_id="alice")
+    finally:
+        await store.close()
 
 
 async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -> None:
@@ -281,6 +310,10 @@ async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -
     async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
         watchers: list[StreamWatcher] = []
         runs: list[asyncio.Task[None]] = []
+        # The user's notification stream on each HTTP process, from before the first task.
+        users = [StreamWatcher(session, None, [http_a.url, http_b.url]),
+                 StreamWatcher(session, None, [http_b.url])]
+        user_runs = [asyncio.create_task(w.run()) for w in users]
         a_alive = True
         for n in range(tasks):
             # Tasks are created and followed on A and B in turn; once A is killed, its
@@ -296,11 +329,15 @@ async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -
             if n == tasks // 2:
                 http_a.kill()
                 a_alive = False
-                for w in watchers:
+                for w in (*watchers, *users):
                     w.urls = [http_b.url]
         for w in watchers:
             w.urls = [http_b.url]
         await asyncio.wait_for(asyncio.gather(*runs), 240)
+        for w in users:
+            w.urls = [http_b.url]
+            w.until_id = await _last_user_event(cluster.data)
+        await asyncio.wait_for(asyncio.gather(*user_runs), 240)
         ledger = await get_json(session, f"{http_b.url}/api/me/ledger?limit=100")
         entries = ledger["entries"]
         while ledger["nextCursor"] is not None:
@@ -316,11 +353,15 @@ async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -
             assert w.first_id is not None
             events = await store.events_after(w.first_id, task_id=w.task_id)
             assert w.ids == [e.id for e in events], (w.task_id, w.ids, events)
+        everything = [e.id for e in await store.events_after(0, user_id="alice", limit=10**6)]
+        for w in users:
+            assert w.ids == everything
         interrupted = [w.task_id for w in watchers if "interrupted" in str(
             await store.events_after(0, task_id=w.task_id))]
     finally:
         await store.close()
     assert any(w.reconnects for w in watchers)  # some clients did move to B
+    assert users[0].reconnects  # so did the notification stream of A
     assert interrupted  # the killed worker had tasks in flight; they were resumed
     charges = Counter(e["taskId"] for e in entries if e["reason"] == "charge")
     assert charges == {w.task_id: 1 for w in watchers}
