@@ -333,6 +333,10 @@ TRANSLATE_PARAMS = {
                         description="use (the default): segments in your translation memory "
                                     "are not sent or charged; ignore: translate everything "
                                     "again"),
+    "outputEncoding": ParamSpec(choices=("source", "utf-8"),
+                                description="source (the default): a text file comes back in "
+                                            "its own encoding and byte-order mark; utf-8: as "
+                                            "UTF-8"),
 }
 #: analyze quotes a translation when told its languages and engine
 ANALYZE_PARAMS = {
@@ -535,7 +539,8 @@ class SegmentTranslation:
         out = self.ctx.result_path(translated_name(self.doc.result_name(self.ctx.file_name),
                                                    self.target))
         in_order = (self.translations[i] for i in range(self.total))
-        lost = await asyncio.to_thread(self.doc.render, in_order, out)
+        encoding = str(self.ctx.params.get("outputEncoding") or "source")
+        lost = await asyncio.to_thread(self.doc.render, in_order, out, encoding)
         if lost:
             # The text is all there; only bold, links and the like fell back to plain.
             await self.ctx.progress(

@@ -68,7 +68,9 @@ class XliffDocument(_BaseDocument):
         for unit in _untranslated(self._store):
             yield unit.source
 
-    def render(self, translations: Iterable[str], out: Path) -> int:
+    def render(
+        self, translations: Iterable[str], out: Path, output_encoding: str = "source"
+    ) -> int:
         """Write a copy with those units' targets filled and marked machine-made."""
         store = _load_xliff(self.path)
         feed = _Translations(translations)
@@ -129,7 +131,9 @@ class PoDocument(_BaseDocument):
         for entry, which in _po_pending(self._catalog):
             yield entry.msgid if which == "msgid" else entry.msgid_plural
 
-    def render(self, translations: Iterable[str], out: Path) -> int:
+    def render(
+        self, translations: Iterable[str], out: Path, output_encoding: str = "source"
+    ) -> int:
         """Write the catalog with msgstr filled and the entries flagged fuzzy."""
         catalog = _load_po(self.path)
         feed = _Translations(translations)

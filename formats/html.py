@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import NamedTuple
 
-from .model import _has_words, _Segment, _Token, _TokenDocument
+from .model import TextEncoding, _has_words, _Segment, _Token, _TokenDocument
 from .tags import has_tag_lookalike, strip_tags
 from .text import _detect_encoding
 
@@ -105,7 +105,7 @@ def _no_translate(attrs: list[tuple[str, str | None]]) -> bool:
     return values.get("translate") == "no" or "notranslate" in values.get("class", "").split()
 
 
-def _html_tokens(source: str) -> Iterator[_Token]:
+def _html_tokens(source: str, utf8: bool = True) -> Iterator[_Token]:
     events = _html_events(source)
     kept: list[str] = []  # open elements whose content is not translated
     i = 0
@@ -118,21 +118,23 @@ def _html_tokens(source: str) -> Iterator[_Token]:
                 yield from tagged
             else:
                 for event in run:
-                    yield from _event_tokens(source, event, kept)
+                    yield from _event_tokens(source, event, kept, utf8)
             i = end
         else:
-            yield from _event_tokens(source, events[i], kept)
+            yield from _event_tokens(source, events[i], kept, utf8)
             i += 1
 
 
-def _event_tokens(source: str, event: _HtmlEvent, kept: list[str]) -> Iterator[_Token]:
+def _event_tokens(
+    source: str, event: _HtmlEvent, kept: list[str], utf8: bool = True
+) -> Iterator[_Token]:
     """One event on its own: a text node or a tag's text attributes are segments."""
     raw = source[event.start : event.end]
     if event.kind == "data" and not kept:
         yield from _html_text_tokens(raw)
     elif event.kind in ("start", "startend"):
         no_translate = _no_translate(event.attrs)
-        yield from _html_tag_tokens(raw, event, translate=not kept and not no_translate)
+        yield from _html_tag_tokens(raw, event, not kept and not no_translate, utf8)
         if (
             event.kind == "start"
             and event.tag not in _VOID_TAGS
@@ -142,7 +144,7 @@ def _event_tokens(source: str, event: _HtmlEvent, kept: list[str]) -> Iterator[_
     else:
         if event.kind == "end" and event.tag in kept:
             del kept[len(kept) - 1 - kept[::-1].index(event.tag) :]
-        if event.kind == "other" and raw.startswith("<?xml"):
+        if utf8 and event.kind == "other" and raw.startswith("<?xml"):
             raw = _XML_ENCODING.sub(_utf8_charset, raw)  # XHTML's declaration, too
         yield raw
 
@@ -300,8 +302,7 @@ def _inline_run_tokens(source: str, run: list[_HtmlEvent]) -> list[_Token] | Non
     head = [token for item in items[:lo] for token in item.tokens]
     tail = [token for item in items[hi:] for token in item.tokens]
     if not _has_words(strip_tags(text)):
-        return [*head, lead, *(token for item in items[lo:hi] for token in item.tokens),
-                trail, *tail]
+        return [*head, *(token for item in items[lo:hi] for token in item.tokens), *tail]
     segment = _Segment(
         core, text, escape=_escape_text, markup=(spans, empties), nested=tuple(nested)
     )
@@ -347,8 +348,10 @@ def _utf8_charset(match: re.Match[str]) -> str:
     return match.group() if match.group(2).lower() in ("utf-8", "utf8") else match[1] + "utf-8"
 
 
-def _html_tag_tokens(raw: str, event: _HtmlEvent, translate: bool) -> Iterator[_Token]:
-    if event.tag == "meta":
+def _html_tag_tokens(
+    raw: str, event: _HtmlEvent, translate: bool, utf8: bool = True
+) -> Iterator[_Token]:
+    if utf8 and event.tag == "meta":
         raw = _CHARSET.sub(_utf8_charset, raw)  # the output is UTF-8 whatever the input was
     if not translate:
         yield raw
@@ -410,12 +413,19 @@ class HtmlDocument(_TokenDocument):
 
     def __init__(self, path: Path, extension: str) -> None:
         super().__init__(path, extension)
-        encoding = _detect_encoding(path, extension, _declared_charset(path))
-        with path.open(encoding=encoding, newline="") as f:
+        self.encoding = _detect_encoding(path, extension, _declared_charset(path))
+        with path.open(encoding=self.encoding.decode, newline="") as f:
             self._source = f.read()
 
+    # Characters the page's own encoding cannot hold become character references.
+    _unencodable = "xmlcharrefreplace"
+
+    def _source_encoding(self) -> TextEncoding | None:
+        return self.encoding
+
     def _tokens(self) -> Iterator[_Token]:
-        return _html_tokens(self._source)
+        # A page kept in its encoding keeps its <meta charset>; a UTF-8 one says UTF-8.
+        return _html_tokens(self._source, utf8=self._utf8_output)
 
     def plain_text(self) -> Iterator[str]:
         """The visible text, a line per block element."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import logging
 import os
@@ -43,6 +44,20 @@ class DocumentStats:
     language: str  #: ISO 639-1 guess ("en", "zh", ...) or "unknown"
 
 
+@dataclass(frozen=True)
+class TextEncoding:
+    """How a text file is encoded: `decode` reads it (a BOM included), `codec` and
+    `bom` write it back the same way."""
+
+    decode: str
+    codec: str
+    bom: bytes = b""
+
+    @property
+    def is_utf8(self) -> bool:
+        return self.codec == "utf-8" and not self.bom
+
+
 class Document(Protocol):
     """An opened document; see `open_document`."""
 
@@ -55,13 +70,17 @@ class Document(Protocol):
         """
         ...
 
-    def render(self, translations: Iterable[str], out: Path) -> int:
+    def render(
+        self, translations: Iterable[str], out: Path, output_encoding: str = "source"
+    ) -> int:
         """Write the document to `out` with segment i replaced by the i-th translation.
 
         Consumes `translations` lazily and in order; everything that is not a segment is
-        kept. Text output is UTF-8. Raises ValueError if the counts differ (and then
-        leaves no file at `out`). Returns how many segments lost their inline formatting
-        because the translation's tags were broken (their text is kept, untagged).
+        kept. Text formats keep the source's encoding and byte-order mark
+        (`output_encoding` "source"; a text the encoding cannot hold falls back to
+        UTF-8) or write UTF-8 ("utf-8"). Raises ValueError if the counts differ (and
+        then leaves no file at `out`). Returns how many segments lost their inline
+        formatting because the translation's tags were broken (their text is kept).
         """
         ...
 
@@ -218,6 +237,24 @@ def _atomic_output(out: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _transcode(path: Path, encoding: TextEncoding, errors: str) -> bool:
+    """Re-encode the UTF-8 file at `path` into `encoding` (with its BOM), in place;
+    False (and the file left as it was) when a character does not fit."""
+    encoded = path.with_name(path.name + ".enc")
+    encoder = codecs.getincrementalencoder(encoding.codec)(errors)
+    try:
+        with path.open(encoding="utf-8", newline="") as src, encoded.open("wb") as dst:
+            dst.write(encoding.bom)
+            while chunk := src.read(_READ_CHARS):
+                dst.write(encoder.encode(chunk))
+            dst.write(encoder.encode("", final=True))
+    except UnicodeEncodeError:
+        encoded.unlink(missing_ok=True)
+        return False
+    os.replace(encoded, path)
+    return True
+
+
 def _chunked(pieces: Iterable[str], size: int = _READ_CHARS) -> Iterator[str]:
     """Join small strings into chunks of about `size` characters."""
     buffer: list[str] = []
@@ -245,7 +282,9 @@ class _BaseDocument:
     def segments(self) -> Iterator[str]:
         raise NotImplementedError
 
-    def render(self, translations: Iterable[str], out: Path) -> int:
+    def render(
+        self, translations: Iterable[str], out: Path, output_encoding: str = "source"
+    ) -> int:
         raise NotImplementedError
 
     def plain_text(self) -> Iterator[str]:
@@ -276,9 +315,16 @@ class _TokenDocument(_BaseDocument):
             if isinstance(token, _Segment):
                 yield from token.texts()
 
-    def render(self, translations: Iterable[str], out: Path) -> int:
-        """Write the document with its segments translated, streaming, as UTF-8; return
-        how many segments lost their inline formatting."""
+    def render(
+        self, translations: Iterable[str], out: Path, output_encoding: str = "source"
+    ) -> int:
+        """Write the document with its segments translated, streaming, in the source's
+        encoding (or UTF-8); return how many segments lost their inline formatting."""
+        source = self._source_encoding()
+        target = None if output_encoding.lower() in ("utf-8", "utf8") else source
+        if target is not None and target.is_utf8:
+            target = None
+        self._utf8_output = target is None
         feed = _Translations(translations)
         lost = 0
         # errors="replace": a stray surrogate from an engine must not fail a whole job.
@@ -296,7 +342,22 @@ class _TokenDocument(_BaseDocument):
                 f.write(text)
                 lost += broken
             feed.finish()
+            f.close()
+            if target is not None and not _transcode(tmp, target, self._unencodable):
+                logger.warning(
+                    "%s: the translation does not fit %s; the result is UTF-8",
+                    self.path.name, target.codec,
+                )
         return lost
+
+    #: What to do with a character the source's encoding cannot hold: HTML writes a
+    #: character reference; plain text formats cannot, and fall back to UTF-8.
+    _unencodable = "strict"
+    _utf8_output = True
+
+    def _source_encoding(self) -> TextEncoding | None:
+        """The encoding a render keeps; None: the output is UTF-8."""
+        return None
 
     def plain_text(self) -> Iterator[str]:
         """The document's text as it is, in chunks."""

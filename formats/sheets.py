@@ -214,7 +214,9 @@ class XlsxDocument(_BaseDocument):
         for segment in self._package.segments:
             yield segment.text
 
-    def render(self, translations: Iterable[str], out: Path) -> int:
+    def render(
+        self, translations: Iterable[str], out: Path, output_encoding: str = "source"
+    ) -> int:
         """Write a copy with text cells and free sheet names translated."""
         package = _open_package(self.path)
         feed = _Translations(translations)

@@ -114,7 +114,9 @@ class PptxDocument(_BaseDocument):
         for segment in _segments(self._presentation):
             yield segment.text
 
-    def render(self, translations: Iterable[str], out: Path) -> int:
+    def render(
+        self, translations: Iterable[str], out: Path, output_encoding: str = "source"
+    ) -> int:
         """Write a copy with the paragraphs translated; returns how many segments lost
         their inline formatting."""
         presentation = _load(self.path)

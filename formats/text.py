@@ -10,11 +10,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import charset_normalizer
+
 from .model import (
     _MAX_LINE_CHARS,
     _MAX_SEGMENT_CHARS,
     _READ_CHARS,
     BadDocument,
+    TextEncoding,
     _chunked,
     _has_words,
     _Segment,
@@ -27,29 +30,46 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- reading text
 
 _BOMS = (
-    (codecs.BOM_UTF8, "utf-8-sig"),
-    (codecs.BOM_UTF32_LE, "utf-32"),  # before UTF-16 LE, whose BOM is its prefix
-    (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
+    (codecs.BOM_UTF8, "utf-8-sig", "utf-8"),
+    (codecs.BOM_UTF32_LE, "utf-32", "utf-32-le"),  # before UTF-16 LE, whose BOM is its prefix
+    (codecs.BOM_UTF32_BE, "utf-32", "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16", "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16", "utf-16-be"),
 )
 _EOL = re.compile(r"\r\n|\r|\n")
+# charset-normalizer reads this much to guess a legacy encoding; the guess is then
+# checked against the whole file.
+_DETECT_SAMPLE_BYTES = 1 << 18
 
 
-def _detect_encoding(path: Path, extension: str, declared: str | None = None) -> str:
-    """UTF-8/16/32 by byte-order mark, else UTF-8, `declared`, GB18030: the first that fits."""
+def _detect_encoding(path: Path, extension: str, declared: str | None = None) -> TextEncoding:
+    """UTF-8/16/32 by byte-order mark, else UTF-8, `declared`, charset-normalizer's
+    guesses (Windows-1252, Latin-1, Shift-JIS, Big5, EUC-KR ...), GB18030: the first
+    that decodes the whole file."""
     with path.open("rb") as f:
-        head = f.read(4)
-    candidates = next(([name] for bom, name in _BOMS if head.startswith(bom)), None)
-    if candidates is None:
-        candidates = ["utf-8", *([declared] if declared else []), "gb18030"]
-    for encoding in candidates:
-        if _decodes_as_text(path, encoding, extension):
-            return encoding
+        head = f.read(_DETECT_SAMPLE_BYTES)
+    for bom, decode, codec in _BOMS:
+        if head.startswith(bom):
+            if _decodes_as_text(path, decode, extension):
+                return TextEncoding(decode, codec, bom)
+            break
+    else:
+        candidates = ["utf-8", *([declared] if declared else []), *_guesses(head), "gb18030"]
+        for encoding in dict.fromkeys(candidates):
+            if _decodes_as_text(path, encoding, extension):
+                return TextEncoding(encoding, encoding)
     raise BadDocument(
-        f"This {extension} file is not readable text: it is not UTF-8, UTF-16 with a "
-        "byte-order mark, or GB18030; save it as UTF-8 and upload it again."
+        f"This {extension} file is not readable text in any encoding the server recognises "
+        "(UTF-8, UTF-16 with a byte-order mark, Windows-1252, Latin-1, Shift-JIS, Big5, "
+        "EUC-KR, GB18030 ...); save it as UTF-8 and upload it again."
     )
+
+
+def _guesses(head: bytes) -> list[str]:
+    """charset-normalizer's encodings for the sample, best first (none for binary)."""
+    if b"\x00" in head:
+        return []  # not a legacy 8-bit or multibyte text; leave it to the binary check
+    return [match.encoding for match in charset_normalizer.from_bytes(head)]
 
 
 def _decodes_as_text(path: Path, encoding: str, extension: str) -> bool:
@@ -233,7 +253,10 @@ class _TextFileDocument(_TokenDocument):
         self.encoding = _detect_encoding(path, extension)
 
     def _lines(self) -> Iterator[tuple[str, str]]:
-        return _read_lines(self.path, self.encoding)
+        return _read_lines(self.path, self.encoding.decode)
+
+    def _source_encoding(self) -> TextEncoding | None:
+        return self.encoding
 
 
 class TextDocument(_TextFileDocument):

@@ -340,7 +340,9 @@ class DocxDocument(_BaseDocument):
         for segment in _docx_segments(self._document):
             yield segment.text
 
-    def render(self, translations: Iterable[str], out: Path) -> int:
+    def render(
+        self, translations: Iterable[str], out: Path, output_encoding: str = "source"
+    ) -> int:
         """Write a copy with translated paragraphs; runs, styles and tables are kept.
 
         Returns how many segments lost their inline formatting (broken tags)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from helpers import (
     get_task,
     make_user,
     wait_status,
+    write_pdf,
 )
 
 from zhiyi_server import STORE
@@ -184,3 +186,30 @@ async def test_bad_documents_are_refused_at_create(client: TestClient) -> None:
         assert body["code"] == "bad_document" and needle in body["message"].lower()
     assert (await (await client.get("/api/me", headers=headers)).json())["credits"] == 5
     assert (await client.app[STORE].get_user_tasks("alice"))[0] == []
+
+
+async def test_legacy_encoding_kept_or_utf8_on_request(client: TestClient) -> None:
+    """A Windows-1252 page comes back in Windows-1252 (pseudo's letters beyond it as
+    character references), or in UTF-8 when asked for."""
+    headers = await add_user(client)
+    original = "<p>Le café coûte 3 €, très cher.</p>\r\n".encode("cp1252")
+    _, kept = await run_task(client, headers, content=original, name="prix.html")
+    text = kept.decode("cp1252")  # still Windows-1252 ...
+    assert "café" not in text and "&#" in text and text.count("€") == 1  # ... translated
+    params = {"targetLang": "fr", "engine": "pseudo", "outputEncoding": "utf-8"}
+    _, utf8 = await run_task(client, headers, content=original, name="prix.html", params=params)
+    assert "€" in utf8.decode("utf-8") and "&#" not in utf8.decode("utf-8")
+    bad = {"targetLang": "fr", "engine": "pseudo", "outputEncoding": "latin-9"}
+    resp = await client.post("/api/tasks/create", data=form(content=original, params=bad),
+                             headers=headers)
+    assert resp.status == 400 and (await resp.json())["code"] == "bad_params"
+
+
+async def test_translated_pdf_is_a_docx(client: TestClient) -> None:
+    headers = await add_user(client)
+    with tempfile.TemporaryDirectory() as folder:
+        pdf = write_pdf(Path(folder) / "r.pdf", ["Quarterly report", "Sales rose."]).read_bytes()
+    task, result = await run_task(client, headers, content=pdf, name="report.pdf")
+    assert task["resultName"] == "report.zh.docx"
+    text = "\n".join(p.text for p in docx.Document(io.BytesIO(result)).paragraphs)
+    assert text.startswith("[") and "Quarterly" not in text

@@ -599,9 +599,7 @@ def test_pdf_becomes_a_word_document(tmp_path: Path) -> None:
     ],
 )
 @pytest.mark.parametrize("name", ["notes.txt", "notes.md", "notes.srt", "notes.html"])
-def test_encodings_round_trip_to_utf8(
-    tmp_path: Path, encoding: str, prefix: bytes, name: str
-) -> None:
+def test_encodings_round_trip(tmp_path: Path, encoding: str, prefix: bytes, name: str) -> None:
     body = "你好，{name}！这是第一段。\r\n\r\n第二段：€ 和 ß。\r\n"
     if name.endswith(".srt"):
         body = "1\r\n00:00:01,000 --> 00:00:02,000\r\n" + body
@@ -610,10 +608,15 @@ def test_encodings_round_trip_to_utf8(
     path = tmp_path / name
     path.write_bytes(prefix + body.encode(encoding))
     doc, same = round_trip(path, identity)
-    assert same.read_bytes() == body.encode("utf-8")  # UTF-8, no byte-order mark
+    assert same.read_bytes() == path.read_bytes()  # its own encoding and byte-order mark
     assert "你好，{name}！这是第一段。" in next(iter(doc.segments()))
     _, out = round_trip(path, pseudo)
-    assert "[你好，{name}！这是第一段。" in out.read_bytes().decode("utf-8")
+    data = out.read_bytes()
+    assert data.startswith(prefix)
+    assert "[你好，{name}！这是第一段。" in data[len(prefix) :].decode(encoding)
+    utf8 = tmp_path / ("utf8-" + name)
+    doc.render(iter(doc.segments()), utf8, "utf-8")
+    assert utf8.read_bytes() == body.encode("utf-8")  # asked for: UTF-8, no byte-order mark
 
 
 @pytest.mark.parametrize(
@@ -625,12 +628,47 @@ def test_encodings_round_trip_to_utf8(
          "latin-1", "ISO-8859-1"),
     ],
 )  # fmt: skip
-def test_html_declared_charset_becomes_utf8(
+def test_html_declared_charset_is_kept_or_becomes_utf8(
     tmp_path: Path, source: str, encoding: str, declared: str
 ) -> None:
     path = write(tmp_path, "page.html", source, encoding)
-    _, out = round_trip(path, identity)
+    doc, same = round_trip(path, identity)
+    assert same.read_bytes() == path.read_bytes()
+    out = tmp_path / "utf8.html"
+    doc.render(iter(doc.segments()), out, "utf-8")
     assert out.read_text(encoding="utf-8") == source.replace(declared, "utf-8")
+
+
+# Legacy encodings as people save them: charset-normalizer tells them apart.
+LEGACY = [
+    ("cp1252", "notes.txt", "Le café coûte 3 € — « très » cher, n'est-ce pas ?\n\nÀ bientôt.\n"),
+    ("latin-1", "notes.md", "# Überschrift\n\nDie Straße ist schön, sagt Jürgen.\n"),
+    ("shift_jis", "notes.txt", "これは日本語の文章です。東京はとても大きな都市です。\n"),
+    ("big5", "notes.srt", "1\n00:00:01,000 --> 00:00:02,000\n這是繁體中文的字幕，我們去台北。\n"),
+    ("euc-kr", "notes.txt", "안녕하세요. 이것은 한국어 문장입니다. 서울은 큰 도시입니다.\n"),
+]
+
+
+@pytest.mark.parametrize(("encoding", "name", "text"), LEGACY)
+def test_legacy_encodings_are_read_and_kept(
+    tmp_path: Path, encoding: str, name: str, text: str
+) -> None:
+    path = write(tmp_path, name, text, encoding)
+    doc = open_document(path)
+    assert all(segment in text for segment in doc.segments())
+    _, same = round_trip(path, identity)
+    assert same.read_bytes() == path.read_bytes()
+    _, out = round_trip(path, str.upper)  # still fits the encoding
+    assert out.read_bytes() == text.upper().encode(encoding)
+
+
+def test_a_translation_the_encoding_cannot_hold_falls_back_to_utf8(tmp_path: Path) -> None:
+    path = write(tmp_path, "notes.txt", "Café crème\n", "cp1252")
+    _, out = round_trip(path, lambda s: "咖啡")
+    assert out.read_bytes() == "咖啡\n".encode()
+    page = write(tmp_path, "page.html", "<p>Café crème</p>\n", "cp1252")
+    _, out = round_trip(page, lambda s: "咖啡 é")
+    assert out.read_bytes() == b"<p>&#21654;&#21857; \xe9</p>\n"  # references, still cp1252
 
 
 # --------------------------------------------------------------------------- bad documents
