@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import random
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,6 +18,7 @@ import pytest
 from docx.opc.constants import RELATIONSHIP_TYPE as RT
 from docx.oxml import OxmlElement
 from docx.oxml.ns import qn
+from docx.oxml.parser import parse_xml
 from fakes import FakeLibreTranslate, FakeOpenAI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -465,3 +467,80 @@ def test_markdown_broken_tags_keep_text_and_code(tmp_path: Path, scramble) -> No
     assert result.count("zhiyi serve") == 1
     for word in ("READ", "WHOLE", "GUIDE", "SITE", "ENJOY", "NOTHING"):
         assert word in result
+
+
+# --------------------------------------------------------------------------- docx parts
+
+W = "http://schemas.openxmlformats.org/wordprocessingml/2006/main"
+FOOTNOTES = (
+    f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n<w:footnotes xmlns:w="{W}">'
+    '<w:footnote w:type="separator" w:id="-1"><w:p><w:r><w:separator/></w:r></w:p>'
+    '</w:footnote><w:footnote w:id="1"><w:p><w:r><w:footnoteRef/></w:r>'
+    "<w:r><w:t xml:space=\"preserve\"> A footnote about the method.</w:t></w:r></w:p>"
+    "</w:footnote></w:footnotes>"
+)
+
+
+def add_xml(paragraph, xml: str) -> None:
+    paragraph._p.append(parse_xml(xml))
+
+
+def make_parts_docx(path: Path) -> Path:
+    """Footnote, text box, tracked insertion and deletion, a numbered list, an image."""
+    document = docx.Document()
+    noted = document.add_paragraph("The method is new")
+    add_xml(noted, f'<w:r xmlns:w="{W}"><w:rPr><w:rStyle w:val="FootnoteReference"/></w:rPr>'
+                   '<w:footnoteReference w:id="1"/></w:r>')
+    noted.add_run(" and it works.")
+    boxed = document.add_paragraph("Before the box.")
+    add_xml(boxed, f'<w:r xmlns:w="{W}" xmlns:v="urn:schemas-microsoft-com:vml"><w:pict>'
+                   '<v:shape><v:textbox><w:txbxContent><w:p><w:r><w:t>Text inside a box'
+                   "</w:t></w:r></w:p></w:txbxContent></v:textbox></v:shape></w:pict></w:r>")
+    tracked = document.add_paragraph("Kept words ")
+    add_xml(tracked, f'<w:ins xmlns:w="{W}" w:id="7" w:author="Ann" w:date="2024-01-01T00:00:00Z">'
+                     "<w:r><w:t>inserted words</w:t></w:r></w:ins>")
+    add_xml(tracked, f'<w:del xmlns:w="{W}" w:id="8" w:author="Ann" w:date="2024-01-01T00:00:00Z">'
+                     "<w:r><w:delText>deleted words</w:delText></w:r></w:del>")
+    document.add_paragraph("First numbered step", style="List Number")
+    document.save(str(path))
+    with zipfile.ZipFile(path) as source:
+        parts = {name: source.read(name) for name in source.namelist()}
+    parts["word/footnotes.xml"] = FOOTNOTES.encode()
+    parts["[Content_Types].xml"] = parts["[Content_Types].xml"].replace(
+        b"</Types>",
+        b'<Override PartName="/word/footnotes.xml" ContentType="application/vnd.openxmlformats'
+        b'-officedocument.wordprocessingml.footnotes+xml"/></Types>',
+    )
+    parts["word/_rels/document.xml.rels"] = parts["word/_rels/document.xml.rels"].replace(
+        b"</Relationships>",
+        b'<Relationship Id="rIdFn" Type="http://schemas.openxmlformats.org/officeDocument/2006/'
+        b'relationships/footnotes" Target="footnotes.xml"/></Relationships>',
+    )
+    with zipfile.ZipFile(path, "w") as target:
+        for name, data in parts.items():
+            target.writestr(name, data)
+    return path
+
+
+def test_docx_footnotes_text_boxes_tracked_changes_and_lists(tmp_path: Path) -> None:
+    source = make_parts_docx(tmp_path / "parts.docx")
+    segments = list(open_document(source).segments())
+    assert "The method is new<x1/> and it works." in segments
+    assert "Text inside a box" in segments
+    assert "Kept words <x1>inserted words</x1>" in segments
+    assert "A footnote about the method." in segments
+    assert not any("deleted" in s for s in segments)  # a deletion is not text any more
+    out, lost = render(source, upper)
+    assert lost == 0
+    result = docx.Document(str(out))
+    xml = result.element.xml
+    assert "THE METHOD IS NEW" in xml and '<w:footnoteReference w:id="1"/>' in xml
+    assert "TEXT INSIDE A BOX" in xml and "<w:txbxContent>" in xml
+    tracked = result.paragraphs[2]._p.xml
+    assert 'w:author="Ann"' in tracked and "INSERTED WORDS" in tracked
+    assert "<w:delText>deleted words</w:delText>" in tracked  # untouched
+    numbered = result.paragraphs[3]
+    assert numbered.style.name == "List Number" and numbered.text == "FIRST NUMBERED STEP"
+    with zipfile.ZipFile(out) as archive:
+        notes = archive.read("word/footnotes.xml").decode()
+    assert "A FOOTNOTE ABOUT THE METHOD." in notes and 'w:type="separator"' in notes
