@@ -489,18 +489,18 @@ class AdaptiveLimit:
     """How many requests may be in flight to one engine: AIMD, as TCP does.
 
     Starts at ``maximum``. A rate-limited answer multiplies the limit by
-    ``DECREASE`` (0.7, CUBIC's factor: halving would leave a capped engine idle
-    for several rounds after each probe), once per round: rejections of requests
-    sent before the last cut do not cut again. Every successful answer adds
+    ``DECREASE`` (0.8: halving, or CUBIC's 0.7, left a capped engine partly idle for
+    several rounds after each probe; bench/engine_figures.py), once per round:
+    rejections of requests sent before the last cut do not cut again. Every successful answer adds
     ``1 / limit`` (additive increase: about one more slot per round of successes),
     up to ``maximum``; within one slot of the limit that was last rejected, growth
     is ``PLATEAU`` times slower, so a capped engine is probed rarely (CUBIC's
     plateau). Waiters get slots in arrival order.
     """
 
-    DECREASE = 0.7
+    DECREASE = 0.8
     #: growth is this many times slower within one slot of the last rejected limit
-    PLATEAU = 4
+    PLATEAU = 8
 
     def __init__(self, maximum: int, *, minimum: int = 1) -> None:
         if maximum < 1:

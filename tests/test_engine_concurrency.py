@@ -45,27 +45,33 @@ async def test_adaptive_limit_cuts_once_per_round_and_grows_back_slowly() -> Non
     slots = [limit.slot() for _ in range(10)]
     held = [await s.__aenter__() for s in slots]
     assert limit.inflight == 10 and limit.slots == 10
-    # Four answers of the same round are rate limited: one cut (x 0.7), not four.
+    # Four answers of the same round are rate limited: one cut (x 0.8), not four.
     for slot in held[:4]:
         slot.rate_limited()
-    assert limit.slots == 7 and limit.decreases == 1
+    assert limit.slots == 8 and limit.decreases == 1
     # Answers to requests sent before the cut neither cut again nor grow the limit.
     for s in slots:
         await s.__aexit__(None, None, None)
-    assert limit.limit == 7.0
-    # A request of the new round that is rejected cuts again: 7 x 0.7 = 4.9.
+    assert limit.limit == 8.0
+    # A request of the new round that is rejected cuts again: 8 x 0.8 = 6.4.
     async with limit.slot() as slot:
         slot.rate_limited()
-    assert limit.slots == 4 and limit.decreases == 2
-    # Additive increase: about one slot per round of successes (4.9 + 1/4.9 + ...).
+    assert limit.slots == 6 and limit.decreases == 2
+    # Additive increase: about one slot per round of successes (6.4 + 1/6.4 + ...).
     async with limit.slot():
         pass
-    assert limit.slots == 5
-    for _ in range(5):
+    assert limit.slots == 6
+    for _ in range(3):
         async with limit.slot():
             pass
-    assert limit.slots == 6
-    for _ in range(200):
+    assert limit.slots == 7
+    # Within one slot of the rejected 8, growth is 8 times slower: a capped engine is
+    # probed rarely.
+    for _ in range(10):
+        async with limit.slot():
+            pass
+    assert limit.slots == 7
+    for _ in range(1000):
         async with limit.slot():
             pass
     assert limit.slots == 10  # never above the maximum

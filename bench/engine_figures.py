@@ -1,7 +1,7 @@
 """Issue 11's figures: concurrent batches against a slow capped engine, and memory savings.
 
-    .venv/bin/python bench/engines.py            # ~1 min
-    .venv/bin/python bench/engines.py --quick    # smaller documents, L = 0.2 s
+    .venv/bin/python bench/engine_figures.py            # ~1 min
+    .venv/bin/python bench/engine_figures.py --quick    # smaller documents, L = 0.2 s
 
 The engine is the tests' loopback LibreTranslate fake (tests/fakes.py) with a fixed
 latency L per request and its own concurrency cap (429 past it). The real app
