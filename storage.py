@@ -994,16 +994,22 @@ class TaskStore:
             return len(rows)
         return await self._write(_op) if rows else 0
 
-    async def memory_entries(self, user_id: str, *, after: int = 0,
-                             limit: int = 1000) -> list[tuple[int, Entry]]:
-        """A page of the user's memory in insertion order: ``(rowid, entry)``."""
+    async def memory_entries(self, user_id: str, *, after: tuple[str, str, str, str] | None = None,
+                             limit: int = 1000) -> list[tuple[tuple[str, str, str, str], Entry]]:
+        """A page of the user's memory in key order: ``(key, entry)``; pass the last key on.
+
+        Keyset paging over the primary key (plain SQL, no rowid: the PostgreSQL twin
+        runs the same statement).
+        """
         rows = await self._fetchall(
-            """SELECT rowid, * FROM translation_memory WHERE user_id = ? AND rowid > ?
-               ORDER BY rowid LIMIT ?""",
-            (user_id, after, limit),
+            """SELECT * FROM translation_memory WHERE user_id = ?
+               AND (source_lang, target_lang, engine, source_key) > (?, ?, ?, ?)
+               ORDER BY source_lang, target_lang, engine, source_key LIMIT ?""",
+            (user_id, *(after or ("", "", "", "")), limit),
         )
-        return [(r["rowid"], Entry(r["source_lang"], r["target_lang"], r["engine"],
-                                   r["source_text"], r["target_text"])) for r in rows]
+        return [((r["source_lang"], r["target_lang"], r["engine"], r["source_key"]),
+                 Entry(r["source_lang"], r["target_lang"], r["engine"], r["source_text"],
+                       r["target_text"])) for r in rows]
 
     async def memory_clear(self, user_id: str, scope: Scope | None = None) -> int:
         """Forget the user's memory (or one scope of it); returns how many segments."""

@@ -770,7 +770,7 @@ async def memory_export(request: web.Request) -> web.Response:
     user_id = await current_user(request)
     store = request.config_dict[STORE]
     entries: list[Entry] = []
-    after = 0
+    after = None
     while page := await store.memory_entries(user_id, after=after, limit=MEMORY_EXPORT_PAGE):
         entries.extend(entry for _, entry in page)
         after = page[-1][0]

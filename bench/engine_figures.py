@@ -1,6 +1,6 @@
 """Issue 11's figures: concurrent batches against a slow capped engine, and memory savings.
 
-    .venv/bin/python bench/engine_figures.py            # ~1 min
+    .venv/bin/python bench/engine_figures.py            # ~1.5 min
     .venv/bin/python bench/engine_figures.py --quick    # smaller documents, L = 0.2 s
 
 The engine is the tests' loopback LibreTranslate fake (tests/fakes.py) with a fixed
@@ -44,15 +44,18 @@ def paragraphs(n: int, tag: str = "") -> list[str]:
 class Bench:
     """One app and one fake engine, both on loopback."""
 
-    def __init__(self, latency: float, capacity: int, workers: int) -> None:
+    def __init__(self, latency: float, capacity: int, workers: int,
+                 engine_concurrency: int = 4) -> None:
         self.fake = FakeLibreTranslate(latency=latency, capacity=capacity)
         self.workers = workers
+        self.engine_concurrency = engine_concurrency
         self.folder = tempfile.TemporaryDirectory(prefix="zhiyi-bench-engines-")
 
     async def __aenter__(self) -> Bench:
         self.fake_server = TestServer(self.fake.app, host="127.0.0.1")
         await self.fake_server.start_server()
         config = Config(data_path=Path(self.folder.name), worker_concurrency=self.workers,
+                        engine_concurrency=self.engine_concurrency,
                         libretranslate_url=self.fake.url(self.fake_server),
                         reconcile_seconds=3600, starter_credits=0)
         self.runner = web.AppRunner(create_app(config))
@@ -93,8 +96,9 @@ class Bench:
         return {**task, "quote": created["quote"]}
 
 
-async def one_document(n: int, latency: float) -> dict:
-    async with Bench(latency, capacity=4, workers=1) as bench:
+async def one_document(n: int, latency: float, engine_concurrency: int = 4) -> dict:
+    async with Bench(latency, capacity=4, workers=1,
+                     engine_concurrency=engine_concurrency) as bench:
         started = time.monotonic()
         await bench.translate(paragraphs(n))
         wall = time.monotonic() - started
@@ -145,6 +149,9 @@ async def main() -> None:
           f"wall {single['wall']:.2f} s, ideal {single['ideal']:.2f} s, "
           f"ratio {single['ratio']:.3f} (target <= 1.15); {single['requests']} requests, "
           f"{single['refused']} refused, max in flight {single['maxInflight']}")
+    one_at_a_time = await one_document(n, latency, engine_concurrency=1)
+    print(f"  the same, one batch at a time (before issue 11), in this run: wall "
+          f"{one_at_a_time['wall']:.2f} s, ratio {one_at_a_time['ratio']:.3f}")
     many = await ten_documents(n // 5 if args.quick else n, latency)
     print(f"10 documents at once, engine cap 8, ENGINE_MAX_INFLIGHT 16: "
           f"wall {many['wall']:.2f} s, ideal {many['ideal']:.2f} s, "
