@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import ServerProcess, SSEMessage, SSEReader, free_port, make_user, new_task
+from helpers import ServerProcess, SSEReader, StreamWatcher, free_port, make_user, new_task
 
 from processors import Registry, TaskContext, default_registry
 from storage import Event, NewTask, TaskStatus, TaskStore
@@ -219,75 +219,6 @@ async def test_cancel_through_one_http_process_stops_the_task_in_a_worker_proces
 
 async def _logged(data: Path, line: str) -> bool:
     return line in steps_log(data)
-
-
-class StreamWatcher:
-    """Follows one task's stream, moving to another HTTP process when its own dies."""
-
-    def __init__(self, session: aiohttp.ClientSession, task_id: int | None,
-                 urls: list[str]) -> None:
-        self.session = session
-        self.task_id = task_id
-        self.urls = urls
-        self.ids: list[int] = []
-        self.first_id: int | None = None
-        self.reconnects = 0
-        self.final: dict[str, Any] | None = None
-        #: a notification stream is done once it has this event id
-        self.until_id: int | None = None
-        self.more = asyncio.Event()
-        if task_id is None:  # the user's stream, from its very first event: no snapshot
-            self.first_id = 0
-
-    @property
-    def path(self) -> str:
-        return f"/api/sse/tasks/{self.task_id}" if self.task_id else "/api/sse/notifications"
-
-    @property
-    def done(self) -> bool:
-        if self.task_id is not None:
-            return self.final is not None
-        return self.until_id is not None and bool(self.ids) and self.ids[-1] >= self.until_id
-
-    async def run(self) -> None:
-        while not self.done:
-            url = self.urls[0]
-            headers = {"Last-Event-ID": str(self.ids[-1] if self.ids else self.first_id)} \
-                if self.first_id is not None else {}
-            try:
-                async with self.session.get(f"{url}{self.path}", headers=headers) as resp:
-                    if resp.status == 204:
-                        raise AssertionError(f"task {self.task_id}: 204 before its final event")
-                    assert resp.status == 200, await resp.text()
-                    await self._read(resp)
-            # A killed server: refused, reset, or (aiohttp) "Connection closed." mid-read.
-            except (aiohttp.ClientError, ConnectionError, RuntimeError):
-                pass
-            if not self.done:
-                self.reconnects += 1
-                await asyncio.sleep(0.1)
-
-    async def _read(self, resp: aiohttp.ClientResponse) -> None:
-        reader = SSEReader(resp)
-        while not self.done:
-            try:
-                message = await reader.next(timeout=1)
-            except TimeoutError:  # nothing new: is it done (until_id set meanwhile)?
-                continue
-            if message is None:
-                return
-            self._take(message)
-
-    def _take(self, message: SSEMessage) -> None:
-        assert message.id is not None
-        event_id = int(message.id)
-        if self.first_id is None:  # the snapshot: events after it follow
-            self.first_id = event_id
-        else:
-            self.ids.append(event_id)
-        if self.task_id is not None and message.payload.get("status") in (
-                "completed", "failed", "cancelled"):
-            self.final = message.payload
 
 
 async def _last_user_event(data: Path) -> int:
