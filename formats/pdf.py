@@ -128,7 +128,7 @@ class _Block:
     """What goes into the Word document, in reading order: a paragraph or a table."""
 
     top: float
-    kind: str  # "heading1", "heading2", "paragraph", "bullet", "number", "table"
+    kind: str  # "heading", "paragraph", "bullet", "number", "table"
     lines: list[_Line] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
 
@@ -171,10 +171,8 @@ def _page_blocks(page: Any, body_size: float) -> list[_Block]:
 
 
 def _line_kind(line: _Line, body_size: float) -> str:
-    if body_size and line.size >= 1.6 * body_size:
-        return "heading1"
     if body_size and line.size >= 1.2 * body_size and len(line.text) < 150:
-        return "heading2"
+        return "heading"
     if _NUMBERED.match(line.text):
         return "number"
     if _BULLET.match(line.text):
@@ -188,9 +186,7 @@ def _continues(block: _Block, line: _Line, kind: str, widest: float) -> bool:
     height = max(last.bottom - last.top, 1.0)
     if block.kind == "table" or line.top - last.bottom > 0.8 * height:
         return False
-    if kind in ("bullet", "number") or block.kind.startswith("heading") != kind.startswith(
-        "heading"
-    ):
+    if kind in ("bullet", "number") or (block.kind == "heading") != (kind == "heading"):
         return False
     if abs(line.size - last.size) > 0.15 * max(last.size, 1.0):
         return False
@@ -208,7 +204,11 @@ def _body_size(pdf: Any) -> float:
     return statistics.median(sizes) if sizes else 0.0
 
 
-def _write_block(document: Any, block: _Block) -> None:
+def _heading_size(block: _Block) -> float:
+    return round(max(line.size for line in block.lines))
+
+
+def _write_block(document: Any, block: _Block, levels: dict[float, int]) -> None:
     if block.kind == "table":
         columns = max((len(row) for row in block.rows), default=0)
         if not columns:
@@ -219,8 +219,8 @@ def _write_block(document: Any, block: _Block) -> None:
             for c, text in enumerate(row):
                 table.cell(r, c).text = " ".join(text.split())
         return
-    if block.kind.startswith("heading"):
-        paragraph = document.add_heading(level=int(block.kind[-1]))
+    if block.kind == "heading":
+        paragraph = document.add_heading(level=levels[_heading_size(block)])
     elif block.kind == "bullet":
         paragraph = document.add_paragraph(style="List Bullet")
         block.lines[0].text = _BULLET.sub("", block.lines[0].text, count=1)
@@ -252,16 +252,21 @@ def _pdf_to_docx(path: Path) -> bytes:
         # The file is opened here: pdfplumber leaks its handle when its parser fails.
         with path.open("rb") as f, pdfplumber.open(f) as pdf:
             body = _body_size(pdf)
-            for number, page in enumerate(pdf.pages):
-                if number:
-                    document.add_page_break()
-                for block in _page_blocks(page, body):
-                    _write_block(document, block)
+            pages = [_page_blocks(page, body) for page in pdf.pages]
     # pdfminer reads damaged files leniently and fails in many ways when it cannot.
     except (PSException, PdfminerException, ValueError, KeyError, TypeError, AttributeError,
             IndexError, AssertionError, RecursionError) as e:
         logger.info("%s: pdfplumber cannot read it: %s", path.name, e)
         raise BadDocument(_DAMAGED) from e
+    # Heading levels by size: the largest heading text is level 1, the next 2, then 3.
+    sizes = sorted({_heading_size(b) for blocks in pages for b in blocks if b.kind == "heading"},
+                   reverse=True)
+    levels = {size: min(rank, 3) for rank, size in enumerate(sizes, 1)}
+    for number, blocks in enumerate(pages):
+        if number:
+            document.add_page_break()
+        for block in blocks:
+            _write_block(document, block, levels)
     buffer = io.BytesIO()
     document.save(buffer)
     return buffer.getvalue()
