@@ -118,8 +118,9 @@ class ZhiyiServer:
     def start(self, timeout: float = 20.0) -> ZhiyiServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
-        env = base_env(WORKER_CONCURRENCY="2", RETRY_BASE_SECONDS="0.2",
-                       SSE_HEARTBEAT_SECONDS="2", **self.env)
+        # The server's own env (self.env) wins over these test defaults.
+        env = base_env(**{"WORKER_CONCURRENCY": "2", "RETRY_BASE_SECONDS": "0.2",
+                          "SSE_HEARTBEAT_SECONDS": "2", **self.env})
         with self.log_path.open("wb") as log:
             argv = [PYTHON, "-m", "zhiyi_server", "serve", "--port", "{port}", "--data", "{data}"]
             self.process = subprocess.Popen(

@@ -479,10 +479,11 @@ def test_task_commands_act_on_an_existing_task(server: ZhiyiServer, tmp_path: Pa
                            "'zhiyi tasks' lists them\n")
 
 
-def test_cancel_then_retry_from_the_command_line(server: ZhiyiServer, tmp_path: Path,
+def test_cancel_then_retry_from_the_command_line(make_server: MakeServer, tmp_path: Path,
                                                  workdir: Path) -> None:
+    server = make_server(WORKER_CONCURRENCY="0")  # no workers: the task waits, for certain
     env = cli_env(tmp_path, server)
-    task = create_task(server.url, server.local_token, slow_document(workdir / "long.txt", 400),
+    task = create_task(server.url, server.local_token, slow_document(workdir / "long.txt", 40),
                        params={"targetLang": "zh", "engine": "openai"})
     task_id = str(task["taskId"])
     cancelled = zhiyi("cancel", task_id, cwd=workdir, env=env)
@@ -490,6 +491,9 @@ def test_cancel_then_retry_from_the_command_line(server: ZhiyiServer, tmp_path: 
     assert cancelled.stdout == f"task {task_id} is cancelled (refunded)\n"
     retried = zhiyi("retry", task_id, cwd=workdir, env=env)
     assert retried.returncode == 0, retried.stderr
-    assert retried.stdout.startswith(f"task {task_id} is pending (")
-    assert f"follow it with 'zhiyi watch {task_id}'" in retried.stdout
-    assert zhiyi("watch", task_id, cwd=workdir, env=env).returncode == 0
+    assert retried.stdout == (f"task {task_id} is pending ({task['creditsCost']} credits "
+                              f"charged); follow it with 'zhiyi watch {task_id}'\n")
+    again = zhiyi("retry", task_id, cwd=workdir, env=env)
+    assert again.returncode == 1
+    assert again.stderr == f"zhiyi: cannot retry task {task_id}: Cannot retry a task that is " \
+                           "pending.\n"
