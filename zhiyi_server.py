@@ -1044,6 +1044,7 @@ CONTENT_TYPES = {
     ".srt": "application/x-subrip; charset=utf-8", ".html": "text/html; charset=utf-8",
     ".htm": "text/html; charset=utf-8", ".json": "application/json; charset=utf-8",
     ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    ".odt": "application/vnd.oasis.opendocument.text",
     ".pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation",
     ".xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
     ".xlf": "application/xliff+xml", ".xliff": "application/xliff+xml",

@@ -1,14 +1,14 @@
 """Document formats: split a file into translatable segments, put it back with translations.
 
-One class per format (.txt, .md, .srt, .html/.htm, .docx, .pptx, .xlsx, .xlf/.xliff, .po,
-.pdf) implements the `Document` protocol; `open_document` picks one and validates the
-file. Everything here is pure and
-synchronous (no asyncio, HTTP or database): callers run it in a thread pool.
+One class per format (.txt, .md, .srt, .html/.htm, .docx, .odt, .pptx, .xlsx, .xlf/.xliff,
+.po, .pdf) implements the `Document` protocol; `open_document` picks one and validates the
+file. Everything here is pure and synchronous (no asyncio, HTTP or database): callers run
+it in a thread pool.
 
-One module per format family (`text`, `markdown`, `html`, `word`, `slides`, `sheets`,
-`exchange`, `pdf`); `model` holds what they share (segments, tokens, the base classes),
-`tags` the inline-tag model, `runs` the Office paragraphs built on it, `stats` the
-statistics.
+One module per format family (`text`, `markdown`, `html`, `word`, `opendocument`,
+`slides`, `sheets`, `exchange`, `pdf`); `model` holds what they share (segments, tokens,
+the base classes), `tags` the inline-tag model, `runs` the Office paragraphs built on it,
+`stats` the statistics.
 
 The text formats are a stream of tokens: plain strings copied to the output as they are,
 and `_Segment`s whose text goes to the translator. The tokens' source text, concatenated,
@@ -25,6 +25,7 @@ from .exchange import PoDocument, XliffDocument
 from .html import HtmlDocument
 from .markdown import MarkdownDocument
 from .model import BadDocument, Document, DocumentStats, _BaseDocument
+from .opendocument import OdtDocument
 from .pdf import PdfDocument
 from .sheets import XlsxDocument
 from .slides import PptxDocument
@@ -47,8 +48,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (
-    ".txt", ".md", ".srt", ".html", ".htm", ".docx", ".pptx", ".xlsx", ".xlf", ".xliff", ".po",
-    ".pdf",
+    ".txt", ".md", ".srt", ".html", ".htm", ".docx", ".odt", ".pptx", ".xlsx", ".xlf", ".xliff",
+    ".po", ".pdf",
 )
 
 # --------------------------------------------------------------------------- opening
@@ -60,6 +61,7 @@ _FORMATS: dict[str, type[_BaseDocument]] = {
     ".html": HtmlDocument,
     ".htm": HtmlDocument,
     ".docx": DocxDocument,
+    ".odt": OdtDocument,
     ".pptx": PptxDocument,
     ".xlsx": XlsxDocument,
     ".xlf": XliffDocument,

@@ -8,8 +8,10 @@ scripts/setup --test installs it; off CI a machine without it skips these tests.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import docx
@@ -90,3 +92,27 @@ def test_libreoffice_pdf_becomes_a_docx(soffice: str, tmp_path: Path) -> None:
     assert result.paragraphs[0].style.name == "Heading 1"
     assert result.paragraphs[0].text == "QUARTERLY REPORT"
     assert [c.text for c in result.tables[0].rows[1].cells] == ["NORTH", "FORTY"]
+
+
+def test_libreoffice_odt_round_trip(soffice: str, tmp_path: Path) -> None:
+    odt = convert(soffice, make_source(tmp_path / "report.docx"), "odt", tmp_path / "odt")
+    doc = open_document(odt)
+    segments = list(doc.segments())
+    assert segments[0] == "Quarterly report"
+    assert "Sales rose <x1>sharply</x1> this year, says {name}." in segments
+    assert {"Region", "Sales", "North", "Forty"} <= set(segments)
+    out = tmp_path / "translated.odt"
+    assert doc.render((upper(s) for s in segments), out) == 0
+    text = convert(soffice, out, "txt", tmp_path / "txt").read_text(encoding="utf-8-sig")
+    assert "QUARTERLY REPORT" in text and "SALES ROSE SHARPLY THIS YEAR, SAYS {name}." in text
+    assert "FORTY" in text
+    # The bold span is still a span with its automatic style, around the translated word.
+    with zipfile.ZipFile(out) as archive:
+        content = archive.read("content.xml").decode()
+        assert archive.namelist()[0] == "mimetype"
+    assert re.search(r'<text:span text:style-name="[^"]+">SHARPLY</text:span>', content)
+    # An engine that loses the tags: every word stays, LibreOffice still opens it.
+    broken = tmp_path / "broken.odt"
+    assert doc.render((upper(s).replace("</x1>", "") for s in segments), broken) == 1
+    text = convert(soffice, broken, "txt", tmp_path / "txt2").read_text(encoding="utf-8-sig")
+    assert "SALES ROSE SHARPLY THIS YEAR, SAYS {name}." in text
