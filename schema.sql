@@ -6,16 +6,22 @@
 CREATE TABLE IF NOT EXISTS users (
     id          TEXT PRIMARY KEY,              -- the user name, e.g. "alice"
     credits     INTEGER NOT NULL DEFAULT 0 CHECK (credits >= 0),
-    created_at  TEXT NOT NULL
+    created_at  TEXT NOT NULL,
+    disabled_at TEXT                           -- set by `zhiyi user disable`: no token works
 );
 
 -- API tokens and browser sessions; only a SHA-256 of the secret is stored.
+-- Revoking deletes the row: every request looks its token up here (no cache).
 CREATE TABLE IF NOT EXISTS api_tokens (
-    token_hash  TEXT PRIMARY KEY,
-    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    kind        TEXT NOT NULL DEFAULT 'api' CHECK (kind IN ('api', 'session')),
-    created_at  TEXT NOT NULL
+    token_hash    TEXT PRIMARY KEY,
+    user_id       TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    kind          TEXT NOT NULL DEFAULT 'api' CHECK (kind IN ('api', 'session')),
+    created_at    TEXT NOT NULL,
+    token_prefix  TEXT,                        -- first characters, for `user revoke --token`
+    expires_at    TEXT,                        -- sessions: SESSION_DAYS after last use
+    last_used_at  TEXT                         -- sessions: when expires_at last slid
 );
+CREATE INDEX IF NOT EXISTS idx_tokens_user ON api_tokens (user_id);
 
 CREATE TABLE IF NOT EXISTS processing_tasks (
     -- AUTOINCREMENT: ids of deleted tasks are never reused, so event ids and
@@ -34,6 +40,7 @@ CREATE TABLE IF NOT EXISTS processing_tasks (
     file_size          INTEGER NOT NULL,
     file_path          TEXT NOT NULL,                       -- "<user>/<uuid>", made by the server
     result_name        TEXT,                                -- file under <file_path>/result/
+    result_size        INTEGER NOT NULL DEFAULT 0,          -- bytes, for the storage quota
     credits_cost       INTEGER NOT NULL CHECK (credits_cost >= 0),
     credits_held       INTEGER NOT NULL DEFAULT 0,          -- charged and not yet refunded
     attempts           INTEGER NOT NULL DEFAULT 0,          -- attempts in the current run

@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +92,8 @@ class Subscriber:
     chunked: bool = True
     ends_on_final: bool = False
     last_id: int = 0
+    #: what the stream was opened with (a token hash); revoking it ends the stream
+    credential: str | None = None
 
     @property
     def max_pending_bytes(self) -> int:
@@ -187,13 +189,14 @@ class SSEHub:
     def connection_count(self) -> int:
         return self._total
 
-    def subscribe(self, user_id: str, task_id: int | None = None) -> Subscriber:
+    def subscribe(self, user_id: str, task_id: int | None = None, *,
+                  credential: str | None = None) -> Subscriber:
         """Register a stream of one task (or, without ``task_id``, of all the user's)."""
         if self._total >= self.max_total:
             raise StreamLimitReached("total", self.max_total)
         if self._per_user_count.get(user_id, 0) >= self.max_per_user:
             raise StreamLimitReached("per_user", self.max_per_user)
-        sub = Subscriber(user_id, task_id, self.buffer_size)
+        sub = Subscriber(user_id, task_id, self.buffer_size, credential=credential)
         registry: dict[Any, set[Subscriber]]
         registry, key = (self._by_task, task_id) if task_id is not None else (
             self._by_user, user_id)
@@ -242,16 +245,43 @@ class SSEHub:
         return [sub for registry in (self._by_task, self._by_user)
                 for subs in registry.values() for sub in subs]
 
-    async def heartbeat(self, interval: float) -> None:
+    async def heartbeat(self, interval: float, still_valid: CredentialCheck | None = None,
+                        ) -> None:
         """Every ``interval`` seconds, ask every stream to write a ping.
 
         One timer for all streams instead of a timeout per stream and per wake-up:
-        the live path of a stream is then a bare ``Event.wait()``.
+        the live path of a stream is then a bare ``Event.wait()``. With
+        ``still_valid``, the streams' credentials are then checked in one batch
+        and the streams of revoked ones end.
         """
         while True:
             await asyncio.sleep(interval)
             for sub in self.subscribers():
                 sub.ping()
+            if still_valid is not None:
+                await self._recheck_credentials(still_valid)
+
+    async def _recheck_credentials(self, still_valid: CredentialCheck) -> None:
+        held = {sub.credential for sub in self.subscribers() if sub.credential is not None}
+        if not held:
+            return
+        try:
+            valid = await still_valid(held)
+        except Exception:  # the database is busy or gone: keep the streams, check next time
+            logger.exception("could not re-check the streams' credentials")
+            return
+        self.close_credentials(held - valid)
+
+    def close_credentials(self, credentials: set[str]) -> int:
+        """End the streams opened with these credentials (revoked); returns how many."""
+        if not credentials:
+            return 0
+        ended = [sub for sub in self.subscribers() if sub.credential in credentials]
+        for sub in ended:
+            sub.close()
+        if ended:
+            logger.info("ended %d stream(s) whose token was revoked", len(ended))
+        return len(ended)
 
     def close_all(self, retry_ms: int | None = None) -> None:
         """End every stream (graceful shutdown), telling live ones when to come back."""
@@ -263,6 +293,8 @@ class SSEHub:
 
 
 Replay = Callable[[int], Awaitable[list[Event]]]
+#: which of the given credentials are still valid (the store answers)
+CredentialCheck = Callable[[Iterable[str]], Awaitable[set[str]]]
 
 
 class EventStreamResponse(web.StreamResponse):

@@ -32,13 +32,17 @@ from translation_memory import Entry, Glossary, Scope
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AmbiguousTokenPrefix",
+    "Credential",
     "Event",
+    "FilesExpired",
     "HealthFigures",
     "InsufficientCredits",
     "InvalidTransition",
     "LedgerEntry",
     "NewTask",
     "SQLiteTooOld",
+    "StorageQuotaExceeded",
     "StoreError",
     "StoreFull",
     "StoreUnavailable",
@@ -97,6 +101,16 @@ MIGRATIONS: dict[int, str] = {
             created_at   TEXT NOT NULL,
             PRIMARY KEY (user_id, name)
         );
+    """,
+    5: """
+        ALTER TABLE users ADD COLUMN disabled_at TEXT;
+        ALTER TABLE api_tokens ADD COLUMN token_prefix TEXT;
+        ALTER TABLE api_tokens ADD COLUMN expires_at TEXT;
+        ALTER TABLE api_tokens ADD COLUMN last_used_at TEXT;
+        CREATE INDEX IF NOT EXISTS idx_tokens_user ON api_tokens (user_id);
+        UPDATE api_tokens SET expires_at = strftime('%Y-%m-%dT%H:%M:%fZ', created_at, '+30 days')
+            WHERE kind = 'session';
+        ALTER TABLE processing_tasks ADD COLUMN result_size INTEGER NOT NULL DEFAULT 0;
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -180,6 +194,30 @@ def named_sqlite_error(e: Exception) -> Exception:
 
 class SQLiteTooOld(StoreError):
     """The SQLite library is older than the store needs (``RETURNING``: 3.35)."""
+class StorageQuotaExceeded(StoreError):
+    """The user's kept files plus this upload would pass their storage quota."""
+
+    def __init__(self, used: int, needed: int, limit: int) -> None:
+        super().__init__(f"{used} bytes used, {needed} more needed, quota {limit}")
+        self.used = used
+        self.needed = needed
+        self.limit = limit
+
+
+class FilesExpired(StoreError):
+    """The task's files were deleted after their retention period; it cannot run again."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"the files of this {status} task were deleted")
+        self.status = status
+
+
+class AmbiguousTokenPrefix(StoreError):
+    """A token prefix names more than one of the user's tokens."""
+
+    def __init__(self, matches: int) -> None:
+        super().__init__(f"the prefix matches {matches} tokens")
+        self.matches = matches
 
 
 class InvalidTransition(StoreError):
@@ -213,6 +251,18 @@ class User:
     id: str
     credits: int
     created_at: str
+    disabled_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A valid token or session, as found by :meth:`TaskStore.credential_for_token`."""
+
+    user_id: str
+    token_hash: str
+    kind: str
+    expires_at: str | None
+    last_used_at: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +299,7 @@ class Task:
     updated_at: str
     started_at: str | None
     completed_at: str | None
+    result_size: int = 0
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Task:
@@ -305,6 +356,8 @@ class NewTask:
     credits_cost: int
     idempotency_key: str | None = None
     max_active: int = 100
+    #: bytes of kept files the user may have, this upload included (0: no quota)
+    max_storage: int = 0
 
 
 @dataclass(slots=True)
@@ -668,8 +721,6 @@ class TaskStore:
         self._watcher: asyncio.Task[None] | None = None
         self._change_callbacks: list[ChangeCallback] = []
         self._reader: aiosqlite.Connection | None = None
-        #: token hash -> user, for tokens seen valid (revocation goes through this store)
-        self._token_users: dict[str, str] = {}
         #: how completed events name their result's URL (set by the server to its route)
         self.result_url: Callable[[int], str] = default_result_url
 
@@ -680,7 +731,7 @@ class TaskStore:
         """Open (creating or migrating) the database file at ``path``."""
         check_sqlite_version()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_private_file(path)
         store = cls(path, clock=clock, watch_seconds=watch_seconds)
         try:
             await store._writer.start()
@@ -891,42 +942,128 @@ class TaskStore:
 
         return await self._write(_op)
 
-    async def issue_token(self, user_id: str, kind: str = "api") -> str:
-        """A new secret token for the user; only its hash is stored."""
+    async def set_user_disabled(self, user_id: str, disabled: bool) -> None:
+        """Disable (no token of the user works) or enable again; tokens are kept."""
+        def _op(txn: _Txn) -> Any:
+            cursor = txn.db.execute(
+                "UPDATE users SET disabled_at = ? WHERE id = ?",
+                (txn.now if disabled else None, user_id),
+            )
+            if cursor.rowcount != 1:
+                raise UserNotFound(user_id)
+        await self._write(_op)
+
+    async def issue_token(
+        self, user_id: str, kind: str = "api", *, lifetime: timedelta | None = None,
+        rotate: bool = False,
+    ) -> str:
+        """A new secret token for the user; only its hash and first characters are stored.
+
+        ``lifetime`` makes it expire (sessions); ``rotate`` revokes every other
+        token and session of the user in the same transaction.
+        """
         token = ("zy_" if kind == "api" else "zs_") + secrets.token_urlsafe(32)
+
         def _op(txn: _Txn) -> Any:
             if not _user_exists(txn.db, user_id):
                 raise UserNotFound(user_id)
+            if rotate:
+                txn.db.execute("DELETE FROM api_tokens WHERE user_id = ?", (user_id,))
+            expires = (isoformat(parse_time(txn.now) + lifetime)
+                       if lifetime is not None else None)
             txn.db.execute(
-                "INSERT INTO api_tokens (token_hash, user_id, kind, created_at) VALUES (?,?,?,?)",
-                (hash_token(token), user_id, kind, txn.now),
+                """INSERT INTO api_tokens (token_hash, user_id, kind, created_at, token_prefix,
+                   expires_at, last_used_at) VALUES (?,?,?,?,?,?,?)""",
+                (hash_token(token), user_id, kind, txn.now, token[:TOKEN_PREFIX_LENGTH],
+                 expires, txn.now),
             )
 
         await self._write(_op)
         return token
 
-    async def user_for_token(self, token: str) -> str | None:
-        """The user of a token. Known tokens are remembered: every request asks."""
-        digest = hash_token(token)
-        if (user := self._token_users.get(digest)) is not None:
-            return user
+    async def credential_for_token(self, token: str) -> Credential | None:
+        """The token's credential if it is valid now: known, not expired, user not disabled.
+
+        Read on every request, never cached, so a revocation by any process
+        (or by ``zhiyi user revoke``) holds from its commit on.
+        """
         row = await self._fetchone(
-            "SELECT user_id FROM api_tokens WHERE token_hash = ?", (digest,)
+            """SELECT t.user_id, t.token_hash, t.kind, t.expires_at, t.last_used_at
+               FROM api_tokens t JOIN users u ON u.id = t.user_id
+               WHERE t.token_hash = ? AND u.disabled_at IS NULL
+               AND (t.expires_at IS NULL OR t.expires_at > ?)""",
+            (hash_token(token), isoformat(self._clock())),
         )
-        if row is None:
-            return None
-        if len(self._token_users) >= TOKEN_CACHE_SIZE:
-            self._token_users.clear()
-        self._token_users[digest] = row["user_id"]
-        return row["user_id"]
+        return Credential(**dict(row)) if row else None
 
-    async def revoke_token(self, token: str) -> None:
-        self._token_users.pop(hash_token(token), None)
+    async def user_for_token(self, token: str) -> str | None:
+        """The user of a valid token, or ``None``."""
+        credential = await self.credential_for_token(token)
+        return credential.user_id if credential else None
 
+    async def valid_token_hashes(self, hashes: Iterable[str]) -> set[str]:
+        """Which of these token hashes are still valid (open streams re-check theirs)."""
+        wanted = list(dict.fromkeys(hashes))
+        valid: set[str] = set()
+        now = isoformat(self._clock())
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            rows = await self._fetchall(
+                f"""SELECT t.token_hash FROM api_tokens t JOIN users u ON u.id = t.user_id
+                    WHERE t.token_hash IN ({",".join("?" * len(chunk))})
+                    AND u.disabled_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > ?)""",
+                (*chunk, now),
+            )
+            valid.update(r["token_hash"] for r in rows)
+        return valid
+
+    async def slide_session(self, token_hash: str, lifetime: timedelta) -> None:
+        """A session in use: it now expires ``lifetime`` from now."""
         def _op(txn: _Txn) -> Any:
             txn.db.execute(
-                "DELETE FROM api_tokens WHERE token_hash = ?", (hash_token(token),)
+                """UPDATE api_tokens SET expires_at = ?, last_used_at = ?
+                   WHERE token_hash = ? AND kind = 'session'""",
+                (isoformat(parse_time(txn.now) + lifetime), txn.now, token_hash),
             )
+        await self._write(_op)
+
+    async def revoke_token(self, token: str) -> str:
+        """Revoke one token or session by its secret; returns its hash."""
+        digest = hash_token(token)
+
+        def _op(txn: _Txn) -> Any:
+            txn.db.execute("DELETE FROM api_tokens WHERE token_hash = ?", (digest,))
+        await self._write(_op)
+        return digest
+
+    async def revoke_tokens(self, user_id: str, prefix: str | None = None) -> int:
+        """Revoke every token and session of the user, or the one starting with ``prefix``.
+
+        Returns how many were revoked. A prefix that matches several tokens
+        raises :class:`AmbiguousTokenPrefix` and revokes nothing.
+        """
+        def _op(txn: _Txn) -> Any:
+            if not _user_exists(txn.db, user_id):
+                raise UserNotFound(user_id)
+            if prefix is None:
+                return txn.db.execute(
+                    "DELETE FROM api_tokens WHERE user_id = ?", (user_id,)).rowcount
+            stored = prefix[:TOKEN_PREFIX_LENGTH]
+            match = "user_id = ? AND substr(token_prefix, 1, ?) = ?"
+            args = (user_id, len(stored), stored)
+            matches = _scalar(txn.db, f"SELECT COUNT(*) FROM api_tokens WHERE {match}", args)
+            if matches > 1:
+                raise AmbiguousTokenPrefix(matches)
+            return txn.db.execute(f"DELETE FROM api_tokens WHERE {match}", args).rowcount
+        return await self._write(_op)
+
+    async def delete_expired_sessions(self) -> int:
+        """Forget sessions past their expiry (they no longer authenticate anyway)."""
+        def _op(txn: _Txn) -> Any:
+            return txn.db.execute(
+                "DELETE FROM api_tokens WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (txn.now,),
+            ).rowcount
         return await self._write(_op)
 
     # ----------------------------------------------------------------- ledger
@@ -1077,6 +1214,8 @@ class TaskStore:
     async def _insert_task(self, new: NewTask) -> Task:
         def _op(txn: _Txn) -> Any:
             _check_active_limit(txn.db, new.user_id, new.max_active)
+            if new.max_storage:
+                _check_storage(txn.db, new.user_id, new.file_size, new.max_storage)
             try:
                 cursor = txn.db.execute(
                     """INSERT INTO processing_tasks (user_id, task_type, params, file_name,
@@ -1136,6 +1275,11 @@ class TaskStore:
         rows = await self._fetchall(sql + " ORDER BY id DESC LIMIT ?", [*args, limit + 1])
         tasks = [Task.from_row(r) for r in rows[:limit]]
         return tasks, (tasks[-1].id if len(rows) > limit else None)
+
+    async def storage_used(self, user_id: str) -> int:
+        """Bytes of the user's kept files: originals and results not yet expired."""
+        row = await self._fetchone(_STORAGE_USED_SQL, (user_id,))
+        return row[0] if row else 0
 
     async def count_tasks(self) -> list[tuple[str, str, int]]:
         """``(task_type, status, count)`` for metrics."""
@@ -1306,16 +1450,18 @@ class TaskStore:
     async def complete_task(
         self, task_id: int, result_name: str, *, attempt: int | None = None,
         message: str = "completed",
+        result_size: int = 0,
     ) -> Task | None:
         """Mark the task completed with its result; ``None`` if it was no longer running."""
         def _op(txn: _Txn) -> Any:
             cursor = txn.db.execute(
                 f"""UPDATE processing_tasks SET status = 'completed', progress = 100,
                    status_message = ?, stage = 'done', eta_seconds = 0,
-                   result_name = ?, lease_owner = NULL, lease_until = NULL,
+                   result_name = ?, result_size = ?, lease_owner = NULL, lease_until = NULL,
                    external_deadline = NULL, completed_at = ?, updated_at = ?
                    WHERE id = ? AND status = 'processing' {_attempt_clause(attempt)}""",
-                (message, result_name, txn.now, txn.now, task_id, *_attempt_args(attempt)),
+                (message, result_name, result_size, txn.now, txn.now, task_id,
+                 *_attempt_args(attempt)),
             )
             if cursor.rowcount != 1:
                 return None
@@ -1492,13 +1638,14 @@ class TaskStore:
                 )
             ).fetchone()
             if row["files_expired"]:
-                raise InvalidTransition("expired", "retry")
+                raise FilesExpired(status)
             txn.db.execute(
                 """UPDATE processing_tasks SET status = 'pending', progress = 0, attempts = 0,
                    status_message = 'waiting for a worker', stage = NULL, eta_seconds = NULL,
                    error_message = NULL, error_code = NULL, external_task_id = NULL,
                    external_deadline = NULL, run_after = NULL, completed_at = NULL,
-                   result_name = NULL, credits_held = ?, updated_at = ? WHERE id = ?""",
+                   result_name = NULL, result_size = 0, credits_held = ?, updated_at = ?
+                   WHERE id = ?""",
                 (row["credits_cost"], txn.now, task_id),
             )
             _charge(txn, user_id, row["credits_cost"], task_id)
@@ -1521,20 +1668,34 @@ class TaskStore:
         return await self._write(_op)
 
     # ------------------------------------------------------------- retention
-    async def tasks_to_expire(self, ended_before: datetime) -> list[Task]:
+    async def tasks_to_expire(
+        self, ended_before: datetime,
+        statuses: Iterable[TaskStatus] = FINAL_STATUSES,
+    ) -> list[Task]:
+        """Ended tasks (of ``statuses``) whose files are kept and that ended before then."""
+        wanted = sorted(s.value for s in statuses)
         rows = await self._fetchall(
-            """SELECT * FROM processing_tasks WHERE status IN ('completed', 'failed', 'cancelled')
+            f"""SELECT * FROM processing_tasks
+               WHERE status IN ({",".join("?" * len(wanted))})
                AND files_expired = 0 AND COALESCE(completed_at, updated_at) < ?""",
-            (isoformat(ended_before),),
+            (*wanted, isoformat(ended_before)),
         )
         return [Task.from_row(r) for r in rows]
 
-    async def mark_files_expired(self, task_id: int) -> None:
+    async def mark_files_expired(self, task_id: int) -> bool:
+        """Record that the task's files go; ``False`` if it is no longer ended (retried).
+
+        Called before the files are removed, so a retry either wins (and the
+        files stay) or sees the task expired.
+        """
         def _op(txn: _Txn) -> Any:
-            txn.db.execute(
-                "UPDATE processing_tasks SET files_expired = 1, updated_at = ? WHERE id = ?",
+            cursor = txn.db.execute(
+                """UPDATE processing_tasks SET files_expired = 1, updated_at = ?
+                   WHERE id = ? AND files_expired = 0
+                   AND status IN ('completed', 'failed', 'cancelled')""",
                 (txn.now, task_id),
             )
+            return cursor.rowcount == 1
         return await self._write(_op)
 
     async def prune_events(self, before: datetime) -> int:
@@ -1655,9 +1816,10 @@ def _status_payload(task_id: int, status: TaskStatus, progress: int, message: st
             "attempts": attempts}
 
 
-TOKEN_CACHE_SIZE = 10_000
 #: keys per memory lookup statement (SQLite's default variable limit is far above)
 MEMORY_LOOKUP_CHUNK = 500
+#: characters of a token kept in clear ("zy_" and 8 more): enough to name it, not to use it
+TOKEN_PREFIX_LENGTH = 11
 INTERRUPTED = "interrupted too many times (the server stopped while it ran)"
 
 
@@ -1719,6 +1881,20 @@ def _last_event_id(db: sqlite3.Connection) -> int:
     """The highest event id ever given (AUTOINCREMENT's counter outlives pruned rows)."""
     top = _scalar(db, "SELECT seq FROM sqlite_sequence WHERE name = 'task_events'")
     return int(top or 0)
+
+
+def _make_private_file(path: Path) -> None:
+    """Create the database file (and its folder) readable by this user only.
+
+    SQLite gives its ``-wal`` and ``-shm`` files the database file's mode, so
+    they are private too. An existing file or folder keeps its mode.
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _schema_sql() -> str:
@@ -1785,6 +1961,16 @@ def _check_active_limit(db: sqlite3.Connection, user_id: str, limit: int) -> Non
     )
     if active >= limit:
         raise TooManyActiveTasks(user_id)
+
+
+_STORAGE_USED_SQL = """SELECT COALESCE(SUM(file_size + result_size), 0) FROM processing_tasks
+                       WHERE user_id = ? AND files_expired = 0"""
+
+
+def _check_storage(db: sqlite3.Connection, user_id: str, needed: int, limit: int) -> None:
+    used = _scalar(db, _STORAGE_USED_SQL, (user_id,))
+    if used + needed > limit:
+        raise StorageQuotaExceeded(used, needed, limit)
 
 
 def _owned_status(db: sqlite3.Connection, task_id: int, user_id: str) -> TaskStatus:

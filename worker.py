@@ -35,10 +35,10 @@ from processors import (
     TaskContext,
     TransientError,
 )
-from storage import StoreUnavailable, Task, TaskStore
+from storage import StoreUnavailable, Task, TaskStatus, TaskStore
 
 __all__ = ["ProgressReporter", "StoreMemory", "WorkerPool", "WorkerSettings", "is_disk_full",
-           "owner_is_gone", "task_dirs"]
+           "make_private_dirs", "owner_is_gone", "task_dirs"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ class WorkerSettings:
     reconcile_seconds: float = 30.0
     poll_seconds: float = 1.0
     retention_days: float = 30.0
+    #: uploads of failed and cancelled tasks are kept this long (for a retry)
+    failed_retention_hours: float = 24.0
     external_timeout_seconds: float = 3600.0
     #: minimum time between two progress writes of one task (the final state is always written)
     progress_interval: float = 0.25
@@ -392,14 +394,32 @@ class WorkerPool:
                 task.id, "The external service did not report back in time.", "external_timeout")
 
     async def apply_retention(self) -> None:
-        cutoff = self.store.now() - timedelta(days=self.settings.retention_days)
-        for task in await self.store.tasks_to_expire(cutoff):
+        """Remove the files of ended tasks past their retention, and expired sessions.
+
+        Failed and cancelled tasks (refunded, so nothing pays for their disk)
+        keep their upload ``failed_retention_hours`` for a retry; completed
+        ones ``retention_days``. The database says "expired" first, so a retry
+        racing this either wins (the files stay) or is refused.
+        """
+        now = self.store.now()
+        cutoff = now - timedelta(days=self.settings.retention_days)
+        failed_cutoff = now - timedelta(hours=self.settings.failed_retention_hours)
+        expiring = [
+            *await self.store.tasks_to_expire(cutoff),
+            *await self.store.tasks_to_expire(
+                failed_cutoff, statuses=(TaskStatus.FAILED, TaskStatus.CANCELLED)),
+        ]
+        removed: set[int] = set()
+        for task in expiring:
+            if task.id in removed or not await self.store.mark_files_expired(task.id):
+                continue
+            removed.add(task.id)
             base = task_dirs(self.data_path, task)[0]
             await asyncio.to_thread(shutil.rmtree, base, True)
-            await self.store.mark_files_expired(task.id)
-            logger.info("task %s: files removed after %s days", task.id,
-                        self.settings.retention_days)
+            logger.info("task %s (%s): files removed after the retention period",
+                        task.id, task.status)
         await self.store.prune_events(cutoff)
+        await self.store.delete_expired_sessions()
 
     # ------------------------------------------------------------ one attempt
     async def _run(self, task: Task) -> None:
@@ -494,8 +514,9 @@ class WorkerPool:
         result_dir = task_dirs(self.data_path, task)[2]
         if not _is_inside(outcome, result_dir):
             raise PermanentError("The processor wrote its result outside the result folder.")
+        size = (await asyncio.to_thread(outcome.stat)).st_size
         done = await self.store.complete_task(task.id, outcome.name, attempt=task.attempts,
-                                              message=summary or "completed")
+                                              message=summary or "completed", result_size=size)
         if done is None:
             logger.info("task %s finished but was no longer running; result dropped", task.id)
 
@@ -528,7 +549,17 @@ def _is_inside(path: Path, folder: Path) -> bool:
 
 def _make_dirs(*dirs: Path) -> None:
     for folder in dirs:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(folder)
+
+
+def make_private_dirs(folder: Path) -> None:
+    """``mkdir -p`` where every folder made is 0700 (``mkdir(parents=True)`` would not)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
 
 
 def _remove_partial_files(data_path: Path, task: Task, keep_work: bool = False) -> None:

@@ -26,6 +26,7 @@ import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
@@ -113,10 +114,14 @@ from sse import (
     stream_events,
 )
 from storage import (
+    AmbiguousTokenPrefix,
+    Credential,
+    FilesExpired,
     InsufficientCredits,
     InvalidTransition,
     NewTask,
     SQLiteTooOld,
+    StorageQuotaExceeded,
     StoreError,
     StoreFull,
     StoreUnavailable,
@@ -127,6 +132,9 @@ from storage import (
     TooManyActiveTasks,
     UserExists,
     UserNotFound,
+    check_sqlite_version,
+    parse_time,
+    utcnow,
 )
 from translation_memory import (
     BadGlossary,
@@ -138,7 +146,7 @@ from translation_memory import (
     parse_glossary,
     to_tmx,
 )
-from worker import WorkerPool, WorkerSettings, is_disk_full, task_dirs
+from worker import WorkerPool, WorkerSettings, is_disk_full, make_private_dirs, task_dirs
 
 __all__ = ["CONFIG", "HUB", "POOL", "STORE", "Config", "create_app", "create_worker_app",
            "main", "run_worker_app"]
@@ -233,6 +241,9 @@ class Config:
     engine_max_inflight: int = 16
     deepl_api_key: str | None = None
     deepl_api_url: str | None = None
+    session_days: float = 30.0
+    max_storage_mb_per_user: int = 1024
+    failed_retention_hours: float = 24.0
     #: run the workers in this process (an embedding app may run them elsewhere)
     run_workers: bool = True
     #: ``zhiyi serve`` starts this many ``zhiyi worker`` processes (0: workers in-process;
@@ -279,6 +290,9 @@ class Config:
             engine_max_inflight=_env_int(e, "ENGINE_MAX_INFLIGHT", 16, 1),
             deepl_api_key=e.get("DEEPL_API_KEY") or None,
             deepl_api_url=e.get("DEEPL_API_URL") or None,
+            session_days=_env_number(e, "SESSION_DAYS", 30.0, float, 0.01),
+            max_storage_mb_per_user=_env_int(e, "MAX_STORAGE_MB_PER_USER", 1024, 0),
+            failed_retention_hours=_env_float(e, "FAILED_RETENTION_HOURS", 24.0),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -297,6 +311,15 @@ class Config:
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def max_storage_bytes(self) -> int:
+        """The per-user quota in bytes; 0 means none."""
+        return self.max_storage_mb_per_user * 1024 * 1024
+
+    @property
+    def session_lifetime(self) -> timedelta:
+        return timedelta(days=self.session_days)
 
     def engine_settings(self) -> engines.EngineSettings:
         return engines.EngineSettings(
@@ -319,6 +342,7 @@ class Config:
             lease_seconds=self.lease_seconds,
             reconcile_seconds=self.reconcile_seconds,
             retention_days=self.retention_days,
+            failed_retention_hours=self.failed_retention_hours,
             external_timeout_seconds=self.external_timeout_seconds,
             engine_concurrency=self.engine_concurrency,
         )
@@ -333,6 +357,8 @@ POOL = web.AppKey("zhiyi.pool", WorkerPool)
 METRICS = web.AppKey("zhiyi.metrics", Metrics)
 HTTP = web.AppKey("zhiyi.http", aiohttp.ClientSession)
 EXTERNAL = web.AppKey("zhiyi.external", ExternalService)
+#: the session token whose expiry this request slid: its cookie is set again
+SLID_SESSION = web.RequestKey("zhiyi.slid_session", str)
 
 
 # --------------------------------------------------------------------- errors
@@ -378,6 +404,13 @@ def api_error_from_store(e: StoreError) -> ApiError:
     if isinstance(e, TooManyActiveTasks):
         return ApiError(429, "too_many_active_tasks",
                         "You have too many pending or processing tasks; wait for some to end.")
+    if isinstance(e, StorageQuotaExceeded):
+        return _quota_error(e.used, e.limit)
+    if isinstance(e, FilesExpired):
+        return ApiError(409, "expired",
+                        f"This task is {e.status} and its uploaded file was deleted after the "
+                        "retention period; upload the document again to run it.",
+                        taskStatus=str(e.status))
     if isinstance(e, InvalidTransition):
         return ApiError(409, "invalid_state", f"Cannot {e.action} a task that is {e.status}.",
                         taskStatus=str(e.status))
@@ -395,6 +428,15 @@ def _disk_full() -> ApiError:
     return ApiError(507, "insufficient_storage",
                     "The server's disk is full, so nothing was stored. Try again later; the "
                     "administrator needs to free space on the data folder's disk.")
+
+
+def _quota_error(used: int, limit: int) -> ApiError:
+    mb = 1024 * 1024
+    free = max(0, limit - used)
+    return ApiError(507, "insufficient_storage",
+                    f"This upload does not fit in your storage quota: your kept files use "
+                    f"{used / mb:.1f} MB of {limit / mb:g} MB and {free / mb:.1f} MB is free. "
+                    "Delete some tasks to make room.")
 
 
 @web.middleware
@@ -426,19 +468,56 @@ async def error_middleware(
 
 
 # ----------------------------------------------------------------------- auth
-async def current_user(request: web.Request) -> str:
-    """The user of a Bearer token or of the session cookie; 401 otherwise."""
+async def current_credential(request: web.Request) -> Credential:
+    """The valid token or session of the request (Bearer first, then the cookie); 401 otherwise.
+
+    Looked up in the database on every request (no cache), so a revocation
+    by any process holds at once. A session in use slides its expiry, with at
+    most one write per session per :func:`_slide_interval`.
+    """
     store = request.config_dict[STORE]
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else None
     if not token and (token := request.cookies.get(SESSION_COOKIE)):
         require_same_origin(request)  # a cookie rides along cross-site; a bearer token cannot
-    user = await store.user_for_token(token) if token else None
-    if user is None:
+    credential = await store.credential_for_token(token) if token else None
+    if credential is None:
         raise ApiError(401, "unauthenticated",
                        "User not authenticated: send 'Authorization: Bearer <token>' "
                        "or log in at the page.")
-    return user
+    if credential.kind == "session" and token is not None:
+        await _slide(request, credential, token)
+    return credential
+
+
+async def current_user(request: web.Request) -> str:
+    """The user of a Bearer token or of the session cookie; 401 otherwise."""
+    return (await current_credential(request)).user_id
+
+
+def _slide_interval(lifetime: timedelta) -> timedelta:
+    return min(timedelta(hours=1), lifetime / 10)
+
+
+async def _slide(request: web.Request, credential: Credential, token: str) -> None:
+    store = request.config_dict[STORE]
+    lifetime = request.config_dict[CONFIG].session_lifetime
+    last = parse_time(credential.last_used_at) if credential.last_used_at else None
+    if last is not None and store.now() - last < _slide_interval(lifetime):
+        return
+    await store.slide_session(credential.token_hash, lifetime)
+    if request.cookies.get(SESSION_COOKIE) == token:
+        request[SLID_SESSION] = token
+
+
+async def _refresh_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: a slid session's cookie lives as long as the session."""
+    token = request.get(SLID_SESSION)
+    if token is not None and SESSION_COOKIE not in response.cookies:
+        _put_session_cookie(request, response, token)
+        # aiohttp may already have turned ``response.cookies`` into headers by now.
+        morsel = response.cookies.pop(SESSION_COOKIE)
+        response.headers.add(hdrs.SET_COOKIE, morsel.OutputString())
 
 
 async def create_session(request: web.Request) -> web.Response:
@@ -457,10 +536,12 @@ async def create_session(request: web.Request) -> web.Response:
 
 
 async def delete_session(request: web.Request) -> web.Response:
+    """``DELETE /api/session``: revoke the session and end the streams opened with it."""
     token = request.cookies.get(SESSION_COOKIE)
     if token:
         require_same_origin(request)
-        await request.config_dict[STORE].revoke_token(token)
+        revoked = await request.config_dict[STORE].revoke_token(token)
+        request.config_dict[HUB].close_credentials({revoked})
     response = web.json_response({"success": True})
     response.del_cookie(SESSION_COOKIE, path="/")
     return response
@@ -468,11 +549,18 @@ async def delete_session(request: web.Request) -> web.Response:
 
 async def _set_session_cookie(request: web.Request, response: web.StreamResponse,
                               user: str) -> None:
-    session = await request.config_dict[STORE].issue_token(user, kind="session")
-    public_url = request.config_dict[CONFIG].public_url or ""
-    secure = request.secure or public_url.lower().startswith("https://")
+    lifetime = request.config_dict[CONFIG].session_lifetime
+    session = await request.config_dict[STORE].issue_token(user, kind="session",
+                                                           lifetime=lifetime)
+    _put_session_cookie(request, response, session)
+
+
+def _put_session_cookie(request: web.Request, response: web.StreamResponse,
+                        session: str) -> None:
+    config = request.config_dict[CONFIG]
+    secure = request.secure or (config.public_url or "").lower().startswith("https://")
     response.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="Strict", path="/",
-                        max_age=30 * 24 * 3600, secure=secure)
+                        max_age=int(config.session_lifetime.total_seconds()), secure=secure)
 
 
 # ------------------------------------------------------------- request guards
@@ -1109,17 +1197,18 @@ async def create_task(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "Idempotency-Key must be at most 200 characters.")
     if key and (earlier := await store.find_by_idempotency_key(user_id, key)):
         return _created(request, earlier, status=200)
+    room = await _storage_room(store, user_id, request.content_length, config)
     task_dir_rel = f"{user_id}/{uuid.uuid4().hex}"
     task_dir = config.data_path / task_dir_rel
     try:
-        upload = await _receive_upload(request, task_dir / "original", config)
+        upload = await _receive_upload(request, task_dir / "original", config, room)
         task_type, params = _validate_upload(request, upload)
         quote, cost = await _price(request, user_id, task_type, params, upload)
         task, created = await store.create_processing_task(NewTask(
             user_id=user_id, task_type=task_type.name, params=params,
             file_name=upload.file_name or "upload", file_size=upload.file_size,
             file_path=task_dir_rel, credits_cost=cost, idempotency_key=key,
-            max_active=config.max_active_tasks_per_user,
+            max_active=config.max_active_tasks_per_user, max_storage=config.max_storage_bytes,
         ))
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, task_dir, True)
@@ -1171,15 +1260,45 @@ def _too_large(config: Config) -> ApiError:
                     f"The file is larger than the {config.max_upload_mb} MB limit.")
 
 
-async def _receive_upload(request: web.Request, original_dir: Path, config: Config) -> Upload:
+@dataclass(frozen=True)
+class StorageRoom:
+    """How many bytes of the user's storage quota an upload may still take."""
+
+    used: int
+    limit: int
+
+    @property
+    def free(self) -> int:
+        return self.limit - self.used if self.limit else 2**63
+
+    def refuse(self) -> ApiError:
+        return _quota_error(self.used, self.limit)
+
+
+async def _storage_room(store: TaskStore, user_id: str, declared: int | None,
+                        config: Config) -> StorageRoom:
+    """The quota left before reading the body; refused at once when it cannot fit.
+
+    Checked again while the file streams and, exactly, in the create transaction.
+    """
+    if not config.max_storage_bytes:
+        return StorageRoom(0, 0)
+    room = StorageRoom(await store.storage_used(user_id), config.max_storage_bytes)
+    if room.free <= 0 or (declared or 0) > room.free + MAX_FIELD_BYTES:
+        raise room.refuse()
+    return room
+
+
+async def _receive_upload(request: web.Request, original_dir: Path, config: Config,
+                          room: StorageRoom) -> Upload:
     """The multipart body, under the upload cap (plus slack) and the body deadline."""
     async with metered_body(request, config.max_upload_bytes + MULTIPART_SLACK_BYTES,
                             rolling=True, too_large=_too_large(config)) as progress:
-        return await _read_upload(request, original_dir, config, progress)
+        return await _read_upload(request, original_dir, config, progress, room)
 
 
 async def _read_upload(request: web.Request, original_dir: Path, config: Config,
-                       progress: Callable[[], None]) -> Upload:
+                       progress: Callable[[], None], room: StorageRoom) -> Upload:
     # The raw header: aiohttp's parsed content_type costs ~0.5 ms per upload
     # (every multipart boundary is new, so its cache never hits).
     if not request.headers.get("Content-Type", "").lower().startswith("multipart/"):
@@ -1198,7 +1317,7 @@ async def _read_upload(request: web.Request, original_dir: Path, config: Config,
             name = content_disposition_filename(disposition, "name")
             if name == "file":
                 filename = content_disposition_filename(disposition, "filename")
-                await _save_file(part, filename, upload, original_dir, config, progress)
+                await _save_file(part, filename, upload, original_dir, config, progress, room)
             elif name == "taskType":
                 upload.task_type = (await _read_field(part, name, progress)).strip()
             elif name == "params":
@@ -1227,26 +1346,34 @@ async def _read_field(part: aiohttp.BodyPartReader, name: str,
 
 
 async def _save_file(part: aiohttp.BodyPartReader, filename: str | None, upload: Upload,
-                     original_dir: Path, config: Config, progress: Callable[[], None]) -> None:
-    """Stream one file part to disk, enforcing the size cap as bytes arrive."""
+                     original_dir: Path, config: Config, progress: Callable[[], None],
+                     room: StorageRoom) -> None:
+    """Stream one file part to disk (0600), enforcing the size cap and quota as bytes arrive."""
     if upload.file_path is not None:
         raise ApiError(400, "bad_request", "Send exactly one file per task.")
     upload.file_name = clean_file_name(filename)
-    await asyncio.to_thread(original_dir.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(make_private_dirs, original_dir)
     upload.file_path = original_dir / upload.file_name
     try:
-        async with aiofiles.open(upload.file_path, "wb") as f:
+        async with aiofiles.open(upload.file_path, "wb", opener=_private_opener) as f:
             while chunk := await part.read_chunk(256 * 1024):
                 progress()
                 upload.file_size += len(chunk)
                 if upload.file_size > config.max_upload_bytes:
                     raise _too_large(config)
+                if upload.file_size > room.free:
+                    raise room.refuse()
                 await f.write(chunk)
     except OSError as e:
         if is_disk_full(e):
             logger.error("upload refused: the data folder's disk is full (%s)", e)
             raise _disk_full() from e
         raise
+
+
+def _private_opener(path: str, flags: int) -> int:
+    """Files the server writes are readable by its own user only."""
+    return os.open(path, flags, 0o600)
 
 
 def _validate_upload(request: web.Request, upload: Upload) -> tuple[TaskType, dict[str, Any]]:
@@ -1408,12 +1535,13 @@ def _last_event_id(request: web.Request) -> int | None:
         raise ApiError(400, "bad_request", "Last-Event-ID must be an event id.") from e
 
 
-def _subscribe(request: web.Request, user_id: str, task_id: int | None) -> Any:
+def _subscribe(request: web.Request, credential: Credential, task_id: int | None) -> Any:
     hub = request.config_dict[HUB]
     if hub.closing:
         raise ApiError(503, "unavailable", "The server is shutting down; reconnect shortly.")
     try:
-        return hub.subscribe(user_id, task_id)
+        # The stream remembers its credential: revoking it ends the stream.
+        return hub.subscribe(credential.user_id, task_id, credential=credential.token_hash)
     except StreamLimitReached as e:
         if e.scope == "per_user":
             raise ApiError(429, "too_many_streams",
@@ -1424,12 +1552,13 @@ def _subscribe(request: web.Request, user_id: str, task_id: int | None) -> Any:
 
 async def sse_task(request: web.Request) -> web.StreamResponse:
     """``GET /api/sse/tasks/{taskId}``: the state of one task, then its events live."""
-    user_id = await current_user(request)
+    credential = await current_credential(request)
+    user_id = credential.user_id
     store = request.config_dict[STORE]
     task_id = _task_id(request)
     task = await store.get_task_by_id(task_id, user_id)
     last_id = _last_event_id(request)
-    sub = _subscribe(request, user_id, task_id)
+    sub = _subscribe(request, credential, task_id)
     try:
         # Read after subscribing: whatever commits from now on is also in the buffer.
         latest, state = await store.snapshot(task_id=task_id)
@@ -1452,10 +1581,11 @@ async def sse_task(request: web.Request) -> web.StreamResponse:
 
 async def sse_notifications(request: web.Request) -> web.StreamResponse:
     """``GET /api/sse/notifications``: every event of the user's tasks, and notices."""
-    user_id = await current_user(request)
+    credential = await current_credential(request)
+    user_id = credential.user_id
     store = request.config_dict[STORE]
     last_id = _last_event_id(request)
-    sub = _subscribe(request, user_id, None)
+    sub = _subscribe(request, credential, None)
     try:
         latest, state = await store.snapshot(user_id=user_id)
         if state is None:  # history pruned: the newest task ended long ago
@@ -1579,7 +1709,8 @@ async def _complete_external(request: web.Request, task: Task,
     except ResultFetchError as e:
         logger.warning("task %s: external result refused: %s", task.id, e)
         return await store.fail_task(task.id, str(e), "external_error")
-    done = await store.complete_task(task.id, out.name)
+    size = (await asyncio.to_thread(out.stat)).st_size
+    done = await store.complete_task(task.id, out.name, result_size=size)
     if done is None:
         await asyncio.to_thread(shutil.rmtree, result_dir, True)
     return done
@@ -1596,15 +1727,16 @@ async def _save_text(out: Path, text: str, config: Config) -> None:
     data = text.encode("utf-8")
     if len(data) > config.max_upload_bytes:
         raise ResultFetchError("The result is larger than the size cap; it was not kept.")
-    await asyncio.to_thread(out.parent.mkdir, parents=True, exist_ok=True)
-    async with aiofiles.open(out, "wb") as f:
+    await asyncio.to_thread(make_private_dirs, out.parent)
+    async with aiofiles.open(out, "wb", opener=_private_opener) as f:
         await f.write(data)
 
 
 # ------------------------------------------------------------------ lifetime
-def _store_ctx(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+def _store_ctx(config: Config, clock: Callable[[], datetime],
+               ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = await TaskStore.open(config.database)
+        store = await TaskStore.open(config.database, clock=clock)
         store.result_url = lambda task_id: str(
             app.router["task_result"].url_for(taskId=str(task_id)))
         app[STORE] = store
@@ -1628,8 +1760,11 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[HUB] = hub
     app[STORE].add_listener(hub.publish)
-    heartbeat = asyncio.create_task(hub.heartbeat(config.sse_heartbeat_seconds),
-                                    name="zhiyi-sse-heartbeat")
+    # Each heartbeat also re-checks the streams' credentials: a token revoked by
+    # another process (or `zhiyi user revoke`) ends its streams within one period.
+    heartbeat = asyncio.create_task(
+        hub.heartbeat(config.sse_heartbeat_seconds, app[STORE].valid_token_hashes),
+        name="zhiyi-sse-heartbeat")
     yield
     heartbeat.cancel()
     await asyncio.gather(heartbeat, return_exceptions=True)
@@ -1688,18 +1823,22 @@ async def _close_streams(app: web.Application) -> None:
 
 
 def create_app(config: Config | None = None, *, registry: Registry | None = None,
-               ) -> web.Application:
-    """The Zhiyi application; no I/O happens until it starts."""
+               clock: Callable[[], datetime] = utcnow) -> web.Application:
+    """The Zhiyi application; no I/O happens until it starts.
+
+    ``clock`` is the store's idea of now (tests drive session expiry and retention with it).
+    """
     config = config or Config.from_env()
     app = web.Application(middlewares=[error_middleware],
                           client_max_size=config.max_upload_bytes + MAX_FIELD_BYTES)
     app[CONFIG] = config
     app[REGISTRY] = registry or default_registry()
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_store_ctx(config), _hub_ctx, _http_ctx, _pool_ctx,
+    app.cleanup_ctx.extend([_store_ctx(config, clock), _hub_ctx, _http_ctx, _pool_ctx,
                            _disk_watch_ctx])
     app.on_shutdown.append(_close_streams)
     app.on_response_prepare.append(add_security_headers)
+    app.on_response_prepare.append(_refresh_session_cookie)
     _add_routes(app)
     return app
 
@@ -1863,11 +2002,39 @@ async def _user_add(store: TaskStore, name: str, credits: int) -> str:
     return await store.issue_token(name)
 
 
-async def _user_token(store: TaskStore, name: str) -> str:
+async def _user_token(store: TaskStore, name: str, rotate: bool = False) -> str:
     try:
-        return await store.issue_token(name)
+        return await store.issue_token(name, rotate=rotate)
     except UserNotFound as e:
         raise CliError(f"no user named {name!r}") from e
+
+
+MIN_TOKEN_PREFIX = 6
+
+
+async def _user_revoke(store: TaskStore, name: str, prefix: str | None) -> str:
+    if prefix is not None and len(prefix) < MIN_TOKEN_PREFIX:
+        raise CliError(f"give at least {MIN_TOKEN_PREFIX} characters of the token to revoke")
+    try:
+        count = await store.revoke_tokens(name, prefix)
+    except UserNotFound as e:
+        raise CliError(f"no user named {name!r}") from e
+    except AmbiguousTokenPrefix as e:
+        raise CliError(f"{e.matches} tokens of {name} start with {prefix!r}; "
+                       "give more characters") from e
+    if prefix is not None and count == 0:
+        raise CliError(f"no token of {name} starts with {prefix!r}")
+    return f"revoked {count} token(s) and session(s) of {name}"
+
+
+async def _user_disable(store: TaskStore, name: str, disabled: bool) -> str:
+    try:
+        await store.set_user_disabled(name, disabled)
+    except UserNotFound as e:
+        raise CliError(f"no user named {name!r}") from e
+    if disabled:
+        return f"disabled {name}: no token or session of theirs works until `zhiyi user enable`"
+    return f"enabled {name}"
 
 
 async def _user_credit(store: TaskStore, name: str, amount: int) -> int:
@@ -1907,7 +2074,10 @@ def _serve_command(args: argparse.Namespace) -> int:
     config = Config.from_env(host=args.host, port=args.port,
                              data_path=Path(args.data) if args.data else None,
                              worker_processes=args.workers)
-    config.data_path.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(config.data_path)
+    if config.data_path.stat().st_mode & 0o077:
+        logger.warning("%s can be read by other users of this machine; "
+                       "`chmod 700` it to keep documents private", config.data_path)
     processes = config.worker_process_count
     if processes:
         config = dataclasses.replace(config, run_workers=False)
@@ -1953,16 +2123,29 @@ def _user_command(args: argparse.Namespace) -> int:
         token = asyncio.run(_with_store(config, lambda s: _user_add(s, args.name, args.credits)))
         print(f"created user {args.name} with {args.credits} credits; API token:")
         print(token)
-    elif args.user_command == "token":
-        print(asyncio.run(_with_store(config, lambda s: _user_token(s, args.name))))
+        return 0
+    check_sqlite_version()
+    if not config.database.exists():
+        # Only `user add` may start a new database; the others would make an empty one.
+        raise CliError(f"no Zhiyi database in {config.database.parent} "
+                       f"(looked for {config.database.name}); check --data or "
+                       "DATA_STORAGE_PATH, or create a user with `zhiyi user add`")
+    if args.user_command == "token":
+        print(asyncio.run(_with_store(
+            config, lambda s: _user_token(s, args.name, rotate=args.rotate))))
     elif args.user_command == "credit":
         balance = asyncio.run(_with_store(
             config, lambda s: _user_credit(s, args.name, args.amount)))
         print(f"{args.name}: {balance} credits")
+    elif args.user_command == "revoke":
+        print(asyncio.run(_with_store(config, lambda s: _user_revoke(s, args.name, args.token))))
+    elif args.user_command in ("disable", "enable"):
+        print(asyncio.run(_with_store(
+            config, lambda s: _user_disable(s, args.name, args.user_command == "disable"))))
     else:
         users = asyncio.run(_with_store(config, lambda s: s.list_users()))
         for user in users:
-            print(f"{user.id}\t{user.credits}")
+            print(f"{user.id}\t{user.credits}" + ("\tdisabled" if user.disabled_at else ""))
     return 0
 
 
@@ -2012,11 +2195,22 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--credits", type=int, default=0)
     token = user_commands.add_parser("token", help="issue another token")
     token.add_argument("name")
+    token.add_argument("--rotate", action="store_true",
+                       help="revoke every other token and session of the user")
     credit = user_commands.add_parser("credit", help="grant or take credits")
     credit.add_argument("name")
     credit.add_argument("amount", type=int)
+    revoke = user_commands.add_parser(
+        "revoke", help="revoke the user's tokens and sessions (all, or one with --token)")
+    revoke.add_argument("name")
+    revoke.add_argument("--token", metavar="PREFIX", default=None,
+                        help="the first characters (at least 6) of the one token to revoke")
+    disable = user_commands.add_parser("disable", help="no token of the user works until enabled")
+    disable.add_argument("name")
+    enable = user_commands.add_parser("enable", help="undo `user disable`")
+    enable.add_argument("name")
     user_commands.add_parser("list", help="users and balances")
-    for sub in (add, token, credit, user_commands.choices["list"]):
+    for sub in user_commands.choices.values():
         sub.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
     save = commands.add_parser("backup", help="copy the database and documents to DEST "
                                "(safe while the server runs)")
@@ -2061,12 +2255,21 @@ def _add_client_commands(commands: Any) -> None:
         add_commands(commands)
 
 
+#: commands that create server data (the client commands are not among them)
+SERVER_COMMANDS = frozenset({"serve", "worker", "backup", "restore"})
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``zhiyi`` command."""
     logging.basicConfig(level=os.environ.get("ZHIYI_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.command in SERVER_COMMANDS:
+            # Everything the server creates (uploads, results, also what a processor
+            # writes) is its own user's only: folders 0700, files 0600. The database is
+            # made 0600 by the store itself; client commands keep the user's umask.
+            os.umask(0o077)
         if args.command == "serve":
             return _serve_command(args)
         if args.command == "user":

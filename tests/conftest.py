@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
+from fake_clock import FakeClock
 
 from processors import Registry
 from zhiyi_server import Config, create_app
@@ -47,3 +48,21 @@ async def client(make_client: MakeClient) -> TestClient:
 async def idle_client(make_client: MakeClient) -> TestClient:
     """No workers: created tasks stay pending."""
     return await make_client(worker_concurrency=0)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The store's clock, moved by hand (session expiry, retention)."""
+    return FakeClock()
+
+
+@pytest.fixture
+def app_client(aiohttp_client, config: Config, clock: FakeClock) -> MakeClient:
+    """``await app_client(**config_overrides)``: the real app on ``clock``, no workers
+    unless asked."""
+
+    async def make(**overrides) -> TestClient:
+        settings = {**config.__dict__, "worker_concurrency": 0, **overrides}
+        return await aiohttp_client(create_app(Config(**settings), clock=clock))
+
+    return make
