@@ -16,6 +16,8 @@ from aiohttp.test_utils import TestClient
 from conftest import MakeClient
 from fake_clock import FakeClock
 from helpers import add_user, create, form, wait_status
+from test_openapi import check_response
+from test_openapi import spec as spec  # the fixture
 from test_recovery import free_port
 
 from zhiyi_server import POOL, STORE, Config
@@ -29,9 +31,12 @@ def text_of(size: int) -> bytes:
     return (line * (size // len(line) + 1))[:size]
 
 
-async def upload(client: TestClient, headers: dict[str, str], size: int) -> tuple[int, dict]:
+async def upload(client: TestClient, headers: dict[str, str], size: int,
+                 spec: dict | None = None) -> tuple[int, dict]:
     resp = await client.post("/api/tasks/create", headers=headers,
                              data=form(text_of(size), task_type="analyze"))
+    if spec is not None:  # the answer is as openapi.yaml documents it
+        return resp.status, await check_response(spec, resp, "/api/tasks/create", "post")
     return resp.status, await resp.json()
 
 
@@ -41,12 +46,12 @@ def files_under(folder: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------- quota
 async def test_an_upload_past_the_quota_is_refused_and_changes_nothing(
-        app_client: MakeClient, config: Config) -> None:
+        app_client: MakeClient, config: Config, spec: dict) -> None:
     client = await app_client(max_storage_mb_per_user=1)
     headers = await add_user(client)
     status, first = await upload(client, headers, 600 * KB)
     assert status == 201, first
-    status, refused = await upload(client, headers, 600 * KB)
+    status, refused = await upload(client, headers, 600 * KB, spec)
     assert status == 507
     assert refused["code"] == "insufficient_storage"
     assert "storage quota" in refused["message"] and "0.4 MB is free" in refused["message"]
@@ -96,7 +101,7 @@ async def test_a_quota_of_zero_means_none(app_client: MakeClient) -> None:
 
 # ------------------------------------------------------------------ retention
 async def test_failed_and_cancelled_uploads_go_after_the_grace(
-        app_client: MakeClient, clock: FakeClock, config: Config) -> None:
+        app_client: MakeClient, clock: FakeClock, config: Config, spec: dict) -> None:
     client = await app_client(failed_retention_hours=24)
     store, pool = client.app[STORE], client.app[POOL]
     headers = await add_user(client)
@@ -130,8 +135,8 @@ async def test_failed_and_cancelled_uploads_go_after_the_grace(
     assert task["expired"] is True and task["taskStatus"] == "failed"
     credits = (await (await client.get("/api/me", headers=headers)).json())["credits"]
     resp = await client.post(f"/api/tasks/{failed}/retry", headers=headers)
-    body = await resp.json()
-    assert resp.status == 409 and body["code"] == "expired"
+    body = await check_response(spec, resp, "/api/tasks/{taskId}/retry", "post", 409)
+    assert body["code"] == "expired"
     assert body["taskStatus"] == "failed" and "upload the document again" in body["message"]
     assert (await (await client.get("/api/me", headers=headers)).json())["credits"] == credits
 
