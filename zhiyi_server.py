@@ -1733,7 +1733,7 @@ async def _save_text(out: Path, text: str, config: Config) -> None:
 
 
 # ------------------------------------------------------------------ lifetime
-def _store_ctx(config: Config, clock: Callable[[], datetime],
+def _store_ctx(config: Config, clock: Callable[[], datetime] = utcnow,
                ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = await TaskStore.open(config.database, clock=clock)
