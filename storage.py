@@ -204,12 +204,6 @@ class StorageQuotaExceeded(StoreError):
         self.limit = limit
 
 
-class FilesExpired(StoreError):
-    """The task's files were deleted after their retention period; it cannot run again."""
-
-    def __init__(self, status: str) -> None:
-        super().__init__(f"the files of this {status} task were deleted")
-        self.status = status
 
 
 class AmbiguousTokenPrefix(StoreError):
@@ -227,6 +221,14 @@ class InvalidTransition(StoreError):
         super().__init__(f"cannot {action} a task that is {status}")
         self.status = status
         self.action = action
+
+
+class FilesExpired(InvalidTransition):
+    """The task's files were deleted after their retention period; it cannot run again."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status, "retry")
+        self.args = (f"cannot retry a {status} task: its files expired",)
 
 
 def utcnow() -> datetime:
