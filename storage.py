@@ -820,9 +820,7 @@ class TaskStore:
             await asyncio.sleep(MIN_LOOK_SECONDS)
 
     async def _foreign_commit(self) -> None:
-        # Another process may have revoked a token: forget what was remembered
-        # (at most one read per token and look under load).
-        self._token_users.clear()
+        # (Tokens need nothing here: they are read from the database on every request.)
         if self._listeners:
             await self.catch_up()
         for callback in list(self._change_callbacks):
