@@ -81,6 +81,9 @@ class PdfDocument(DocxDocument):
     def _load(self) -> Any:
         return docx.Document(io.BytesIO(self._docx))
 
+    def _package_path(self) -> Path | None:
+        return None  # the package was made here: python-docx's save is the whole result
+
     def _pages(self) -> Iterator[Any]:
         # pypdf reads the page tree lazily: a damaged one fails here, not at open.
         pages = iter(self._reader.pages)

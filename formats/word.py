@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import re
 import zipfile
@@ -295,6 +296,27 @@ def _replace_text(runs: list[etree._Element], translation: str) -> None:
                 run.insert(index + offset, element)
 
 
+def _write_text_parts(
+    source: Path | None, saved: io.BytesIO, names: set[str], out: Path
+) -> None:
+    """Write `out` as the source package with only the text parts (`names`) taken from
+    python-docx's save: every other part stays byte for byte (python-docx re-serializes
+    styles, numbering and settings even when nothing in them changed)."""
+    if source is None:
+        out.write_bytes(saved.getvalue())
+        return
+    with (
+        zipfile.ZipFile(source) as original,
+        zipfile.ZipFile(saved) as edited,
+        zipfile.ZipFile(out, "w") as target,
+    ):
+        for info in original.infolist():
+            data = edited.read(info.filename) if info.filename in names else (
+                original.read(info.filename)
+            )
+            target.writestr(info, data)
+
+
 def _load_docx(path: Path) -> Any:
     with path.open("rb") as f:
         head = f.read(8)
@@ -355,9 +377,16 @@ class DocxDocument(_BaseDocument):
                 lost += segment.apply(feed.take())
         feed.finish()
         _store_parsed_parts(parts)
+        saved = io.BytesIO()
+        document.save(saved)
         with _atomic_output(out) as tmp:
-            document.save(str(tmp))
+            names = {part.partname.lstrip("/") for part, _ in parts}
+            _write_text_parts(self._package_path(), saved, names, tmp)
         return lost
+
+    def _package_path(self) -> Path | None:
+        """The source package whose other parts are copied as they are."""
+        return self.path
 
     def plain_text(self) -> Iterator[str]:
         """A line per non-empty paragraph."""

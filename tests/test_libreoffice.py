@@ -77,6 +77,11 @@ def test_libreoffice_docx_keeps_inline_bold(soffice: str, tmp_path: Path) -> Non
     assert paragraph.text == "SALES ROSE SHARPLY THIS YEAR, SAYS {name}."
     assert [r.text for r in paragraph.runs if r.bold] == ["SHARPLY"]
     assert result.tables[0].cell(1, 1).text == "FORTY"
+    # Only the parts with text changed: styles, numbering, settings stay byte for byte.
+    with zipfile.ZipFile(written) as before, zipfile.ZipFile(out) as after:
+        assert before.namelist() == after.namelist()
+        changed = {n for n in before.namelist() if before.read(n) != after.read(n)}
+    assert changed == {"word/document.xml"}
 
 
 def test_libreoffice_pdf_becomes_a_docx(soffice: str, tmp_path: Path) -> None:
