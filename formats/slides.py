@@ -9,6 +9,7 @@ the text is edited in the slides' DrawingML directly, paragraph by paragraph, so
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import re
 import zipfile
@@ -24,6 +25,7 @@ from pptx.oxml.ns import qn
 from .model import BadDocument, _atomic_output, _BaseDocument, _has_words, _Translations
 from .runs import TaggedParagraph, _Barrier, _Span
 from .tags import strip_tags
+from .word import _write_text_parts
 
 __all__ = ["PptxDocument"]
 
@@ -76,6 +78,15 @@ def _roots(presentation: Any) -> Iterator[etree._Element]:
             yield slide.notes_slide._element
 
 
+def _text_part_names(presentation: Any) -> set[str]:
+    names = set()
+    for slide in presentation.slides:
+        names.add(slide.part.partname.lstrip("/"))
+        if slide.has_notes_slide:
+            names.add(slide.notes_slide.part.partname.lstrip("/"))
+    return names
+
+
 def _segments(presentation: Any) -> Iterator[TaggedParagraph]:
     for root in _roots(presentation):
         for paragraph in list(root.iter(_A_P)):
@@ -123,8 +134,10 @@ class PptxDocument(_BaseDocument):
         feed = _Translations(translations)
         lost = sum(segment.apply(feed.take()) for segment in list(_segments(presentation)))
         feed.finish()
-        with _atomic_output(out) as tmp:
-            presentation.save(str(tmp))
+        saved = io.BytesIO()
+        presentation.save(saved)
+        with _atomic_output(out) as tmp:  # other parts byte for byte
+            _write_text_parts(self.path, saved, _text_part_names(presentation), tmp)
         return lost
 
     def plain_text(self) -> Iterator[str]:

@@ -98,6 +98,10 @@ def test_pptx_round_trip(tmp_path: Path) -> None:
     group = next(s for s in slide.shapes if s.shape_type == 6)
     assert group.shapes[0].text_frame.text == "[GROUPED NOTE FOR {name}]"
     assert slide.notes_slide.notes_text_frame.text == "[SPEAKER NOTES HERE]"
+    with zipfile.ZipFile(source) as before, zipfile.ZipFile(out) as after:
+        assert before.namelist() == after.namelist()
+        changed = {n for n in before.namelist() if before.read(n) != after.read(n)}
+    assert changed == {"ppt/slides/slide1.xml", "ppt/notesSlides/notesSlide1.xml"}
 
 
 def test_pptx_broken_tags_keep_text(tmp_path: Path) -> None:
