@@ -569,6 +569,8 @@ WEBHOOK_MAX_BYTES = 1024 * 1024
 SESSION_MAX_BYTES = 4 * 1024
 #: the multipart body of a create: the file cap plus room for the small fields and headers
 MULTIPART_SLACK_BYTES = 256 * 1024
+#: an upload slower than this on average (after its first BODY_TIMEOUT_SECONDS) is 408
+MIN_UPLOAD_BYTES_PER_SECOND = 4 * 1024
 #: every response; the page loads only its own files and needs no inline script or style
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -662,7 +664,9 @@ async def metered_body(request: web.Request, limit: int, *, rolling: bool = Fals
 
     ``progress()`` refuses the body (413) once more than ``limit`` bytes were
     received. The deadline is ``BODY_TIMEOUT_SECONDS`` for the whole body, or
-    with ``rolling`` for each pause between pieces (large uploads); past it, 408.
+    with ``rolling`` for each pause between pieces (large uploads), and then
+    the upload must also average ``MIN_UPLOAD_BYTES_PER_SECOND`` after its first
+    ``BODY_TIMEOUT_SECONDS``, so a trickle cannot hold a connection; past it, 408.
     ``too_large`` replaces the generic 413 (an upload's says which file cap).
     """
     refusal = too_large or _too_large_body(limit)
@@ -670,14 +674,17 @@ async def metered_body(request: web.Request, limit: int, *, rolling: bool = Fals
         raise refusal
     seconds = request.config_dict[CONFIG].body_timeout_seconds
     loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
         async with asyncio.timeout(seconds) as deadline:
 
             def progress() -> None:
-                if request.content.total_bytes > limit:
+                received = request.content.total_bytes
+                if received > limit:
                     raise refusal
                 if rolling:
-                    deadline.reschedule(loop.time() + seconds)
+                    earned = started + seconds + received / MIN_UPLOAD_BYTES_PER_SECOND
+                    deadline.reschedule(min(loop.time() + seconds, earned))
 
             yield progress
     except TimeoutError as e:

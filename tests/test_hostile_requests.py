@@ -141,6 +141,36 @@ async def test_slow_upload_is_408_and_leaves_nothing(wclient: TestClient, config
     assert not list((config.data_path / "alice").glob("*/original/*"))
 
 
+async def test_trickled_upload_is_408(make_client) -> None:
+    """Never pausing long, but far slower than the minimum average rate: 408."""
+    client = await make_client(worker_concurrency=0, body_timeout_seconds=1.0)
+    auth = await add_user(client)
+    boundary = "b" + uuid.uuid4().hex
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"a.txt\"\r\n\r\n").encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    try:
+        writer.write((
+            f"POST /api/tasks/create HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: {auth['Authorization']}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: 100000\r\n\r\n").encode() + head)
+        answer = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
+        for _ in range(400):  # 64 bytes every 50 ms: ~1.3 KB/s, never 1 s of silence
+            if answer.done():
+                break
+            writer.write(b"t" * 64)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        assert answer.done(), "the server kept reading a 1.3 KB/s trickle for 20 s"
+        status_line = answer.result().split(b"\r\n")[0]
+    finally:
+        answer.cancel()
+        writer.close()
+    assert status_line == b"HTTP/1.1 408 Request Timeout"
+
+
 async def test_session_body_over_4kb_is_413(wclient: TestClient) -> None:
     resp = await wclient.post("/api/session", json={"token": "x" * 5000})
     assert resp.status == 413 and (await resp.json())["code"] == "too_large"
