@@ -199,3 +199,21 @@ def test_the_page_has_no_inline_script_or_style() -> None:
             break
         tag = html[start:html.find(">", start)]
         assert "src=" in tag, tag
+
+
+def test_every_cookie_write_documents_its_403() -> None:
+    """openapi.yaml: each protected POST/PUT/PATCH/DELETE says it can answer 403 cross_site."""
+    import yaml
+
+    from zhiyi_server import resource
+
+    spec = yaml.safe_load(resource("openapi.yaml").read_text(encoding="utf-8"))
+    missing = [
+        f"{method.upper()} {path}"
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+        if method in {"post", "put", "patch", "delete"}
+        and op.get("security", spec.get("security")) != []
+        and "403" not in op["responses"]
+    ]
+    assert missing == []
