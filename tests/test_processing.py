@@ -445,7 +445,7 @@ def test_hub_drops_a_subscriber_that_falls_behind() -> None:
             fast.buffer.popleft()
     assert slow.overflowed and not fast.overflowed
     assert drops == [1]  # counted once, not once per later event
-    assert delivered[:8] == [2] * 8 and delivered[9:] == [1] * 11
+    assert delivered == [2] * 8 + [1] * 12  # the 9th does not fit: from there, one copy
     hub.unsubscribe(slow)
     hub.unsubscribe(fast)
     assert hub.connection_count == 0
@@ -582,14 +582,15 @@ def test_registry_refuses_duplicates_and_plain_functions() -> None:
 class RecordingTransport:
     """Stands in for a socket whose peer stopped reading: everything stays buffered."""
 
-    def __init__(self) -> None:
+    def __init__(self, closing: bool = False) -> None:
         self.written = bytearray()
+        self.closing = closing
 
     def write(self, data: bytes) -> None:
         self.written += data
 
     def is_closing(self) -> bool:
-        return False
+        return self.closing
 
     def get_write_buffer_size(self) -> int:
         return len(self.written)
@@ -599,7 +600,8 @@ def test_live_streams_get_chunks_written_directly_until_they_back_up() -> None:
     from storage import Event
 
     drops: list[int] = []
-    hub = SSEHub(buffer_size=8, on_drop=lambda: drops.append(1))
+    delivered: list[int] = []
+    hub = SSEHub(buffer_size=8, on_drop=lambda: drops.append(1), on_publish=delivered.append)
     sub = hub.subscribe("alice")
     transport = RecordingTransport()
     sub.go_live(transport, chunked=True, last_id=0, ends_on_final=False)  # type: ignore[arg-type]
@@ -613,6 +615,45 @@ def test_live_streams_get_chunks_written_directly_until_they_back_up() -> None:
     size = len(transport.written)
     hub.publish(Event(41, None, "alice", "notification", big))
     assert len(transport.written) == size  # nothing more is written to a dropped stream
+    # Every write that went out counts as delivered, the one that overflowed included.
+    sent = delivered.index(0)
+    assert sent > 2 and delivered == [1] * sent + [0] * (len(delivered) - sent)
+    assert size == sum(len(b"%x\r\n\r\n" % len(m)) + len(m) for m in [message] + [
+        encode_event(i, "notification", big) for i in range(2, sent + 1)])
+
+
+def test_streams_whose_client_left_take_nothing_and_end() -> None:
+    from storage import Event
+
+    delivered: list[int] = []
+    hub = SSEHub(buffer_size=8, on_publish=delivered.append)
+    gone, pinged, closed = (hub.subscribe("alice") for _ in range(3))
+    for sub in (gone, pinged):
+        sub.go_live(RecordingTransport(closing=True), chunked=True,  # type: ignore[arg-type]
+                    last_id=0, ends_on_final=False)
+    closed.close()
+    pinged.ping()  # the heartbeat finds the client gone
+    assert pinged.closed and pinged.wakeup.is_set()
+    hub.publish(Event(1, None, "alice", "notification", {"n": 1}))
+    assert delivered == [0]  # neither the gone, the pinged nor the closed one took it
+    assert gone.closed and gone.wakeup.is_set() and not closed.buffer
+
+
+def test_closing_a_live_stream_tells_it_when_to_come_back() -> None:
+    hub = SSEHub()
+    live, waiting = hub.subscribe("alice"), hub.subscribe("alice")
+    transport = RecordingTransport()
+    live.go_live(transport, chunked=True, last_id=0, ends_on_final=False)  # type: ignore[arg-type]
+    live.close(retry_ms=2500)
+    waiting.close(retry_ms=2500)  # still replaying: its handler ends it, nothing written here
+    live.close(retry_ms=2500)  # already closed: nothing more
+    assert bytes(transport.written) == b"d\r\nretry: 2500\n\n\r\n"
+    assert live.closed and waiting.closed and not waiting.buffer
+    plain = hub.subscribe("alice")
+    quiet = RecordingTransport()
+    plain.go_live(quiet, chunked=True, last_id=0, ends_on_final=False)  # type: ignore[arg-type]
+    plain.close()
+    assert plain.closed and quiet.written == b""
 
 
 def status_event(event_id: int, status: str = "processing") -> Event:

@@ -22,6 +22,7 @@ from storage import (
     TaskNotFound,
     TaskStatus,
     TaskStore,
+    TooManyActiveTasks,
     UserExists,
     WriterStopped,
 )
@@ -282,8 +283,9 @@ async def test_balance_drift_names_the_user_and_both_figures(
 async def test_retry_charges_again_and_only_from_failed_or_cancelled(store: TaskStore) -> None:
     await store.add_user("alice", 5)
     task, _ = await store.create_processing_task(new_task("alice", cost=2))
-    with pytest.raises(InvalidTransition):
-        await store.retry_task(task.id, "alice")  # pending
+    with pytest.raises(InvalidTransition) as pending:
+        await store.retry_task(task.id, "alice")
+    assert (pending.value.status, pending.value.action) == ("pending", "retry")
     claimed = await store.claim_next_task("w", 60)
     await store.fail_task(task.id, "boom", attempt=claimed.attempts)
     assert (await store.get_user("alice")).credits == 5
@@ -299,13 +301,21 @@ async def test_retry_charges_again_and_only_from_failed_or_cancelled(store: Task
         await store.retry_task(task.id, "bob")
     claimed = await store.claim_next_task("w", 60)
     await store.complete_task(task.id, "r.txt", attempt=claimed.attempts)
-    with pytest.raises(InvalidTransition):
-        await store.retry_task(task.id, "alice")  # completed
+    with pytest.raises(InvalidTransition) as completed:
+        await store.retry_task(task.id, "alice")
+    assert (completed.value.status, completed.value.action) == ("completed", "retry")
     other, _ = await store.create_processing_task(new_task("alice", cost=1))
     await store.cancel_task(other.id, "alice")
     await store.mark_files_expired(other.id)
-    with pytest.raises(InvalidTransition, match="expired"):
+    with pytest.raises(InvalidTransition) as expired:
         await store.retry_task(other.id, "alice")
+    assert (expired.value.status, expired.value.action) == ("expired", "retry")
+    third, _ = await store.create_processing_task(new_task("alice", cost=1))
+    await store.cancel_task(third.id, "alice")
+    await store.create_processing_task(new_task("alice", cost=0))  # one active task
+    with pytest.raises(TooManyActiveTasks):
+        await store.retry_task(third.id, "alice", max_active=1)
+    assert (await store.retry_task(third.id, "alice", max_active=2)).status is TaskStatus.PENDING
     assert await store.balance_drift() == {}
 
 
