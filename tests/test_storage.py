@@ -16,6 +16,7 @@ from helpers import new_task
 
 from storage import (
     SCHEMA_VERSION,
+    FilesExpired,
     InsufficientCredits,
     InvalidTransition,
     SQLiteTooOld,
@@ -307,9 +308,9 @@ async def test_retry_charges_again_and_only_from_failed_or_cancelled(store: Task
     other, _ = await store.create_processing_task(new_task("alice", cost=1))
     await store.cancel_task(other.id, "alice")
     await store.mark_files_expired(other.id)
-    with pytest.raises(InvalidTransition) as expired:
+    with pytest.raises(FilesExpired) as expired:
         await store.retry_task(other.id, "alice")
-    assert (expired.value.status, expired.value.action) == ("expired", "retry")
+    assert (expired.value.status, expired.value.action) == ("cancelled", "retry")
     third, _ = await store.create_processing_task(new_task("alice", cost=1))
     await store.cancel_task(third.id, "alice")
     await store.create_processing_task(new_task("alice", cost=0))  # one active task
