@@ -460,7 +460,11 @@ async def error_middleware(
         message = {404: f"No such endpoint: {request.method} {request.path}",
                    405: f"{request.method} is not allowed on {request.path}."}.get(
                        e.status, e.reason)
-        return json_error(e.status, CODE_BY_STATUS.get(e.status, "http_error"), message)
+        answer = json_error(e.status, CODE_BY_STATUS.get(e.status, "http_error"), message)
+        # The exception's own headers stay (a 405 must say `Allow`, RFC 9110 15.5.6).
+        answer.headers.extend((k, v) for k, v in e.headers.items()
+                              if k not in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH))
+        return answer
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return json_error(500, "internal_error",
@@ -807,21 +811,34 @@ def _sqlite_int(text: str) -> int:
     return value
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _whole_number(text: str) -> int:
+    """ASCII digits only: ``int()`` would also take signs, spaces, ``_`` and other scripts'
+    digits, which openapi.yaml's integers do not allow."""
+    if not _DIGITS.fullmatch(text):
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(text)
+
+
 def _paging(request: web.Request) -> tuple[int, int | None]:
-    raw_limit = request.query.get("limit", "50")
     try:
-        limit = int(raw_limit)
+        limit = _whole_number(request.query.get("limit", "50"))
     except ValueError:
         limit = 0
     if limit < 1:
         raise ApiError(400, "bad_request", "limit must be a whole number of at least 1.")
     raw_cursor = request.query.get("cursor")
-    if raw_cursor in (None, ""):
+    if raw_cursor is None:
         return min(limit, 100), None
     try:
-        return min(limit, 100), _sqlite_int(raw_cursor)
-    except ValueError as e:
-        raise ApiError(400, "bad_request", "cursor must be a value from nextCursor.") from e
+        cursor = _whole_number(raw_cursor)
+    except ValueError:
+        cursor = 0
+    if not 1 <= cursor <= MAX_SQLITE_INT:
+        raise ApiError(400, "bad_request", "cursor must be a value from nextCursor.")
+    return min(limit, 100), cursor
 
 
 # ---------------------------------------------------------- translation memory
@@ -1066,7 +1083,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     user_id = await current_user(request)
     limit, cursor = _paging(request)
     status = None
-    if request.query.get("status"):
+    if "status" in request.query:  # present but empty is not a status either
         try:
             status = TaskStatus(request.query["status"])
         except ValueError as e:
@@ -1533,11 +1550,13 @@ async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------ SSE
 def _last_event_id(request: web.Request) -> int | None:
+    # The header wins; empty, it is no id (as EventSource means it), and the query may say one.
     raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
-    if raw in (None, ""):
+    if raw is None:
         return None
     try:
-        return max(0, _sqlite_int(raw))
+        # An id past every id has nothing after it; SQLite cannot hold more than its max.
+        return min(_whole_number(raw), MAX_SQLITE_INT)
     except ValueError as e:
         raise ApiError(400, "bad_request", "Last-Event-ID must be an event id.") from e
 
@@ -1929,6 +1948,10 @@ async def _stop_child(child: asyncio.subprocess.Process, timeout: float) -> None
 
 
 CHILD_STOP_MARGIN_SECONDS = 10.0
+#: The fixed names under ``/api/tasks/`` are not task ids, so a 405 there lists only their
+#: own methods in ``Allow`` (and ``GET /api/tasks/create`` is a 405, not a missing task).
+FIXED_TASK_PATHS = ("create", "quote", "webhook")
+TASK_PATH = "/api/tasks/{taskId:(?!(?:%s)$)[^/]+}" % "|".join(FIXED_TASK_PATHS)
 
 
 def _add_routes(app: web.Application) -> None:
@@ -1955,8 +1978,8 @@ def _add_routes(app: web.Application) -> None:
     r.add_delete("/api/glossaries/{name}", delete_glossary)
     r.add_post("/api/tasks/webhook", webhook, name="webhook")
     r.add_get("/api/tasks", list_tasks)
-    r.add_get("/api/tasks/{taskId}", get_task)
-    r.add_delete("/api/tasks/{taskId}", delete_task)
+    r.add_get(TASK_PATH, get_task)
+    r.add_delete(TASK_PATH, delete_task)
     r.add_post("/api/tasks/{taskId}/cancel", cancel_task)
     r.add_post("/api/tasks/{taskId}/retry", retry_task)
     r.add_get("/api/tasks/{taskId}/result", task_result, name="task_result")

@@ -597,3 +597,61 @@ async def test_invalid_state_answers_409(
         resp = await client.post(f"/api/tasks/{task_id}/cancel", headers=alice)
         body = await check_response(spec, resp, cancel, "post", expected)
     assert (body["code"], body["taskStatus"]) == ("invalid_state", "cancelled")
+
+
+# ------------------------------------------- what the document allows, exactly
+def test_the_create_form_names_the_shipped_task_types_and_engines(spec: dict[str, Any]) -> None:
+    from processors import TRANSLATE_PARAMS, default_registry
+
+    schemas = spec["components"]["schemas"]
+    types = schemas["CreateTaskForm"]["properties"]["taskType"]["enum"]
+    assert sorted(types) == sorted(t.name for t in default_registry())
+    engine = schemas["TranslateParams"]["properties"]["engine"]["enum"]
+    choices = TRANSLATE_PARAMS["engine"].choices
+    assert choices is not None
+    # '' and null mean the default engine
+    assert set(engine) == {*choices, "", None}
+
+
+async def test_query_values_outside_the_document_are_refused(
+    spec: dict[str, Any], aiohttp_client: Any, tmp_path: Path
+) -> None:
+    client = await make_app_client(aiohttp_client, tmp_path, worker_concurrency=0)
+    alice = await add_user(client, "alice", 10)
+    for query in ("status=", "cursor=", "cursor=0", "cursor=-1", "cursor=+1", "cursor=%201",
+                  f"cursor={2**63}", "limit=", "limit=%D9%A3", "limit=1_0"):
+        resp = await client.get(f"/api/tasks?{query}", headers=alice)
+        body = await check_response(spec, resp, "/api/tasks", "get", 400)
+        assert body["code"] == "bad_request", query
+    resp = await client.get(f"/api/tasks?cursor={2**63 - 1}&limit=100000", headers=alice)
+    await check_response(spec, resp, "/api/tasks", "get", 200)
+
+    stream = "/api/sse/notifications"
+    for bad in ({"Last-Event-ID": "-1"}, {"Last-Event-ID": "1.0"}, {"Last-Event-ID": "+1"}):
+        resp = await client.get(stream, headers={**alice, **bad})
+        await check_response(spec, resp, stream, "get", 400)
+    for query in ("lastEventId=", "lastEventId=-1"):
+        resp = await client.get(f"{stream}?{query}", headers=alice)
+        await check_response(spec, resp, stream, "get", 400)
+    # an empty header is no id; an id past every event (even past SQLite's) replays nothing
+    for headers, query in (({"Last-Event-ID": ""}, ""), ({}, f"?lastEventId={10**30}")):
+        async with client.get(stream + query, headers={**alice, **headers}) as resp:
+            await check_response(spec, resp, stream, "get", 200)
+
+
+async def test_405_keeps_allow_listing_only_the_paths_own_methods(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    client = await make_app_client(aiohttp_client, tmp_path, worker_concurrency=0)
+    alice = await add_user(client, "alice", 10)
+    for method, url, allowed in [
+        ("OPTIONS", "/api/tasks/create", {"POST"}),
+        ("GET", "/api/tasks/create", {"POST"}),  # not a task called "create"
+        ("TRACE", "/api/tasks/webhook", {"POST"}),
+        ("POST", "/api/tasks/7", {"GET", "HEAD", "DELETE"}),
+        ("PUT", "/healthz", {"GET", "HEAD"}),
+    ]:
+        resp = await client.request(method, url, headers=alice)
+        assert resp.status == 405, (method, url)
+        assert set(resp.headers["Allow"].split(",")) == allowed, (method, url)
+        assert (await resp.json())["code"] == "method_not_allowed"
