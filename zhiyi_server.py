@@ -1550,13 +1550,18 @@ async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------ SSE
 def _last_event_id(request: web.Request) -> int | None:
-    # The header wins; empty, it is no id (as EventSource means it), and the query may say one.
-    raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
-    if raw is None:
-        return None
+    # The header wins, but both are checked: a malformed one is refused, never ignored.
+    # An empty header is no id (as EventSource means it).
+    header = request.headers.get("Last-Event-ID") or None
+    query = request.query.get("lastEventId")
+    from_query = _event_id(query) if query is not None else None
+    return _event_id(header) if header is not None else from_query
+
+
+def _event_id(text: str) -> int:
     try:
         # An id past every id has nothing after it; SQLite cannot hold more than its max.
-        return min(_whole_number(raw), MAX_SQLITE_INT)
+        return min(_whole_number(text), MAX_SQLITE_INT)
     except ValueError as e:
         raise ApiError(400, "bad_request", "Last-Event-ID must be an event id.") from e
 
@@ -1951,7 +1956,7 @@ CHILD_STOP_MARGIN_SECONDS = 10.0
 #: The fixed names under ``/api/tasks/`` are not task ids, so a 405 there lists only their
 #: own methods in ``Allow`` (and ``GET /api/tasks/create`` is a 405, not a missing task).
 FIXED_TASK_PATHS = ("create", "quote", "webhook")
-TASK_PATH = "/api/tasks/{taskId:(?!(?:%s)$)[^/]+}" % "|".join(FIXED_TASK_PATHS)
+TASK_PATH = "/api/tasks/{taskId:(?!(?:" + "|".join(FIXED_TASK_PATHS) + ")$)[^/]+}"
 
 
 def _add_routes(app: web.Application) -> None:

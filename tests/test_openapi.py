@@ -601,16 +601,20 @@ async def test_invalid_state_answers_409(
 
 # ------------------------------------------- what the document allows, exactly
 def test_the_create_form_names_the_shipped_task_types_and_engines(spec: dict[str, Any]) -> None:
-    from processors import TRANSLATE_PARAMS, default_registry
+    from processors import ANALYZE_PARAMS, TRANSLATE_PARAMS, default_registry
 
     schemas = spec["components"]["schemas"]
     types = schemas["CreateTaskForm"]["properties"]["taskType"]["enum"]
     assert sorted(types) == sorted(t.name for t in default_registry())
-    engine = schemas["TranslateParams"]["properties"]["engine"]["enum"]
-    choices = TRANSLATE_PARAMS["engine"].choices
-    assert choices is not None
-    # '' and null mean the default engine
-    assert set(engine) == {*choices, "", None}
+    # '' and null mean the default
+    for name, declared in TRANSLATE_PARAMS.items():
+        spec_param = schemas["TranslateParams"]["properties"][name]
+        if name == "engine":
+            spec_param = schemas["EngineName"]
+        if declared.choices:
+            assert set(spec_param["enum"]) == {*declared.choices, "", None}, name
+    assert set(schemas["TranslateParams"]["properties"]) == set(TRANSLATE_PARAMS)
+    assert set(schemas["AnalyzeParams"]["properties"]) == set(ANALYZE_PARAMS)
 
 
 async def test_query_values_outside_the_document_are_refused(
@@ -631,8 +635,9 @@ async def test_query_values_outside_the_document_are_refused(
         resp = await client.get(stream, headers={**alice, **bad})
         await check_response(spec, resp, stream, "get", 400)
     for query in ("lastEventId=", "lastEventId=-1"):
-        resp = await client.get(f"{stream}?{query}", headers=alice)
-        await check_response(spec, resp, stream, "get", 400)
+        for header in ({}, {"Last-Event-ID": "1"}):  # the header wins, the query is checked
+            resp = await client.get(f"{stream}?{query}", headers={**alice, **header})
+            await check_response(spec, resp, stream, "get", 400)
     # an empty header is no id; an id past every event (even past SQLite's) replays nothing
     for headers, query in (({"Last-Event-ID": ""}, ""), ({}, f"?lastEventId={10**30}")):
         async with client.get(stream + query, headers={**alice, **headers}) as resp:
