@@ -1261,7 +1261,8 @@ async def quote_task(request: web.Request) -> web.Response:
     config = request.config_dict[CONFIG]
     scratch = config.data_path / user_id / f"quote-{uuid.uuid4().hex}"
     try:
-        upload = await _receive_upload(request, scratch, config)
+        # Nothing is kept, so the storage quota does not apply (only the upload cap).
+        upload = await _receive_upload(request, scratch, config, StorageRoom(0, 0))
         task_type, params = _validate_upload(request, upload)
         quote, cost = await _price(request, user_id, task_type, params, upload)
     finally:
