@@ -1300,6 +1300,10 @@ class StorageRoom:
         return _quota_error(self.used, self.limit)
 
 
+#: a file that is not kept (a quote's) is bounded by the upload cap only
+NO_QUOTA = StorageRoom(0, 0)
+
+
 async def _storage_room(store: TaskStore, user_id: str, declared: int | None,
                         config: Config) -> StorageRoom:
     """The quota left before reading the body; refused at once when it cannot fit.
@@ -1307,7 +1311,7 @@ async def _storage_room(store: TaskStore, user_id: str, declared: int | None,
     Checked again while the file streams and, exactly, in the create transaction.
     """
     if not config.max_storage_bytes:
-        return StorageRoom(0, 0)
+        return NO_QUOTA
     room = StorageRoom(await store.storage_used(user_id), config.max_storage_bytes)
     if room.free <= 0 or (declared or 0) > room.free + MAX_FIELD_BYTES:
         raise room.refuse()
@@ -1315,11 +1319,12 @@ async def _storage_room(store: TaskStore, user_id: str, declared: int | None,
 
 
 async def _receive_upload(request: web.Request, original_dir: Path, config: Config,
-                          room: StorageRoom) -> Upload:
+                          room: StorageRoom | None = None) -> Upload:
     """The multipart body, under the upload cap (plus slack) and the body deadline."""
     async with metered_body(request, config.max_upload_bytes + MULTIPART_SLACK_BYTES,
                             rolling=True, too_large=_too_large(config)) as progress:
-        return await _read_upload(request, original_dir, config, progress, room)
+        return await _read_upload(request, original_dir, config, progress,
+                                  room or NO_QUOTA)
 
 
 async def _read_upload(request: web.Request, original_dir: Path, config: Config,
