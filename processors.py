@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 import engines
 import formats
+import sandbox
 import translation_memory as memory
 
 __all__ = [
@@ -106,6 +107,8 @@ class TaskContext:
     memory: TranslationMemory | None = None
     #: set by a processor: the completed task's status message (e.g. what a glossary did)
     summary: str | None = None
+    #: where the task's document is parsed (bounded child processes); see sandbox.py
+    _sandbox: sandbox.DocumentSandbox | None = None
 
     async def progress(self, percent: float, message: str, *, stage: str | None = None) -> None:
         """Report progress; cheap to call often (the runner coalesces writes)."""
@@ -400,12 +403,23 @@ def extract_cost(quote: Quote, params: dict[str, Any]) -> int:
     return max(1, math.ceil(characters / EXTRACT_RATE_CHARS))
 
 
-async def _open(ctx: TaskContext) -> formats.Document:
-    await ctx.progress(0, "reading the document", stage="parsing")
+T = TypeVar("T")
+
+
+async def _parsed(ctx: TaskContext, work: Callable[[sandbox.DocumentSandbox], Awaitable[T]]) -> T:
+    """Run a read of the (untrusted) document in the sandbox; a refused one fails the task."""
+    if ctx._sandbox is None:
+        raise PermanentError("This task has no document sandbox to read its file in.")
     try:
-        return await asyncio.to_thread(formats.open_document, ctx.input_path)
-    except formats.BadDocument as e:
+        return await work(ctx._sandbox)
+    except sandbox.DocumentRefused as e:
         raise PermanentError(str(e), "bad_document") from e
+
+
+async def _open(ctx: TaskContext) -> sandbox.ParsedDocument:
+    await ctx.progress(0, "reading the document", stage="parsing")
+    return await _parsed(ctx, lambda documents: documents.open(
+        ctx.input_path, user=ctx.user_id, work_dir=ctx.work_dir))
 
 
 @processor("analyze", extensions=DOCUMENT_EXTENSIONS, cost=flat(1),
@@ -459,18 +473,12 @@ async def analyze(ctx: TaskContext) -> Path:
            description="The document's plain text (UTF-8)")
 async def extract(ctx: TaskContext) -> Path:
     """The document's plain text."""
-    doc = await _open(ctx)
     out = ctx.result_path(Path(ctx.file_name).stem + ".txt")
     await ctx.progress(10, "extracting text", stage="extracting")
-    await asyncio.to_thread(_write_chunks, out, doc.plain_text())
+    await _parsed(ctx, lambda documents: documents.extract_text(
+        ctx.input_path, out, user=ctx.user_id))
     await ctx.progress(100, "extracted", stage="writing")
     return out
-
-
-def _write_chunks(out: Path, chunks: Iterator[str]) -> None:
-    with out.open("w", encoding="utf-8", newline="") as f:
-        for chunk in chunks:
-            f.write(chunk)
 
 
 @processor("translate", extensions=DOCUMENT_EXTENSIONS, params=TRANSLATE_PARAMS,
@@ -499,7 +507,8 @@ class SegmentTranslation:
     is rendered (about the size of its text).
     """
 
-    def __init__(self, ctx: TaskContext, doc: formats.Document, engine: engines.Engine) -> None:
+    def __init__(self, ctx: TaskContext, doc: sandbox.ParsedDocument,
+                 engine: engines.Engine) -> None:
         self.ctx = ctx
         self.doc = doc
         self.engine = engine
@@ -540,7 +549,7 @@ class SegmentTranslation:
                                                    self.target))
         in_order = (self.translations[i] for i in range(self.total))
         encoding = str(self.ctx.params.get("outputEncoding") or "source")
-        lost = await asyncio.to_thread(self.doc.render, in_order, out, encoding)
+        lost = await _parsed(self.ctx, lambda _: self.doc.render(in_order, out, encoding))
         if lost:
             # The text is all there; only bold, links and the like fell back to plain.
             await self.ctx.progress(

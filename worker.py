@@ -35,6 +35,7 @@ from processors import (
     TaskContext,
     TransientError,
 )
+from sandbox import DocumentSandbox
 from storage import StoreUnavailable, Task, TaskStatus, TaskStore
 
 __all__ = ["ProgressReporter", "StoreMemory", "WorkerPool", "WorkerSettings", "is_disk_full",
@@ -198,6 +199,7 @@ class WorkerPool:
         submit_external: ExternalSubmitter | None = None,
         observe: Callable[[str, Task, float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sandbox: DocumentSandbox | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -206,6 +208,9 @@ class WorkerPool:
         self.engine_factory = engine_factory
         self.submit_external = submit_external
         self._observe = observe or (lambda outcome, task, seconds: None)
+        #: where documents are parsed; a pool without one given makes and owns its own
+        self._own_sandbox = sandbox is None
+        self.sandbox = sandbox or DocumentSandbox()
         #: the progress reporters' clock (a test replaces it to drive the write interval)
         self.clock = clock
         #: unique per pool and process: leases are renewed and recovered by owner
@@ -225,6 +230,8 @@ class WorkerPool:
         """Recover what a dead process left, then start the loops."""
         _LIVE_OWNERS.add(self.owner)
         await self.recover()
+        if self._own_sandbox:
+            await self.sandbox.start()
         self.store.on_foreign_commit(self._foreign_commit)
         for n in range(self.settings.concurrency):
             self._loops.append(asyncio.create_task(self._worker(), name=f"zhiyi-worker-{n}"))
@@ -250,6 +257,8 @@ class WorkerPool:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
+        if self._own_sandbox:
+            await self.sandbox.close()
         self.store.remove_foreign_commit(self._foreign_commit)
         _LIVE_OWNERS.discard(self.owner)
         if unfinished:
@@ -496,6 +505,7 @@ class WorkerPool:
             _engine=self._engine, _submit_external=self.submit_external,
             engine_concurrency=self.settings.engine_concurrency,
             memory=StoreMemory(self.store, task.user_id),
+            _sandbox=self.sandbox,
         )
 
     def _engine(self, name: str) -> engines.Engine:

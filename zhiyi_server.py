@@ -41,8 +41,8 @@ from yarl import URL
 #: Zhiyi's sibling modules imported right below (``client`` only by the CLI). Their generic
 #: names may also be an embedding app's own modules; see ``refuse_shadowed_modules``.
 SIBLING_MODULES = (
-    "backup", "engines", "external", "formats", "metrics", "processors", "sse", "storage",
-    "translation_memory", "worker",
+    "backup", "engines", "external", "formats", "metrics", "processors", "sandbox", "sse",
+    "storage", "translation_memory", "worker",
 )
 
 
@@ -104,6 +104,13 @@ from processors import (
     remembered,
     segment_keys,
     translate_cost,
+)
+from sandbox import (
+    DocumentRefused,
+    DocumentSandbox,
+    ParseAbandoned,
+    ParseLimits,
+    TooManyParses,
 )
 from sse import (
     REPLAY_PAGE,
@@ -244,6 +251,15 @@ class Config:
     session_days: float = 30.0
     max_storage_mb_per_user: int = 1024
     failed_retention_hours: float = 24.0
+    parse_workers: int = 4
+    max_parses_per_user: int = 2
+    parse_memory_mb: int = 512
+    parse_cpu_seconds: int = 60
+    parse_wall_seconds: float = 120.0
+    max_zip_members: int = 10_000
+    max_zip_uncompressed_mb: int = 512
+    max_zip_ratio: int = 200
+    max_pdf_pages: int = 2_000
     #: run the workers in this process (an embedding app may run them elsewhere)
     run_workers: bool = True
     #: ``zhiyi serve`` starts this many ``zhiyi worker`` processes (0: workers in-process;
@@ -293,6 +309,15 @@ class Config:
             session_days=_env_number(e, "SESSION_DAYS", 30.0, float, 0.01),
             max_storage_mb_per_user=_env_int(e, "MAX_STORAGE_MB_PER_USER", 1024, 0),
             failed_retention_hours=_env_float(e, "FAILED_RETENTION_HOURS", 24.0),
+            parse_workers=_env_int(e, "PARSE_WORKERS", 4, 1),
+            max_parses_per_user=_env_int(e, "MAX_PARSES_PER_USER", 2, 1),
+            parse_memory_mb=_env_int(e, "PARSE_MEMORY_MB", 512, 16),
+            parse_cpu_seconds=_env_int(e, "PARSE_CPU_SECONDS", 60, 1),
+            parse_wall_seconds=_env_float(e, "PARSE_WALL_SECONDS", 120.0),
+            max_zip_members=_env_int(e, "MAX_ZIP_MEMBERS", 10_000, 1),
+            max_zip_uncompressed_mb=_env_int(e, "MAX_ZIP_UNCOMPRESSED_MB", 512, 1),
+            max_zip_ratio=_env_int(e, "MAX_ZIP_RATIO", 200, 1),
+            max_pdf_pages=_env_int(e, "MAX_PDF_PAGES", 2_000, 1),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -333,6 +358,14 @@ class Config:
             deepl_api_url=self.deepl_api_url,
         )
 
+    def parse_limits(self) -> ParseLimits:
+        return ParseLimits(
+            memory_mb=self.parse_memory_mb, cpu_seconds=self.parse_cpu_seconds,
+            wall_seconds=self.parse_wall_seconds, max_zip_members=self.max_zip_members,
+            max_zip_uncompressed_mb=self.max_zip_uncompressed_mb,
+            max_zip_ratio=self.max_zip_ratio, max_pdf_pages=self.max_pdf_pages,
+        )
+
     def worker_settings(self) -> WorkerSettings:
         return WorkerSettings(
             concurrency=self.worker_concurrency,
@@ -357,6 +390,7 @@ POOL = web.AppKey("zhiyi.pool", WorkerPool)
 METRICS = web.AppKey("zhiyi.metrics", Metrics)
 HTTP = web.AppKey("zhiyi.http", aiohttp.ClientSession)
 EXTERNAL = web.AppKey("zhiyi.external", ExternalService)
+SANDBOX = web.AppKey("zhiyi.sandbox", DocumentSandbox)
 #: the session token whose expiry this request slid: its cookie is set again
 SLID_SESSION = web.RequestKey("zhiyi.slid_session", str)
 
@@ -439,6 +473,18 @@ def _quota_error(used: int, limit: int) -> ApiError:
                     "Delete some tasks to make room.")
 
 
+def api_error_from_parse(e: DocumentRefused | TooManyParses | ParseAbandoned) -> ApiError:
+    """The one place where the document sandbox's named errors become HTTP answers."""
+    if isinstance(e, DocumentRefused):
+        return ApiError(422, "bad_document", str(e))
+    if isinstance(e, TooManyParses):
+        return ApiError(429, "too_many_parses",
+                        f"{e.limit} of your documents are being read already; send this one "
+                        f"again when one of them is done.")
+    # Nobody reads this answer: the client is gone.
+    return ApiError(400, "bad_request", "The client went away before its document was read.")
+
+
 @web.middleware
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -453,6 +499,9 @@ async def error_middleware(
         return response
     except StoreError as e:
         err = api_error_from_store(e)
+        return json_error(err.status, err.code, err.message, headers=err.headers, **err.extra)
+    except (DocumentRefused, TooManyParses, ParseAbandoned) as e:
+        err = api_error_from_parse(e)
         return json_error(err.status, err.code, err.message, headers=err.headers, **err.extra)
     except web.HTTPException as e:
         if e.status < 400:
@@ -1264,7 +1313,9 @@ async def quote_task(request: web.Request) -> web.Response:
         # Nothing is kept, so the storage quota does not apply (only the upload cap).
         upload = await _receive_upload(request, scratch, config, StorageRoom(0, 0))
         task_type, params = _validate_upload(request, upload)
-        quote, cost = await _price(request, user_id, task_type, params, upload)
+        # A quote charges nothing: no balance is needed to ask for one.
+        quote, cost = await _price(request, user_id, task_type, params, upload,
+                                   check_balance=False)
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, True)
     return web.json_response({"success": True, "quote": quote_json(quote, cost)})
@@ -1476,23 +1527,42 @@ def _check_params(task_type: TaskType, params: dict[str, Any], config: Config) -
                            f"available engines: {', '.join(available)}.", available=available)
 
 
-async def _price(request: web.Request, user_id: str, task_type: TaskType,
-                 params: dict[str, Any], upload: Upload) -> tuple[Quote, int]:
-    """Read the document (its cost depends on it); a bad one is refused with 422.
+NO_TEXT = formats.DocumentStats(characters=0, words=0, segments=0, language="unknown")
 
-    A translation does not charge the segments the user's memory holds.
+
+async def _price(request: web.Request, user_id: str, task_type: TaskType,
+                 params: dict[str, Any], upload: Upload, *, check_balance: bool = True,
+                 ) -> tuple[Quote, int]:
+    """Read the document (its cost depends on it) in the sandbox; a bad one is refused.
+
+    Before anything is read, the balance is checked against the least the task
+    could cost, so a user who cannot pay is refused without the server reading
+    the file; the exact charge is checked again when the task is created. A
+    translation does not charge the segments the user's memory holds.
     """
     assert upload.file_path is not None
-    stats = None
-    if task_type.parses_document:
-        try:
-            stats = await asyncio.to_thread(_document_stats, upload.file_path)
-        except formats.BadDocument as e:
-            raise ApiError(422, "bad_document", str(e)) from e
+    if not task_type.parses_document:
+        quote = Quote(upload.file_size, None)
+        return quote, task_type.cost(quote, params)
+    if check_balance:
+        await _check_balance_floor(request, user_id, await _least_cost(
+            request, user_id, task_type, params, upload.file_size))
+    stats = await request.config_dict[SANDBOX].stats(
+        upload.file_path, user=user_id, still_wanted=lambda: _client_connected(request))
     quote = Quote(upload.file_size, stats)
-    if stats is not None and task_type.cost is translate_cost:
+    if task_type.cost is translate_cost:
         quote = await _with_memory(request, user_id, params, upload.file_path, quote)
     return quote, task_type.cost(quote, params)
+
+
+async def _least_cost(request: web.Request, user_id: str, task_type: TaskType,
+                      params: dict[str, Any], file_size: int) -> int:
+    """What the task costs at the least, whatever the document holds."""
+    least = task_type.cost(Quote(file_size, NO_TEXT), params)
+    if least and task_type.cost is translate_cost and params.get("memory") != "ignore":
+        if await request.config_dict[STORE].memory_summary(user_id):
+            least = 0  # every segment may be remembered, and then it costs nothing
+    return least
 
 
 async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any],
@@ -1507,9 +1577,17 @@ async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any
     if not any(held == scope for held, _ in await store.memory_summary(user_id)):
         return quote  # nothing remembered for this pair: no second read of the document
     try:
-        keys = await asyncio.to_thread(_segment_keys, path)
-    except formats.BadDocument as e:
-        raise ApiError(422, "bad_document", str(e)) from e
+        document = await request.config_dict[SANDBOX].open(
+            path, user=user_id, work_dir=path.parent,
+            still_wanted=lambda: _client_connected(request))
+    except OSError as e:
+        if is_disk_full(e):
+            raise _disk_full() from e
+        raise
+    try:
+        keys = await asyncio.to_thread(segment_keys, document)
+    finally:
+        await asyncio.to_thread(document.discard)
     found = await store.memory_lookup(user_id, scope, [key for key, _ in keys])
     hits, characters = remembered(keys, found)
     return dataclasses.replace(quote, remembered_segments=hits, remembered_characters=characters)
@@ -1531,12 +1609,18 @@ async def _glossary_of(request: web.Request, user_id: str, params: dict[str, Any
     return glossary
 
 
-def _segment_keys(path: Path) -> list[tuple[str, int]]:
-    return segment_keys(formats.open_document(path))
+async def _check_balance_floor(request: web.Request, user_id: str, floor: int) -> None:
+    user = await request.config_dict[STORE].get_user(user_id)
+    balance = user.credits if user is not None else 0
+    if balance < floor:
+        raise ApiError(402, "insufficient_credits",
+                       f"This needs at least {floor} credits but your balance is {balance}.",
+                       needed=floor, balance=balance)
 
 
-def _document_stats(path: Path) -> formats.DocumentStats:
-    return formats.document_stats(formats.open_document(path))
+def _client_connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
 
 
 async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
@@ -1825,6 +1909,21 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def _sandbox_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    metrics_ = app[METRICS]
+    sandbox = DocumentSandbox(
+        config.parse_limits(), workers=config.parse_workers,
+        per_user=config.max_parses_per_user,
+        observe=lambda outcome: metrics_.parses.labels(outcome).inc())
+    metrics_.parses_running.set_function(lambda: sandbox.in_flight)
+    metrics_.parses_waiting.set_function(lambda: sandbox.waiting)
+    app[SANDBOX] = sandbox
+    await sandbox.start()
+    yield
+    await sandbox.close()
+
+
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     if not config.run_workers:
@@ -1846,7 +1945,7 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
     pool = WorkerPool(app[STORE], app[REGISTRY], config.worker_settings(), config.data_path,
                       engine_factory=engine_factory, submit_external=app.get(EXTERNAL),
-                      observe=observe)
+                      observe=observe, sandbox=app[SANDBOX])
     app[POOL] = pool
     await pool.start()
     yield
@@ -1871,8 +1970,8 @@ def create_app(config: Config | None = None, *, registry: Registry | None = None
     app[CONFIG] = config
     app[REGISTRY] = registry or default_registry()
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_store_ctx(config, clock), _hub_ctx, _http_ctx, _pool_ctx,
-                           _disk_watch_ctx])
+    app.cleanup_ctx.extend([_store_ctx(config, clock), _hub_ctx, _http_ctx, _sandbox_ctx,
+                            _pool_ctx, _disk_watch_ctx])
     app.on_shutdown.append(_close_streams)
     app.on_response_prepare.append(add_security_headers)
     app.on_response_prepare.append(_refresh_session_cookie)
@@ -1892,7 +1991,7 @@ def create_worker_app(config: Config | None = None, *, registry: Registry | None
     app[CONFIG] = config
     app[REGISTRY] = registry or default_registry()
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_store_ctx(config), _http_ctx, _pool_ctx])
+    app.cleanup_ctx.extend([_store_ctx(config), _http_ctx, _sandbox_ctx, _pool_ctx])
     _add_routes(app)
     return app
 

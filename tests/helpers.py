@@ -335,6 +335,14 @@ class ServerProcess:
             self.proc.stdout.close()
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The process's high-water resident memory (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
 async def make_user(data: Path, credits: int) -> str:
     store = await TaskStore.open(data / "zhiyi.db")
     try:

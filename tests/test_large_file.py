@@ -8,17 +8,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import ServerProcess, SSEReader, free_port, make_user
+from helpers import ServerProcess, SSEReader, free_port, make_user, peak_rss_mb
 
 SIZE = 20 * 1024 * 1024
-
-
-def peak_rss_mb(pid: int) -> float:
-    """The process's high-water resident memory (VmHWM), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def write_big_text(path: Path) -> None:

@@ -1,0 +1,629 @@
+"""Untrusted-document parsing in bounded child processes.
+
+Every read of an uploaded document (pricing at create, and the parse, text
+extraction and write-back of a translation during processing) runs here, in
+a child process with its own limits: address space (``RLIMIT_AS``), CPU time
+(``RLIMIT_CPU``) and a wall time the parent enforces by killing the child. A
+child that dies or is killed becomes :class:`DocumentRefused` with a
+sentence naming the limit, so the server process never holds a hostile
+document's memory, and a parse never runs on the event loop's default
+executor (which aiohttp's own file responses use).
+
+Before a format parses anything, zip-based files are checked from their
+central directory (member count, declared sizes, compression ratio) and
+PDFs by page count. Those checks run in the child too: even listing a zip's
+directory allocates in proportion to it.
+
+Children are forked from multiprocessing's *forkserver*, which has this
+module (and so ``formats`` with lxml, python-docx and pypdf) imported once:
+a child starts in milliseconds, starts clean (no parent threads, no memory
+of an earlier document), and its CPU-time limit counts one document only.
+At most ``workers`` children run at once, and at most ``per_user`` of them
+for one user. Results come back as small picklable values; anything large
+(segments, text, the rebuilt document) goes through files in the task's
+folders.
+
+Nothing here knows of HTTP or the database: the server turns
+:class:`DocumentRefused` into ``422 bad_document`` and :class:`TooManyParses`
+into ``429``; processors turn the former into a failed task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import pickle
+import resource
+import signal
+import zipfile
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import popen_forkserver, reduction, spawn, util
+from multiprocessing.connection import Connection
+from multiprocessing.context import set_spawning_popen
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any, TypeVar
+
+import formats
+
+__all__ = [
+    "ZIP_EXTENSIONS",
+    "DocumentRefused",
+    "DocumentSandbox",
+    "ParseLimits",
+    "ParsedDocument",
+    "TooManyParses",
+    "check_pdf",
+    "check_zip",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: formats that are zip archives (today .docx; the others as formats add them)
+ZIP_EXTENSIONS = frozenset({".docx", ".pptx", ".xlsx", ".odt", ".ods", ".odp", ".epub"})
+# A member smaller than this is not judged by its ratio: a small, very compressible part
+# (an XML file of repeated tags) is harmless whatever its ratio.
+_RATIO_FLOOR_BYTES = 1 << 20
+# A child's answer is a few hundred bytes; far under a pipe's buffer, so the child never
+# blocks writing it while the parent waits for its exit.
+_MAX_ANSWER_BYTES = 32 * 1024
+_POLL_SECONDS = 0.5
+_MB = 1024 * 1024
+
+
+class DocumentRefused(Exception):
+    """The document cannot be read within the limits, or at all.
+
+    ``str(exc)`` is one sentence a person can act on, naming the limit when one was hit.
+    """
+
+
+class TooManyParses(Exception):
+    """The user already has as many documents being read as allowed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} documents of this user are being read")
+        self.limit = limit
+
+
+class ParseAbandoned(Exception):
+    """The caller went away (the client disconnected); the parse was stopped."""
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """The limits of one document's parse; see the README's configuration table."""
+
+    memory_mb: int = 512
+    cpu_seconds: int = 60
+    wall_seconds: float = 120.0
+    max_zip_members: int = 10_000
+    max_zip_uncompressed_mb: int = 512
+    max_zip_ratio: int = 200
+    max_pdf_pages: int = 2_000
+
+    def memory_sentence(self) -> str:
+        return (f"Reading this document needs more than the {self.memory_mb} MB memory limit "
+                f"(PARSE_MEMORY_MB); split it into smaller files.")
+
+    def cpu_sentence(self) -> str:
+        return (f"Reading this document took more than the {self.cpu_seconds} s CPU-time limit "
+                f"(PARSE_CPU_SECONDS); split it into smaller files.")
+
+    def wall_sentence(self) -> str:
+        return (f"Reading this document took longer than the {self.wall_seconds:g} s time limit "
+                f"(PARSE_WALL_SECONDS); try again later or split it into smaller files.")
+
+    def crash_sentence(self, how: str) -> str:
+        return (f"The document reader stopped ({how}) on this file; it may be damaged or need "
+                f"more than the {self.memory_mb} MB memory limit (PARSE_MEMORY_MB).")
+
+
+# ------------------------------------------------------------------ pre-checks
+def check_zip(path: Path, extension: str, limits: ParseLimits) -> None:
+    """Refuse a zip-based document from its central directory, before anything is inflated.
+
+    Only the directory is read. Declared sizes bound what is inflated later:
+    ``zipfile`` stops a member at its declared size (and fails its CRC), so a
+    member cannot inflate past what is checked here. A file that is not a
+    readable zip is left to its format, which says so in its own words.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        return
+    if len(members) > limits.max_zip_members:
+        raise DocumentRefused(
+            f"This {extension} file holds {len(members):,} parts; the limit is "
+            f"{limits.max_zip_members:,} (MAX_ZIP_MEMBERS).")
+    for member in members:
+        if member.file_size < _RATIO_FLOOR_BYTES:
+            continue
+        ratio = member.file_size / max(member.compress_size, 1)
+        if ratio > limits.max_zip_ratio:
+            raise DocumentRefused(
+                f"A part of this {extension} file ({member.filename[:80]}) is compressed "
+                f"{ratio:,.0f} to 1; the limit is {limits.max_zip_ratio:,} to 1 "
+                f"(MAX_ZIP_RATIO), beyond which a file is treated as a zip bomb.")
+    total = sum(member.file_size for member in members)
+    if total > limits.max_zip_uncompressed_mb * _MB:
+        raise DocumentRefused(
+            f"This {extension} file would unpack to {total / _MB:,.0f} MB; the limit is "
+            f"{limits.max_zip_uncompressed_mb:,} MB (MAX_ZIP_UNCOMPRESSED_MB).")
+
+
+def check_pdf(path: Path, limits: ParseLimits) -> None:
+    """Refuse a PDF with more pages than the limit, before any page's text is extracted.
+
+    A file pypdf cannot open is left to the format, which says what is wrong.
+    """
+    from pypdf import PdfReader  # formats imported it already; only the name is needed
+
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted:
+            reader.decrypt("")
+        pages = len(reader.pages)
+    except Exception:  # any failure to read is the format's to describe
+        return
+    if pages > limits.max_pdf_pages:
+        raise DocumentRefused(
+            f"This PDF has {pages:,} pages; the limit is {limits.max_pdf_pages:,} "
+            f"(MAX_PDF_PAGES). Split it into smaller files.")
+
+
+def _precheck(path: Path, extension: str, limits: ParseLimits) -> None:
+    if extension in ZIP_EXTENSIONS:
+        check_zip(path, extension, limits)
+    elif extension == ".pdf":
+        check_pdf(path, limits)
+
+
+def _open(path: str, limits: ParseLimits) -> formats.Document:
+    source = Path(path)
+    extension = source.suffix.lower()
+    _precheck(source, extension, limits)
+    return formats.open_document(source)
+
+
+# ------------------------------------------------------------ jobs (in the child)
+@dataclass(frozen=True)
+class _Spooled:
+    segments: int
+    result_suffix: str
+    extension: str
+
+
+def _stats_job(limits: ParseLimits, path: str) -> formats.DocumentStats:
+    return formats.document_stats(_open(path, limits))
+
+
+def _spool_job(limits: ParseLimits, path: str, segments_path: str) -> _Spooled:
+    """Write the segments, one JSON string a line, to ``segments_path``."""
+    document = _open(path, limits)
+    count = 0
+    tmp = Path(segments_path + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for segment in document.segments():
+            f.write(json.dumps(segment, ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(segments_path)
+    suffix = Path(document.result_name("document" + document.extension)).suffix
+    return _Spooled(count, suffix, document.extension)
+
+
+def _render_job(limits: ParseLimits, path: str, translations_path: str, out: str,
+                *options: Any) -> Any:
+    document = _open(path, limits)
+    return document.render(_read_jsonl(Path(translations_path)), Path(out), *options)
+
+
+def _extract_job(limits: ParseLimits, path: str, out: str) -> None:
+    document = _open(path, limits)
+    with Path(out).open("w", encoding="utf-8", newline="") as f:
+        for chunk in document.plain_text():
+            f.write(chunk)
+
+
+def _read_jsonl(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _address_space() -> int:
+    """This process's virtual size in bytes (VmSize), what RLIMIT_AS counts."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _apply_limits(limits: ParseLimits) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # The soft limit sends SIGXCPU, whose default action ends the process at once; the
+    # hard one (SIGKILL) is a backstop. A forked child's CPU time starts at zero.
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
+    # On top of what the child already maps (the interpreter, lxml, pypdf: ~45 MB), so
+    # the setting means the same on every machine: what one document may allocate.
+    ceiling = _address_space() + limits.memory_mb * _MB
+    resource.setrlimit(resource.RLIMIT_AS, (ceiling, ceiling))
+
+
+def _child_main(conn: Connection, limits: ParseLimits, job: Callable[..., Any],
+                args: tuple[Any, ...]) -> None:
+    """The child: apply the limits, run the job, send one small answer, exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in a terminal is the server's
+    try:
+        _apply_limits(limits)
+        answer: tuple[str, Any] = ("ok", job(limits, *args))
+    except (formats.BadDocument, DocumentRefused) as e:
+        answer = ("refused", str(e))
+    except MemoryError:
+        answer = ("memory_limit", limits.memory_sentence())
+    except RecursionError:
+        answer = ("refused", "This document is nested too deeply to be read.")
+    except OSError as e:
+        # The machine's trouble (a full disk), not the document's: the parent re-raises it.
+        answer = ("os_error", (e.errno, e.strerror or str(e)))
+    except Exception as e:
+        # The parent logs it with the task or request; the file is what was wrong.
+        answer = ("refused", f"This file could not be read ({type(e).__name__}: {e})."[:500])
+    try:
+        data = pickle.dumps(answer)
+        if len(data) > _MAX_ANSWER_BYTES:
+            data = pickle.dumps(("refused", "The document reader gave too long an answer."))
+        conn.send_bytes(data)
+    except MemoryError:
+        os._exit(3)
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- the parent side
+class _UserSlots:
+    """One user's parses: a semaphore, and how many requests wait for it."""
+
+    def __init__(self, limit: int) -> None:
+        self.semaphore = asyncio.Semaphore(limit)
+        self.waiting_requests = 0
+        #: parses of this user running or waiting; the entry goes when it drops to 0
+        self.holders = 0
+
+
+Observe = Callable[[str], None]
+
+
+class DocumentSandbox:
+    """The pool of bounded parser processes of one app (or one worker pool).
+
+    ``workers`` children at most run at once (the pool size), and at most
+    ``per_user`` of them for one user; the others wait their turn. A request
+    (an upload being priced) that would wait behind ``per_user`` other waiting
+    requests of the same user is refused with :class:`TooManyParses`.
+    """
+
+    def __init__(self, limits: ParseLimits | None = None, *, workers: int = 2,
+                 per_user: int = 2, observe: Observe | None = None) -> None:
+        self.limits = limits or ParseLimits()
+        self.workers = max(1, workers)
+        self.per_user = max(1, per_user)
+        #: told each event: started, then ok, refused, memory_limit, cpu_limit, wall_limit,
+        #: crashed, os_error; or too_many (refused before starting) or abandoned (the caller went
+        #: away or was cancelled, and a running child was killed)
+        self._observe = observe or (lambda event: None)
+        self._slots: asyncio.Semaphore | None = None
+        self._users: dict[str, _UserSlots] = {}
+        self._children: set[BaseProcess] = set()
+        # Starting a child is a short blocking exchange with the forkserver: off the
+        # loop, and off the default executor (aiohttp's file responses use that one).
+        self._starter: ThreadPoolExecutor | None = None
+        self.started = 0  #: children started since the sandbox was made
+        self.waiting = 0  #: parses waiting for a slot (the user's or the pool's)
+
+    @property
+    def in_flight(self) -> int:
+        """Parser children running now."""
+        return len(self._children)
+
+    async def start(self) -> None:
+        """Start the forkserver (imports the parsers once) so the first upload waits less."""
+        self._starter = ThreadPoolExecutor(self.workers, thread_name_prefix="zhiyi-parse")
+        await asyncio.get_running_loop().run_in_executor(self._starter, _ensure_forkserver)
+
+    async def close(self) -> None:
+        for child in list(self._children):
+            _kill(child)
+        if self._starter is not None:
+            self._starter.shutdown(wait=False, cancel_futures=True)
+            self._starter = None
+
+    # ------------------------------------------------------------- operations
+    async def stats(self, path: Path, *, user: str,
+                    still_wanted: Callable[[], bool] | None = None) -> formats.DocumentStats:
+        """Characters, words, segments and language of the document (pricing, analyze)."""
+        return await self._run(user, _stats_job, (str(path),), request=still_wanted is not None,
+                               still_wanted=still_wanted)
+
+    async def open(self, path: Path, *, user: str, work_dir: Path,
+                   still_wanted: Callable[[], bool] | None = None) -> ParsedDocument:
+        """Parse the document; its segments are spooled to ``work_dir`` for the caller."""
+        segments_path = work_dir / f"{path.name}.segments.jsonl"
+        spooled = await self._run(user, _spool_job, (str(path), str(segments_path)),
+                                  request=still_wanted is not None, still_wanted=still_wanted)
+        return ParsedDocument(self, user, path, segments_path, work_dir, spooled)
+
+    async def extract_text(self, path: Path, out: Path, *, user: str) -> None:
+        """Write the document's plain text to ``out`` (UTF-8)."""
+        await self._run(user, _extract_job, (str(path), str(out)))
+
+    async def render(self, path: Path, translations_path: Path, out: Path, *options: Any,
+                     user: str) -> Any:
+        """Write the document to ``out`` with segment i replaced by line i of the file.
+
+        ``options`` go to the format's ``render`` after ``out``; returns what it returns.
+        """
+        return await self._run(
+            user, _render_job, (str(path), str(translations_path), str(out), *options))
+
+    # ------------------------------------------------------------- machinery
+    async def _run(self, user: str, job: Callable[..., T], args: tuple[Any, ...], *,
+                   request: bool = False, still_wanted: Callable[[], bool] | None = None) -> T:
+        slots = self._users.get(user) or self._users.setdefault(user, _UserSlots(self.per_user))
+        slots.holders += 1
+        try:
+            return await _unless_abandoned(self._run_in_slot(slots, job, args, request),
+                                           still_wanted)
+        except (ParseAbandoned, asyncio.CancelledError):
+            self._observe("abandoned")
+            raise
+        finally:
+            slots.holders -= 1
+            if not slots.holders:
+                del self._users[user]
+
+    async def _run_in_slot(self, slots: _UserSlots, job: Callable[..., T],
+                           args: tuple[Any, ...], request: bool) -> T:
+        if request and slots.semaphore.locked() and slots.waiting_requests >= self.per_user:
+            self._observe("too_many")
+            raise TooManyParses(self.per_user)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.workers)
+        slots.waiting_requests += request
+        self.waiting += 1
+        try:
+            await slots.semaphore.acquire()
+            try:
+                await self._slots.acquire()
+            except BaseException:
+                slots.semaphore.release()
+                raise
+        finally:
+            slots.waiting_requests -= request
+            self.waiting -= 1
+        try:
+            return await self._run_child(job, args)
+        finally:
+            self._slots.release()
+            slots.semaphore.release()
+
+    async def _run_child(self, job: Callable[..., T], args: tuple[Any, ...]) -> T:
+        loop = asyncio.get_running_loop()
+        if self._starter is None:
+            await self.start()
+        receive, send = multiprocessing.Pipe(duplex=False)
+        child = _ParserProcess(target=_child_main, args=(send, self.limits, job, args),
+                                 name="zhiyi-parser", daemon=True)
+        try:
+            await loop.run_in_executor(self._starter, child.start)
+        finally:
+            send.close()
+        self._children.add(child)
+        self.started += 1
+        self._observe("started")
+        killed = False
+        try:
+            async with asyncio.timeout(self.limits.wall_seconds):
+                await _exited(child)
+        except TimeoutError:
+            killed = True
+        finally:
+            if child.exitcode is None:
+                _kill(child)
+                await asyncio.shield(_exited(child))
+            self._children.discard(child)
+        try:
+            return self._answer(child, receive, killed)
+        finally:
+            receive.close()
+            child.close()
+
+    def _answer(self, child: BaseProcess, receive: Connection, killed: bool) -> Any:
+        if killed:
+            self._observe("wall_limit")
+            raise DocumentRefused(self.limits.wall_sentence())
+        try:
+            # Readable also at end of file: a child killed before answering sent nothing.
+            answer = pickle.loads(receive.recv_bytes()) if receive.poll() else None
+        except (EOFError, OSError, pickle.UnpicklingError):
+            answer = None
+        if answer is None:
+            raise DocumentRefused(self._death_sentence(child.exitcode))
+        status, value = answer
+        self._observe(status)
+        if status == "os_error":
+            raise OSError(*value)
+        if status != "ok":
+            raise DocumentRefused(value)
+        return value
+
+    def _death_sentence(self, exitcode: int | None) -> str:
+        if exitcode == -signal.SIGXCPU:
+            self._observe("cpu_limit")
+            return self.limits.cpu_sentence()
+        self._observe("crashed")
+        how = (f"signal {signal.Signals(-exitcode).name}" if exitcode and exitcode < 0
+               else f"exit status {exitcode}")
+        logger.warning("a parser process ended without an answer (%s)", how)
+        return self.limits.crash_sentence(how)
+
+
+class ParsedDocument:
+    """A document parsed in the sandbox: its segments on disk, its write-back in a child.
+
+    Stands in for a ``formats.Document`` in processors: ``segments()`` streams
+    the spooled segments (callers run it in a thread), ``render()`` rebuilds the
+    document in a child process (rebuilding reads the untrusted file again).
+    """
+
+    def __init__(self, sandbox: DocumentSandbox, user: str, source: Path, segments_path: Path,
+                 work_dir: Path, spooled: _Spooled) -> None:
+        self._sandbox = sandbox
+        self._user = user
+        self._source = source
+        self._segments_path = segments_path
+        self._work_dir = work_dir
+        self.extension = spooled.extension
+        self.segment_count = spooled.segments
+        self._result_suffix = spooled.result_suffix
+
+    def segments(self) -> Iterator[str]:
+        """The translatable segments in document order; each call starts over."""
+        return _read_jsonl(self._segments_path)
+
+    def result_name(self, file_name: str) -> str:
+        """The file name of the translated result ("report.pdf" -> "report.txt")."""
+        return str(Path(file_name).with_suffix(self._result_suffix))
+
+    async def render(self, translations: Iterable[str], out: Path, *options: Any) -> Any:
+        """Write the document to ``out`` with segment i replaced by the i-th translation.
+
+        ``options`` (the output encoding) go to the format's ``render``; returns what it
+        returns (segments that lost their inline formatting).
+        """
+        feed = self._work_dir / f"{self._source.name}.translations.jsonl"
+        await asyncio.to_thread(_write_jsonl, feed, translations)
+        try:
+            return await self._sandbox.render(self._source, feed, out, *options,
+                                              user=self._user)
+        finally:
+            await asyncio.to_thread(feed.unlink, True)
+
+    def discard(self) -> None:
+        """Remove the spooled segments (blocking file I/O: run it in a thread)."""
+        self._segments_path.unlink(missing_ok=True)
+
+
+def _write_jsonl(path: Path, items: Iterable[str]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------ processes
+_CONTEXT = multiprocessing.get_context("forkserver")
+
+
+class _Popen(popen_forkserver.Popen):
+    """The forkserver's launcher, except that the child does not import ``__main__``.
+
+    multiprocessing re-imports the parent's main script in every child (to find
+    functions defined there). Our jobs live in this module, and an embedding
+    app's main script that starts its server at import (the README's example
+    does) would start it again in every parser. ``_launch`` is the standard
+    library's, with the two main-module keys dropped from the preparation data.
+    """
+
+    def _launch(self, process_obj: Any) -> None:
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data.pop("init_main_from_path", None)
+        prep_data.pop("init_main_from_name", None)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = multiprocessing.forkserver.connect_to_new_process(self._fds)
+        parent_w = os.dup(w)  # the child's sentinel of this parent, as in the original
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
+
+
+class _ParserProcess(_CONTEXT.Process):  # type: ignore[name-defined,misc]
+    @staticmethod
+    def _Popen(process_obj: Any) -> _Popen:
+        return _Popen(process_obj)
+
+
+def _ensure_forkserver() -> None:
+    # The forkserver imports this module (and the parsers) once; children fork from it.
+    # A process-wide setting: the server is the only user of multiprocessing here.
+    _CONTEXT.set_forkserver_preload([__name__])
+    multiprocessing.forkserver.ensure_running()
+
+
+def _kill(child: BaseProcess) -> None:
+    with contextlib.suppress(ProcessLookupError, ValueError, AttributeError):
+        child.kill()
+
+
+def _exited(child: BaseProcess) -> Awaitable[None]:
+    """A future done when the child has ended (its sentinel becomes readable)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    sentinel = child.sentinel
+
+    def ready() -> None:
+        loop.remove_reader(sentinel)
+        if not done.done():
+            done.set_result(None)
+
+    def forget(_: asyncio.Future[None]) -> None:
+        loop.remove_reader(sentinel)
+
+    loop.add_reader(sentinel, ready)
+    done.add_done_callback(forget)
+    return _reap_after(child, done)
+
+
+async def _reap_after(child: BaseProcess, done: asyncio.Future[None]) -> None:
+    await done
+    child.join(0)  # reads the exit status the forkserver wrote; does not block
+
+
+async def _unless_abandoned(work: Awaitable[T], still_wanted: Callable[[], bool] | None) -> T:
+    """Await ``work``; stop it (killing its child) if ``still_wanted()`` turns false."""
+    if still_wanted is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_POLL_SECONDS)
+            if done:
+                return task.result()
+            if not still_wanted():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise ParseAbandoned("the caller went away")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

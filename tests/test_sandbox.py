@@ -1,0 +1,335 @@
+"""Hostile documents are read in bounded child processes (sandbox.py).
+
+Zip and PDF bombs are refused with 422 naming the limit, a parser killed by a
+limit is a 422 (at create) or a failed task (in processing), other users and
+the server's own endpoints are served while a bomb is being read, the server's
+memory stays bounded, and a user who cannot pay is refused before any parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import zipfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import docx
+import pytest
+from aiohttp.test_utils import TestClient
+from helpers import (
+    ServerProcess,
+    add_user,
+    create,
+    form,
+    free_port,
+    make_user,
+    peak_rss_mb,
+    wait_status,
+)
+from pypdf import PdfWriter
+from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+
+from zhiyi_server import CONFIG
+
+MB = 1024 * 1024
+#: the issue's zip bomb: a ~650 KB .docx whose body is 600 MB of spaces (the slow test)
+ISSUE_BOMB_MB = 600
+#: a smaller one for the quick tests (its ratio, ~1000 to 1, is the same)
+BOMB_MB = 100
+
+
+def docx_bomb(path: Path, megabytes: int) -> None:
+    """A real .docx whose word/document.xml inflates to ``megabytes`` MB (of spaces)."""
+    document = docx.Document()
+    document.add_paragraph("Hello world.")
+    buffer = io.BytesIO()
+    document.save(buffer)
+    with (zipfile.ZipFile(buffer) as source,
+          zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as bomb):
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename != "word/document.xml":
+                bomb.writestr(item, data)
+                continue
+            head, tail = data.split(b"</w:body>")
+            with bomb.open(item.filename, "w", force_zip64=True) as f:
+                f.write(head)
+                spaces = b" " * MB
+                for _ in range(megabytes):
+                    f.write(spaces)
+                f.write(b"</w:body>" + tail)
+
+
+def pdf_bomb(pages: int, operations: int) -> bytes:
+    """``pages`` pages sharing one content stream of ``operations`` text operations.
+
+    A few KB on disk; extracting its text costs CPU in proportion to pages × operations.
+    """
+    writer = PdfWriter()
+    content = DecodedStreamObject()
+    content.set_data(b"BT /F1 1 Tf " + b"(ab) Tj 1 0 Td " * operations + b"ET\n")
+    content_ref = writer._add_object(content.flate_encode())
+    font_ref = writer._add_object(DictionaryObject({
+        NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
+        NameObject("/BaseFont"): NameObject("/Helvetica")}))
+    resources = DictionaryObject({NameObject("/Font"): DictionaryObject(
+        {NameObject("/F1"): font_ref})})
+    for _ in range(pages):
+        page = writer.add_blank_page(612, 792)
+        page[NameObject("/Contents")] = content_ref
+        page[NameObject("/Resources")] = resources
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+#: about a second of CPU per page (more on a slower machine): minutes for the whole file
+CPU_BOMB = pdf_bomb(pages=500, operations=60_000)
+
+
+@pytest.fixture(scope="session")
+def zip_bomb(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("bombs") / "bomb.docx"
+    docx_bomb(path, BOMB_MB)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def issue_zip_bomb(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("bombs") / "issue-bomb.docx"
+    docx_bomb(path, ISSUE_BOMB_MB)
+    return path.read_bytes()
+
+
+async def metric(client: TestClient, name: str) -> float:
+    """A sample of /metrics (0 when absent), read as a client would."""
+    resp = await client.get("/metrics")
+    text = await resp.text()
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def until_metric(client: TestClient, name: str, value: float) -> None:
+    while await metric(client, name) < value:
+        await asyncio.sleep(0.05)
+
+
+async def post_create(client: TestClient, headers: dict[str, str], **kwargs: Any
+                      ) -> tuple[int, dict[str, Any]]:
+    resp = await client.post("/api/tasks/create", data=form(**kwargs), headers=headers)
+    return resp.status, await resp.json()
+
+
+# ----------------------------------------------------------- refused before inflating
+async def test_zip_bomb_refused_from_its_directory(make_client, zip_bomb: bytes) -> None:
+    client = await make_client()
+    alice = await add_user(client, "alice", 1000)
+    status, body = await post_create(client, alice, content=zip_bomb, name="bomb.docx")
+    assert status == 422, body
+    assert body["code"] == "bad_document"
+    assert "MAX_ZIP_RATIO" in body["message"], body["message"]
+    assert (await (await client.get("/api/tasks", headers=alice)).json())["tasks"] == []
+
+
+async def test_zip_limits_name_themselves(make_client, zip_bomb: bytes) -> None:
+    client = await make_client(max_zip_ratio=100_000, max_zip_uncompressed_mb=50)
+    alice = await add_user(client, "alice", 1000)
+    status, body = await post_create(client, alice, content=zip_bomb, name="bomb.docx")
+    assert (status, body["code"]) == (422, "bad_document")
+    assert "101 MB" in body["message"] and "MAX_ZIP_UNCOMPRESSED_MB" in body["message"]
+
+    crowded = io.BytesIO()
+    with zipfile.ZipFile(crowded, "w") as archive:
+        for n in range(40):
+            archive.writestr(f"part{n}.xml", "<x/>")
+    client = await make_client(max_zip_members=30)  # the same database: alice exists
+    status, body = await post_create(client, alice, content=crowded.getvalue(), name="many.docx")
+    assert (status, body["code"]) == (422, "bad_document")
+    assert "40 parts" in body["message"] and "MAX_ZIP_MEMBERS" in body["message"]
+
+
+async def test_pdf_page_count_capped(make_client) -> None:
+    client = await make_client(max_pdf_pages=20)
+    alice = await add_user(client, "alice", 1000)
+    status, body = await post_create(client, alice, content=pdf_bomb(pages=21, operations=1),
+                                     name="long.pdf")
+    assert (status, body["code"]) == (422, "bad_document")
+    assert "21 pages" in body["message"] and "MAX_PDF_PAGES" in body["message"]
+    ok = await create(client, alice, content=pdf_bomb(pages=20, operations=1), name="ok.pdf",
+                      task_type="extract")
+    done = await wait_status(client, alice, ok["taskId"], "completed", "failed")
+    assert done["taskStatus"] == "completed", done
+
+
+# ------------------------------------------------------------ killed by a limit
+async def test_parser_over_the_memory_limit_is_a_422(make_client, zip_bomb: bytes) -> None:
+    # The directory checks let it through, so the parser really inflates 100 MB.
+    client = await make_client(max_zip_ratio=100_000, max_zip_uncompressed_mb=100_000,
+                               parse_memory_mb=50)
+    alice = await add_user(client, "alice", 1000)
+    status, body = await post_create(client, alice, content=zip_bomb, name="bomb.docx")
+    assert (status, body["code"]) == (422, "bad_document"), body
+    assert "50 MB" in body["message"] and "PARSE_MEMORY_MB" in body["message"]
+    assert await metric(client, "zhiyi_document_parses_running") == 0
+
+
+async def test_parser_over_the_wall_time_limit_is_killed(make_client) -> None:
+    client = await make_client(parse_wall_seconds=0.5, parse_cpu_seconds=3600)
+    alice = await add_user(client, "alice", 1000)
+    status, body = await post_create(client, alice, content=CPU_BOMB, name="slow.pdf")
+    assert (status, body["code"]) == (422, "bad_document"), body
+    assert "0.5 s" in body["message"] and "PARSE_WALL_SECONDS" in body["message"]
+    assert await metric(client, 'zhiyi_document_parses_total{event="wall_limit"}') == 1
+    assert await metric(client, "zhiyi_document_parses_running") == 0
+
+
+@pytest.mark.slow
+async def test_pdf_bomb_while_others_are_served(make_client) -> None:
+    """A CPU bomb is read while another user's task completes and the server answers."""
+    client = await make_client(parse_workers=2, max_parses_per_user=1, parse_cpu_seconds=4,
+                               parse_wall_seconds=3600)
+    mallory = await add_user(client, "mallory", 1000)
+    bob = await add_user(client, "bob", 1000)
+
+    first = asyncio.ensure_future(post_create(client, mallory, content=CPU_BOMB, name="a.pdf"))
+    await until_metric(client, "zhiyi_document_parses_running", 1)
+    # Mallory's second bomb waits for her one slot; a third would wait behind it: refused.
+    second = asyncio.ensure_future(post_create(client, mallory, content=CPU_BOMB, name="b.pdf"))
+    await until_metric(client, "zhiyi_document_parses_waiting", 1)
+    status, body = await post_create(client, mallory, content=CPU_BOMB, name="c.pdf")
+    assert (status, body["code"]) == (429, "too_many_parses"), body
+
+    # Meanwhile Bob's small task is priced, processed and downloaded; the server answers.
+    created = await create(client, bob, content="Hello world.\n")
+    done = await wait_status(client, bob, created["taskId"], "completed", "failed", timeout=600)
+    assert done["taskStatus"] == "completed", done
+    assert (await client.get(done["resultUrl"], headers=bob)).status == 200
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/static/app.js")).status == 200  # a FileResponse
+    assert not first.done()  # all of that happened while the bomb was being read
+
+    for answer in (first, second):
+        status, body = await answer
+        assert (status, body["code"]) == (422, "bad_document"), body
+        assert "4 s" in body["message"] and "PARSE_CPU_SECONDS" in body["message"]
+    assert await metric(client, 'zhiyi_document_parses_total{event="cpu_limit"}') == 2
+    tasks = (await (await client.get("/api/tasks", headers=mallory)).json())["tasks"]
+    assert tasks == []
+    me = await (await client.get("/api/me", headers=mallory)).json()
+    assert me["credits"] == 1000
+
+
+async def test_parse_stopped_when_the_request_is_cancelled(make_client) -> None:
+    # aiohttp's test server cancels a handler whose client went away; `zhiyi serve`
+    # does not, and its polling is tested on a real server below.
+    client = await make_client(parse_cpu_seconds=3600, parse_wall_seconds=3600)
+    alice = await add_user(client, "alice", 1000)
+    await abandon_a_parse(client.make_url(""), alice,
+                          lambda name: metric(client, name))
+    assert (await (await client.get("/api/tasks", headers=alice)).json())["tasks"] == []
+
+
+async def abandon_a_parse(base: Any, headers: dict[str, str],
+                          read_metric: Callable[[str], Awaitable[float]]) -> None:
+    """Send a CPU bomb, close the connection while it is read, see the parser killed."""
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.ensure_future(session.post(
+            f"{str(base).rstrip('/')}/api/tasks/create",
+            data=form(content=CPU_BOMB, name="a.pdf"), headers=headers))
+        while await read_metric("zhiyi_document_parses_running") < 1:
+            await asyncio.sleep(0.05)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    while await read_metric('zhiyi_document_parses_total{event="abandoned"}') < 1:
+        await asyncio.sleep(0.05)
+    assert await read_metric("zhiyi_document_parses_running") == 0
+
+
+@pytest.mark.slow
+async def test_real_server_memory_stays_bounded(tmp_path: Path, issue_zip_bomb: bytes) -> None:
+    """`zhiyi serve`: the bomb is inflated (checks loosened) in a child, never in the server."""
+    server = ServerProcess(free_port(), tmp_path / "data", env={
+        "PARSE_MEMORY_MB": "200", "MAX_ZIP_RATIO": "100000", "MAX_ZIP_UNCOMPRESSED_MB": "100000",
+        "PARSE_CPU_SECONDS": "3600", "PARSE_WALL_SECONDS": "3600"})
+    server.data.mkdir(parents=True)
+    token = await make_user(server.data, 1000)
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        await asyncio.to_thread(server.start)
+        assert server.proc is not None
+        baseline = peak_rss_mb(server.proc.pid)
+        async with aiohttp.ClientSession(headers=headers) as session:
+
+            async def read_metric(name: str) -> float:
+                async with session.get(f"{server.url}/metrics") as resp:
+                    text = await resp.text()
+                match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+                return float(match.group(1)) if match else 0.0
+
+            async with session.post(f"{server.url}/api/tasks/create",
+                                    data=form(content=issue_zip_bomb, name="bomb.docx")) as resp:
+                body = await resp.json()
+            assert (resp.status, body["code"]) == (422, "bad_document"), body
+            assert "PARSE_MEMORY_MB" in body["message"]
+            assert await read_metric('zhiyi_document_parses_total{event="memory_limit"}') == 1
+
+            # A real server does not cancel handlers: the parse notices the client left.
+            await abandon_a_parse(server.url, headers, read_metric)
+
+            async with session.post(f"{server.url}/api/tasks/create",
+                                    data=form(content="Hello world.\n")) as resp:
+                assert resp.status == 201, await resp.text()
+        growth = peak_rss_mb(server.proc.pid) - baseline
+    finally:
+        await asyncio.to_thread(server.stop)
+    print(f"server peak memory grew by {growth:.0f} MB while a {ISSUE_BOMB_MB} MB bomb was read")
+    assert growth < 200, f"the server grew by {growth:.0f} MB, past PARSE_MEMORY_MB"
+
+
+# --------------------------------------------------------------- balance first
+async def test_no_credits_refused_before_any_parse(make_client) -> None:
+    client = await make_client()
+    broke = await add_user(client, "broke", 0)
+    rich = await add_user(client, "rich", 1_000_000)
+    large = ("A sentence of the large document. " * 30 + "\n\n") * 5000  # ~5 MB
+    status, body = await post_create(client, broke, content=large, name="big.txt")
+    assert (status, body["code"]) == (402, "insufficient_credits"), body
+    assert (body["needed"], body["balance"]) == (1, 0)
+    assert await metric(client, 'zhiyi_document_parses_total{event="started"}') == 0
+    # The same document from a user who can pay is read (so the counter counts).
+    await create(client, rich, content=large, name="big.txt")
+    assert await metric(client, 'zhiyi_document_parses_total{event="started"}') == 1
+
+
+async def test_exact_charge_still_checked_after_the_parse(make_client) -> None:
+    client = await make_client()
+    poor = await add_user(client, "poor", 2)
+    status, body = await post_create(client, poor, content="word " * 1000, name="x.txt")
+    assert (status, body["code"]) == (402, "insufficient_credits"), body
+    assert (body["needed"], body["balance"]) == (5, 2)
+    assert await metric(client, 'zhiyi_document_parses_total{event="started"}') == 1
+
+
+# ------------------------------------------------------------------ processing
+async def test_bomb_met_during_processing_fails_the_task(make_client, zip_bomb: bytes) -> None:
+    """A document that changed after pricing (or limits that did) fails with bad_document."""
+    idle = await make_client(worker_concurrency=0)
+    alice = await add_user(idle, "alice", 1000)
+    small = io.BytesIO()
+    document = docx.Document()
+    document.add_paragraph("Hello world.")
+    document.save(small)
+    created = await create(idle, alice, content=small.getvalue(), name="doc.docx")
+    [original] = idle.app[CONFIG].data_path.glob("alice/*/original/doc.docx")
+    original.write_bytes(zip_bomb)
+
+    worker = await make_client(worker_concurrency=1)  # the same data, with a worker
+    task = await wait_status(worker, alice, created["taskId"], "completed", "failed")
+    assert (task["taskStatus"], task["errorCode"]) == ("failed", "bad_document"), task
+    assert "MAX_ZIP_RATIO" in task["errorMessage"]
+    assert (await (await worker.get("/api/me", headers=alice)).json())["credits"] == 1000
