@@ -285,6 +285,7 @@ class Config:
             sse_heartbeat_seconds=_env_float(e, "SSE_HEARTBEAT_SECONDS", 15.0),
             sse_max_per_user=_env_int(e, "SSE_MAX_PER_USER", 32, 1),
             sse_max_total=_env_int(e, "SSE_MAX_TOTAL", 10_000, 1),
+            sse_buffer_events=_env_int(e, "SSE_BUFFER_EVENTS", 256, 1),
             max_upload_mb=_env_int(e, "MAX_UPLOAD_MB", 50, 1),
             body_timeout_seconds=_env_float(e, "BODY_TIMEOUT_SECONDS", 30.0),
             retention_days=_env_float(e, "RETENTION_DAYS", 30.0),
