@@ -66,7 +66,9 @@ export class UploadForm {
     this.types = types;
     api.glossaries().then(({ glossaries }) => {
       this.glossaries = glossaries;
-      this.renderParams();
+      // Only the picker's options change: the rest of the form may be in use.
+      const picker = this.q('#param-glossary');
+      if (picker) this.fillGlossaries(picker);
     }, () => {}); // without the list the picker offers none; the form still works
     const select = this.q('#task-type');
     // Translation is what most people come for; keep any earlier choice.
@@ -114,12 +116,7 @@ export class UploadForm {
     let control;
     if (name === 'glossary') {
       control = document.createElement('select');
-      control.append(new Option(t('glossary.none'), ''));
-      for (const g of this.glossaries) {
-        control.append(new Option(t('glossary.option', {
-          name: g.name, source: g.sourceLang, target: g.targetLang, terms: g.terms }), g.name));
-      }
-      control.value = this.values[name] ?? '';
+      this.fillGlossaries(control);
     } else if (name === 'engine' && type.engines) {
       control = document.createElement('select');
       for (const engine of type.engines) {
@@ -202,6 +199,17 @@ export class UploadForm {
       this.busy = false;
       this.q('#upload-status').textContent = '';
     }
+  }
+
+  /** The glossary picker's options: none, then the user's glossaries by name. */
+  fillGlossaries(select) {
+    const chosen = this.values.glossary ?? select.value ?? '';
+    select.replaceChildren(new Option(t('glossary.none'), ''));
+    for (const g of this.glossaries) {
+      select.append(new Option(t('glossary.option', {
+        name: g.name, source: g.sourceLang, target: g.targetLang, terms: g.terms }), g.name));
+    }
+    select.value = this.glossaries.some((g) => g.name === chosen) ? chosen : '';
   }
 
   addFiles(fileList) {
