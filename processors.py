@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import zhiyi_modules
+
+zhiyi_modules.refuse_shadowed_modules()  # before the sibling imports below, which it checks
+
 import engines
 import formats
 import sandbox

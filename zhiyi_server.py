@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -38,49 +37,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from yarl import URL
 
-#: Zhiyi's sibling modules imported right below (``client`` only by the CLI). Their generic
-#: names may also be an embedding app's own modules; see ``refuse_shadowed_modules``.
-SIBLING_MODULES = (
-    "backup", "engines", "external", "formats", "metrics", "processors", "sandbox", "sse",
-    "storage", "translation_memory", "worker",
-)
+import zhiyi_modules
 
-
-def refuse_shadowed_modules(*names: str) -> None:
-    """Raise ImportError unless each module ``name`` is (or will be) Zhiyi's own file.
-
-    Zhiyi ships flat top-level modules, so another ``storage.py`` earlier on ``sys.path``
-    (an app's own, say, found first because the app runs from its folder), or one imported
-    already, would silently stand in for Zhiyi's and break it far from the cause. This
-    looks where each name resolves without running anything, and names both paths.
-    """
-    home = Path(__file__).resolve().parent
-    for name in names:
-        module = sys.modules.get(name)
-        if module is not None:
-            found = getattr(module, "__file__", None)
-        else:
-            spec = importlib.util.find_spec(name)
-            found = spec.origin if spec is not None else None
-        if found is not None and _module_home(Path(found)) == home:
-            continue
-        own = home / f"{name}.py" if (home / f"{name}.py").exists() else home / name
-        where = f"resolves to {found}" if found else "is not found"
-        raise ImportError(
-            f"Zhiyi's module {name!r} {where}, not to Zhiyi's own {own}: another module named "
-            f"{name!r} comes first on sys.path or was imported already. Rename that module or "
-            f"move it into a package of your own (myapp/{name}.py, imported as myapp.{name}); "
-            "see 'Module names' in Zhiyi's README.",
-            name=name, path=found)
-
-
-def _module_home(origin: Path) -> Path:
-    """The folder a module's file makes it top-level in (a package's is its parent's)."""
-    origin = origin.resolve()
-    return origin.parent.parent if origin.name == "__init__.py" else origin.parent
-
-
-refuse_shadowed_modules(*SIBLING_MODULES)
+zhiyi_modules.refuse_shadowed_modules()  # before the sibling imports below, which it checks
 
 import backup
 import engines
@@ -2386,7 +2345,8 @@ def _engine_command(args: argparse.Namespace) -> int:
 
 
 def _add_client_commands(commands: Any) -> None:
-    refuse_shadowed_modules("client")  # before the import: its ImportError is not swallowed
+    # before the import: this ImportError must not be swallowed below
+    zhiyi_modules.refuse_shadowed_modules("client")
     try:
         import client
     except ImportError:  # pragma: no cover - the client layer ships with the server

@@ -248,11 +248,11 @@ def import_in_subprocess(code: str, path_first: Path, cwd: Path) -> subprocess.C
 
 
 def test_the_guarded_names_are_every_module_zhiyi_ships() -> None:
-    import zhiyi_server
+    import zhiyi_modules
 
-    guarded = set(zhiyi_server.SIBLING_MODULES) | {"client", "zhiyi_server"}
+    guarded = set(zhiyi_modules.EAGER_MODULES) | {"client", "zhiyi_server", "zhiyi_modules"}
     assert guarded == source_modules(), (
-        "a new top-level module belongs in zhiyi_server.SIBLING_MODULES (or is imported "
+        "a new top-level module belongs in zhiyi_modules.EAGER_MODULES (or is imported "
         "lazily and checked where it is, like client)"
     )
 
@@ -272,6 +272,19 @@ def test_an_app_module_earlier_on_sys_path_is_refused_naming_both_files(
     assert str(app / shadow) in last
     own = ROOT / name if shadow.endswith("__init__.py") else ROOT / shadow
     assert str(own) in last, last
+
+
+@pytest.mark.parametrize("shadow", ["formats.py", "engines.py", "storage.py"])
+def test_importing_processors_first_is_guarded_too(tmp_path: Path, shadow: str) -> None:
+    # The README's embedding example imports processors before zhiyi_server.
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / shadow).write_text("X = 1\n")
+    done = import_in_subprocess("from processors import default_registry", app, cwd=tmp_path)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: Zhiyi's module"), last
+    assert str(app / shadow) in last
 
 
 def test_an_app_module_imported_first_is_refused(tmp_path: Path) -> None:
