@@ -12,6 +12,7 @@ buffers; alice's readers meanwhile get every one of theirs.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 from pathlib import Path
@@ -28,6 +29,8 @@ READERS = 900
 DEAD = 100
 EVENTS = 600  # small ones, for the readers
 BIG_EVENTS = 600  # of 8 KB, for the dead: 4.8 MB each, past the kernel's 4 MB send buffer
+#: figures of the last run, for RELIABILITY.md (test-results/ is not committed)
+RESULTS = Path(__file__).resolve().parent.parent / "test-results"
 #: the server may grow by at most this while holding 1,000 streams and the dead ones' backlog
 RSS_BOUND_MB = 200
 
@@ -113,6 +116,12 @@ async def test_dead_streams_are_dropped_and_readers_get_everything(tmp_path: Pat
     assert dropped == DEAD, "every dead stream, and only those, was dropped"
     assert open_now == READERS
     assert peak - before < RSS_BOUND_MB, (before, peak)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "dead_clients.json").write_text(json.dumps({
+        "streams": READERS + DEAD, "dead": DEAD, "dropped": dropped,
+        "events_per_reader": EVENTS, "events_lost": 0,
+        "server_rss_mb_before": round(before, 1), "server_rss_mb_peak": round(peak, 1)},
+        indent=2) + "\n")
 
 
 async def _read_until(response: aiohttp.ClientResponse, last_id: int) -> list[int]:
