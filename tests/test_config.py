@@ -1,0 +1,74 @@
+"""The configuration table: one declaration per setting, read by ``Config.from_env``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from zhiyi_server import Config, ConfigError, settings_table
+
+#: Every setting's variable and default as they were before the table: a rename or a
+#: changed default breaks deployments, so it must be a deliberate edit here too.
+DEFAULTS = {
+    "DATA_STORAGE_PATH": Path("./data"), "ZHIYI_DB": None, "ZHIYI_HOST": "127.0.0.1",
+    "ZHIYI_PORT": 8080, "PUBLIC_URL": None, "WORKER_CONCURRENCY": 4, "ZHIYI_WORKERS": None,
+    "MAX_ATTEMPTS": 3, "RETRY_BASE_SECONDS": 2.0, "TASK_TIMEOUT_SECONDS": 3600.0,
+    "MAX_UPLOAD_MB": 50, "BODY_TIMEOUT_SECONDS": 30.0, "MAX_ACTIVE_TASKS_PER_USER": 100,
+    "PARSE_WORKERS": 4, "MAX_PARSES_PER_USER": 2, "PARSE_MEMORY_MB": 512,
+    "PARSE_CPU_SECONDS": 60, "PARSE_WALL_SECONDS": 120.0, "MAX_ZIP_MEMBERS": 10_000,
+    "MAX_ZIP_UNCOMPRESSED_MB": 512, "MAX_ZIP_RATIO": 200, "MAX_PDF_PAGES": 2_000,
+    "RETENTION_DAYS": 30.0, "RECONCILE_SECONDS": 30.0, "STARTER_CREDITS": 1000,
+    "SSE_HEARTBEAT_SECONDS": 15.0, "SSE_MAX_PER_USER": 32, "SSE_MAX_TOTAL": 10_000,
+    "SSE_BUFFER_EVENTS": 256, "WEBHOOK_SECRET": None, "EXTERNAL_SERVICE_URL": None,
+    "EXTERNAL_TIMEOUT_SECONDS": 3600.0, "LIBRETRANSLATE_URL": None,
+    "LIBRETRANSLATE_API_KEY": None, "OPENAI_BASE_URL": None, "OPENAI_API_KEY": None,
+    "OPENAI_MODEL": "gpt-4o-mini", "DISK_LOW_MB": 1024, "DEEPL_API_KEY": None,
+    "DEEPL_API_URL": None, "ENGINE_CONCURRENCY": 4, "ENGINE_MAX_INFLIGHT": 16,
+    "SHUTDOWN_GRACE_SECONDS": 20.0, "SESSION_DAYS": 30.0, "MAX_STORAGE_MB_PER_USER": 1024,
+    "FAILED_RETENTION_HOURS": 24.0, "ZHIYI_LOG_LEVEL": "INFO",
+}
+
+
+def by_env() -> dict[str, dataclasses.Field]:
+    return {f.metadata["setting"].env: f for f in settings_table()}
+
+
+def test_every_setting_keeps_its_variable_and_default() -> None:
+    fields = by_env()
+    assert set(fields) == set(DEFAULTS)
+    config = Config.from_env({})
+    for env, default in DEFAULTS.items():
+        assert getattr(config, fields[env].name) == default, env
+    assert Config() == config  # Config(...) and from_env agree on every default
+
+
+def test_every_variable_is_read_into_its_field() -> None:
+    samples = {"int": "70", "float": "7.5", "str": "x", "Path": "/srv/zhiyi"}
+    expected = {"int": 70, "float": 7.5, "str": "x", "Path": Path("/srv/zhiyi")}
+    for env, field in by_env().items():
+        kind = str(field.type).removesuffix(" | None")
+        config = Config.from_env({env: samples[kind]})
+        assert getattr(config, field.name) == expected[kind], env
+
+
+def test_empty_variables_keep_the_default_and_overrides_win() -> None:
+    config = Config.from_env({"ZHIYI_PORT": "", "ZHIYI_WORKERS": ""}, port=9000,
+                             worker_concurrency=None)
+    assert (config.port, config.worker_processes, config.worker_concurrency) == (9000, None, 4)
+    assert Config(data_path=Path("d"), worker_concurrency=0).worker_concurrency == 0
+
+
+@pytest.mark.parametrize(("env", "raw", "message"), [
+    ("ZHIYI_PORT", "eighty", "ZHIYI_PORT must be a whole number, not 'eighty'"),
+    ("MAX_UPLOAD_MB", "0", "MAX_UPLOAD_MB must be at least 1, not 0"),
+    ("RETENTION_DAYS", "-1", "RETENTION_DAYS must be at least 0, not -1.0"),
+    ("SESSION_DAYS", "0", "SESSION_DAYS must be at least 0.01, not 0.0"),
+    ("TASK_TIMEOUT_SECONDS", "inf", "TASK_TIMEOUT_SECONDS must be a finite number, not 'inf'"),
+    ("PARSE_MEMORY_MB", "8", "PARSE_MEMORY_MB must be at least 16, not 8"),
+])
+def test_errors_name_the_variable(env: str, raw: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({env: raw})
+    assert str(caught.value) == message
