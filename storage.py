@@ -1088,12 +1088,20 @@ class TaskStore:
         return {r["id"]: (r["credits"], r["total"]) for r in rows}
 
     # ----------------------------------------------------- translation memory
-    async def memory_summary(self, user_id: str) -> list[tuple[Scope, int]]:
-        """How many segments the user's memory holds, per (source, target, engine)."""
+    async def memory_summary(self, user_id: str,
+                             scope: Scope | None = None) -> list[tuple[Scope, int]]:
+        """How many segments the user's memory holds, per (source, target, engine).
+
+        With ``scope``, that scope alone (a range of the primary key).
+        """
+        where, args = "user_id = ?", [user_id]
+        if scope is not None:
+            where += " AND source_lang = ? AND target_lang = ? AND engine = ?"
+            args += [scope.source, scope.target, scope.engine]
         rows = await self._fetchall(
-            """SELECT source_lang, target_lang, engine, COUNT(*) AS n FROM translation_memory
-               WHERE user_id = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
-            (user_id,),
+            f"""SELECT source_lang, target_lang, engine, COUNT(*) AS n FROM translation_memory
+                WHERE {where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+            args,
         )
         return [(Scope(r["source_lang"], r["target_lang"], r["engine"]), r["n"]) for r in rows]
 

@@ -1611,7 +1611,7 @@ async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any
     scope = memory_scope(params, quote.stats.language, glossary)
     if scope is None or params.get("memory") == "ignore":
         return quote
-    if not any(held == scope for held, _ in await store.memory_summary(user_id)):
+    if not await store.memory_summary(user_id, scope):
         return quote  # nothing remembered for this pair: no second read of the document
     try:
         document = await request.config_dict[SANDBOX].open(
