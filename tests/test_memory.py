@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from aiohttp.test_utils import TestClient
 from fakes import FakeLibreTranslate
@@ -207,3 +208,24 @@ async def test_memory_is_per_user(make_client, aiohttp_server) -> None:
     assert (await quote(client, bob, text))["fromMemory"] == 0
     body = await (await client.get("/api/memory", headers=bob)).json()
     assert body == {"success": True, "segments": 0, "scopes": []}
+
+
+async def test_tmx_entity_tricks_are_refused_or_inert(make_client, aiohttp_server) -> None:
+    _fake, client, headers = await setup(make_client, aiohttp_server)
+    levels = "".join(
+        f'<!ENTITY l{n} "{f"&l{n - 1};" * 10}">' for n in range(1, 10))
+    bomb = (f'<?xml version="1.0"?><!DOCTYPE t [<!ENTITY l0 "lol">{levels}]>'
+            '<tmx version="1.4"><header/><body><tu><tuv xml:lang="en"><seg>&l9;</seg></tuv>'
+            '<tuv xml:lang="fr"><seg>x</seg></tuv></tu></body></tmx>').encode()
+    resp = await client.post("/api/memory/import?engine=pseudo", data=bomb, headers=headers)
+    body = await resp.json()
+    assert resp.status == 422 and body["code"] == "bad_tmx", body
+    secret = Path(__file__)  # any local file: its text must never reach the memory
+    external = (f'<?xml version="1.0"?><!DOCTYPE t [<!ENTITY e SYSTEM "file://{secret}">]>'
+                '<tmx version="1.4"><header/><body><tu><tuv xml:lang="en"><seg>&e;</seg>'
+                '</tuv><tuv xml:lang="fr"><seg>x</seg></tuv></tu></body></tmx>').encode()
+    resp = await client.post("/api/memory/import?engine=pseudo", data=external,
+                             headers=headers)
+    assert resp.status in (200, 422)
+    exported = await (await client.get("/api/memory/export.tmx", headers=headers)).read()
+    assert b"test_tmx_entity_tricks" not in exported
