@@ -198,7 +198,7 @@ def steps_log(data: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-async def test_cancel_through_one_http_process_stops_the_task_in_a_worker_process(
+async def test_cancel_or_delete_through_an_http_process_stops_the_task_in_a_worker_process(
         cluster: Cluster) -> None:
     token = await make_user(cluster.data, 10)
     http = cluster.http()
@@ -211,10 +211,19 @@ async def test_cancel_through_one_http_process_stops_the_task_in_a_worker_proces
             assert (await resp.json())["task"]["taskStatus"] == "cancelled"
         await wait_for(lambda: _logged(cluster.data, f"{task_id} cancelled"),
                        "the worker process stopped the attempt")
+        # A delete through the HTTP process stops a running attempt the same way.
+        deleted = await create_task(session, http.url, "count")
+        await wait_for(lambda: _logged(cluster.data, f"{deleted} 2"), "the worker ran steps")
+        async with session.delete(f"{http.url}/api/tasks/{deleted}") as resp:
+            assert resp.status == 200
+        await wait_for(lambda: _logged(cluster.data, f"{deleted} cancelled"),
+                       "the worker process stopped the deleted task")
         me = await get_json(session, f"{http.url}/api/me")
-    assert me["credits"] == 10  # charged, then refunded once
+    assert me["credits"] == 10  # each charged, then refunded once
     lines = steps_log(cluster.data)
-    assert lines[-1] == f"{task_id} cancelled"  # no step ran after the stop
+    for stopped in (task_id, deleted):  # no step ran after the stop
+        assert not [line for line in lines[lines.index(f"{stopped} cancelled"):]
+                    if line.startswith(f"{stopped} ") and not line.endswith("cancelled")]
 
 
 async def _logged(data: Path, line: str) -> bool:
