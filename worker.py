@@ -316,8 +316,8 @@ class WorkerPool:
         asked = dict(self._running)
         states = await self.store.attempt_states(list(asked))
         for task_id, (task, job) in asked.items():
-            # Only the attempts that ran before the read: a task claimed meanwhile
-            # is absent from ``states`` without being deleted.
+            # An attempt that ended meanwhile (or was followed by a newer one of the
+            # same task here) is no longer the one the read was about.
             if self._running.get(task_id, (None, None))[1] is not job:
                 continue
             state = states.get(task_id)
