@@ -793,7 +793,9 @@ class TaskStore:
         the change callbacks told."""
         loop = asyncio.get_running_loop()
         await self._register_wake_port()
-        version = await self._writer.data_version()
+        # No baseline: the first look always catches up, so a commit made between
+        # open() and this line is not missed.
+        version: int | None = None
         next_refresh = next_look = 0.0
         while True:
             try:

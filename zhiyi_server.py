@@ -2070,16 +2070,37 @@ def _worker_processes_ctx(count: int, config: Config,
         env = {**os.environ, "DATA_STORAGE_PATH": str(config.data_path)}
         if config.db_path is not None:
             env["ZHIYI_DB"] = str(config.db_path)
-        children = [await asyncio.create_subprocess_exec(*command, env=env)
-                    for _ in range(count)]
+        children = [await asyncio.create_subprocess_exec(
+            *command, env=env, stdout=asyncio.subprocess.PIPE) for _ in range(count)]
         logger.info("started %d worker processes: %s", count,
                     ", ".join(str(c.pid) for c in children))
+        # The server announces itself only once its workers can take tasks.
+        drains = [await _ready(child) for child in children]
         yield
+        for drain in drains:
+            drain.cancel()
+        await asyncio.gather(*drains, return_exceptions=True)
         # A worker gets its own grace for running attempts, and a margin to hand the rest back.
         timeout = config.shutdown_grace_seconds + CHILD_STOP_MARGIN_SECONDS
         await asyncio.gather(*(_stop_child(child, timeout) for child in children))
 
     return worker_processes_ctx
+
+
+async def _ready(child: asyncio.subprocess.Process) -> asyncio.Task[bytes]:
+    """Wait for a worker's READY line; then keep reading its stdout (to nothing), so a
+    processor that prints can never block on a full pipe."""
+    assert child.stdout is not None
+    try:
+        line = await asyncio.wait_for(child.stdout.readline(), WORKER_START_SECONDS)
+    except TimeoutError:
+        line = b""
+    if line.strip() != b"READY":
+        raise CliError(f"worker process {child.pid} did not start; see its log above")
+    return asyncio.create_task(child.stdout.read(), name=f"zhiyi-worker-{child.pid}-stdout")
+
+
+WORKER_START_SECONDS = 120.0
 
 
 async def _stop_child(child: asyncio.subprocess.Process, timeout: float) -> None:
@@ -2290,7 +2311,10 @@ def _worker_command(args: argparse.Namespace) -> int:
         raise CliError(f"the data folder {config.data_path} does not exist here; a worker "
                        "needs the server's DATA_STORAGE_PATH (a shared folder across hosts)")
     asyncio.run(_mark_data_folder(config, create=False))
-    asyncio.run(run_worker_app(create_worker_app(config), parent_pid=args.parent_pid))
+    # Started by ``zhiyi serve``: tell it on stdout when the workers run.
+    ready = (lambda: print("READY", flush=True)) if args.parent_pid is not None else None
+    asyncio.run(run_worker_app(create_worker_app(config), parent_pid=args.parent_pid,
+                               on_ready=ready))
     return 0
 
 
