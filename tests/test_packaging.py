@@ -213,6 +213,8 @@ async def _complete_a_task(base: str, token: str) -> None:
     async with aiohttp.ClientSession(base, timeout=timeout) as http:
         async with http.get("/") as page:  # static/ and openapi.yaml come from zhiyi_resources
             assert page.status == 200 and "<html" in (await page.text()).lower()
+        async with http.get("/static/app.js") as script:
+            assert await script.read() == (ROOT / "static" / "app.js").read_bytes()
         async with http.get("/api/openapi.yaml") as spec:
             assert await spec.read() == (ROOT / "openapi.yaml").read_bytes()
 
