@@ -118,7 +118,7 @@ def restore(src: Path, data_path: Path, database: Path) -> RestoreReport:
     if files.is_dir():
         for user_dir in files.iterdir():
             shutil.copytree(user_dir, data_path / user_dir.name, dirs_exist_ok=True)
-            folders += sum(1 for p in user_dir.iterdir() if p.is_dir())
+        folders = len(_folders_on_disk(files))
     for loose in src.iterdir():
         if loose.is_file() and loose.name not in (MANIFEST, DATABASE):
             shutil.copy2(loose, data_path / loose.name)
@@ -162,9 +162,10 @@ def _task_folders(database: Path) -> list[tuple[str, str]]:
 
 
 def _folders_on_disk(data_path: Path) -> list[Path]:
-    """``<user>/<task>`` folders, for a files-only backup (no database to list them)."""
-    return [task for user in data_path.iterdir() if user.is_dir()
-            for task in user.iterdir() if task.is_dir()]
+    """Task folders (those holding an ``original`` folder), for a files-only backup (no
+    database to list them): ``<user>/<task>`` and the sharded ``<user>/<xx>/<task>``."""
+    return sorted(original.parent for original in data_path.glob("*/**/original")
+                  if original.is_dir())
 
 
 def _copy_task_folders(data_path: Path, files: Path, rows: list[tuple[str, str]],

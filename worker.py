@@ -39,7 +39,7 @@ from sandbox import DocumentSandbox
 from storage import StoreUnavailable, Task, TaskStatus, TaskStore
 
 __all__ = ["ProgressReporter", "StoreMemory", "WorkerPool", "WorkerSettings", "is_disk_full",
-           "make_private_dirs", "owner_is_gone", "task_dirs"]
+           "make_private_dirs", "owner_is_gone", "task_dirs", "task_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,15 @@ class WorkerSettings:
 def is_disk_full(error: BaseException) -> bool:
     """A write failed because the disk (or the user's disk quota) is full."""
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def task_folder(user_id: str, key: str) -> str:
+    """A new task's folder under ``DATA_STORAGE_PATH``: ``<user>/<2 hex>/<32 hex>``.
+
+    The two-character shard keeps a busy user's folder at ≤ 256 entries instead of one per
+    task (tens of thousands after a year). Older tasks keep the path their row names.
+    """
+    return f"{user_id}/{key[:2]}/{key}"
 
 
 def task_dirs(data_path: Path, task: Task) -> tuple[Path, Path, Path, Path]:
@@ -529,6 +538,10 @@ class WorkerPool:
                                               message=summary or "completed", result_size=size)
         if done is None:
             logger.info("task %s finished but was no longer running; result dropped", task.id)
+            return
+        # A completed task keeps its original and its result; its work files (the segment
+        # journal) served only this run. A retry after a failure still finds them.
+        await asyncio.to_thread(shutil.rmtree, task_dirs(self.data_path, task)[3], True)
 
     async def _fail(self, task: Task, message: str, code: str) -> None:
         # The work journal stays: a manual retry resumes without paying twice.

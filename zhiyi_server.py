@@ -112,7 +112,14 @@ from translation_memory import (
     parse_glossary,
     to_tmx,
 )
-from worker import WorkerPool, WorkerSettings, is_disk_full, make_private_dirs, task_dirs
+from worker import (
+    WorkerPool,
+    WorkerSettings,
+    is_disk_full,
+    make_private_dirs,
+    task_dirs,
+    task_folder,
+)
 
 __all__ = ["CONFIG", "HUB", "POOL", "STORE", "Config", "create_app", "create_worker_app",
            "main", "run_worker_app"]
@@ -1308,7 +1315,7 @@ async def create_task(request: web.Request) -> web.Response:
     if key and (earlier := await store.find_by_idempotency_key(user_id, key)):
         return _created(request, earlier, status=200)
     room = await _storage_room(store, user_id, request.content_length, config)
-    task_dir_rel = f"{user_id}/{uuid.uuid4().hex}"
+    task_dir_rel = task_folder(user_id, uuid.uuid4().hex)
     task_dir = config.data_path / task_dir_rel
     try:
         upload = await _receive_upload(request, task_dir / "original", config, room)

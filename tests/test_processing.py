@@ -26,7 +26,7 @@ from helpers import (
 from processors import Registry, TaskContext, default_registry
 from sse import SSEHub, StreamPlan, encode_event, stream_events
 from storage import Event, TaskStatus
-from zhiyi_server import HUB, POOL, STORE
+from zhiyi_server import CONFIG, HUB, POOL, STORE
 
 
 @pytest.fixture
@@ -713,3 +713,15 @@ async def test_replay_spans_several_pages_without_gaps(idle_client) -> None:
     got = [int((await reader.next()).id) for _ in range(1200)]
     assert got == expected
     resp.close()
+
+
+async def test_a_completed_task_keeps_one_sharded_folder_without_work_files(
+        client: TestClient) -> None:
+    headers = await add_user(client)
+    task_id = (await create(client, headers))["taskId"]
+    await wait_status(client, headers, task_id, "completed")
+    task = await client.app[STORE].get_task_by_id(task_id)
+    user, shard, key = task.file_path.split("/")
+    assert (user, shard) == ("alice", key[:2]) and len(key) == 32
+    base = client.app[CONFIG].data_path / task.file_path
+    assert sorted(p.name for p in base.iterdir()) == ["original", "result"]
