@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import docx
 from aiohttp.test_utils import TestClient
 from page_helpers import free_port as free_port  # the one free_port, re-exported
 
@@ -419,3 +420,19 @@ class StreamWatcher:
         if self.task_id is not None and message.payload.get("status") in (
                 "completed", "failed", "cancelled"):
             self.final = message.payload
+
+
+def small_docx() -> bytes:
+    """A real .docx: a heading, a bold run, a table and a header, as python-docx writes it."""
+    document = docx.Document()
+    document.add_heading("Quarterly report", level=1)
+    paragraph = document.add_paragraph("Revenue grew by ")
+    paragraph.add_run("{percent}").bold = True
+    paragraph.add_run(" this quarter.")
+    table = document.add_table(rows=2, cols=2)
+    for i, cell in enumerate(c for row in table.rows for c in row.cells):
+        cell.text = f"cell {i}"
+    document.sections[0].header.paragraphs[0].text = "Confidential"
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()

@@ -23,26 +23,12 @@ from helpers import (
     free_port,
     get_task,
     make_user,
+    small_docx,
     wait_status,
     write_pdf,
 )
 
 from zhiyi_server import STORE
-
-
-def make_docx() -> bytes:
-    document = docx.Document()
-    document.add_heading("Quarterly report", level=1)
-    paragraph = document.add_paragraph("Revenue grew by ")
-    paragraph.add_run("{percent}").bold = True
-    paragraph.add_run(" this quarter.")
-    table = document.add_table(rows=2, cols=2)
-    for i, cell in enumerate(c for row in table.rows for c in row.cells):
-        cell.text = f"cell {i}"
-    document.sections[0].header.paragraphs[0].text = "Confidential"
-    buffer = io.BytesIO()
-    document.save(buffer)
-    return buffer.getvalue()
 
 
 async def run_task(client: TestClient, headers, **kwargs) -> tuple[dict, bytes]:
@@ -58,7 +44,7 @@ async def run_task(client: TestClient, headers, **kwargs) -> tuple[dict, bytes]:
 
 async def test_translate_docx_keeps_structure(client: TestClient) -> None:
     headers = await add_user(client)
-    original = make_docx()
+    original = small_docx()
     task, result = await run_task(client, headers, content=original, name="报告.docx")
     translated = docx.Document(io.BytesIO(result))
     source = docx.Document(io.BytesIO(original))

@@ -8,14 +8,12 @@ same on every machine; ``derandomize`` makes it the same on every run.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from pathlib import Path
 
-import docx
 import pytest
-from helpers import write_pdf
+from helpers import small_docx, write_pdf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,20 +27,6 @@ FUZZ = settings(max_examples=int(os.environ.get("ZHIYI_FUZZ_EXAMPLES", "60")), d
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _docx_bytes() -> bytes:
-    document = docx.Document()
-    document.add_heading("Quarterly report", level=1)
-    paragraph = document.add_paragraph("Sales rose by ")
-    paragraph.add_run("twelve percent").bold = True
-    paragraph.add_run(" in the north.")
-    table = document.add_table(rows=2, cols=2)
-    table.cell(0, 0).text = "Region"
-    table.cell(1, 1).text = "North"
-    out = io.BytesIO()
-    document.save(out)
-    return out.getvalue()
-
-
 def _pdf_bytes() -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         path = write_pdf(Path(folder) / "seed.pdf", ["Quarterly report", "Sales rose (a lot)."])
@@ -54,7 +38,7 @@ SEEDS: dict[str, bytes] = {
     ".md": (FIXTURES / "sample.md").read_bytes(),
     ".srt": (FIXTURES / "sample.srt").read_bytes(),
     ".html": (FIXTURES / "sample.html").read_bytes(),
-    ".docx": _docx_bytes(),
+    ".docx": small_docx(),
     ".pdf": _pdf_bytes(),
 }
 
