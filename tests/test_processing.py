@@ -96,6 +96,11 @@ async def test_first_message_is_snapshot_with_latest_event_id(tclient, gates) ->
 async def test_exact_bytes_of_an_event() -> None:
     assert encode_event(7, "status_update", {"taskId": 1, "status": "pending"}) == (
         b'id: 7\ndata: {"type":"status_update","data":{"taskId":1,"status":"pending"}}\n\n')
+    # Text goes out as UTF-8, not \u escapes; stored text is framed as is.
+    assert encode_event(8, "notification", {"message": "已完成"}) == (
+        'id: 8\ndata: {"type":"notification","data":{"message":"已完成"}}\n\n'.encode())
+    assert encode_event(9, "notification", {"ignored": True}, raw='{"n":1}') == (
+        b'id: 9\ndata: {"type":"notification","data":{"n":1}}\n\n')
 
 
 async def test_reconnect_with_last_event_id_gets_every_later_event_once(tclient, gates) -> None:
@@ -691,8 +696,10 @@ async def test_events_published_during_the_replay_are_sent_once_in_order(
     app.router.add_get("/stream", handler)
     client = await aiohttp_client(app)
     reader = SSEReader(await client.get("/stream"))
-    got = [int((await reader.next(timeout=5)).id) for _ in expected]
-    assert got == expected
+    got = [await reader.next(timeout=5) for _ in expected]
+    assert [int(m.id) for m in got] == expected
+    assert [(m.type, m.payload["progress"]) for m in got] == [
+        ("status_update", i) for i in expected]
     if ends_on_final:
         assert await reader.next(timeout=5) is None
     else:
