@@ -16,6 +16,7 @@ from helpers import new_task
 
 from storage import (
     SCHEMA_VERSION,
+    Event,
     FilesExpired,
     InsufficientCredits,
     InvalidTransition,
@@ -360,6 +361,25 @@ async def test_event_rows_keep_task_user_and_stored_text(store: TaskStore) -> No
     gone = (await store.events_after(events[-1].id, user_id="alice"))[-1]
     assert (gone.type, gone.task_id, gone.data, gone.is_final) == (
         "task_deleted", task.id, {"taskId": task.id}, True)
+
+
+async def test_listeners_get_each_event_once_in_id_order(store: TaskStore) -> None:
+    """Own commits and the cross-process catch-up can bring the same events: once each."""
+    seen: list[int] = []
+    store.add_listener(lambda e: seen.append(e.id))
+    failing = []
+
+    def broken(event: Event) -> None:
+        failing.append(event.id)
+        raise RuntimeError("a listener's bug")
+
+    store.add_listener(broken)
+    events = [Event(i, None, "alice", "notification", {"n": i}) for i in range(1, 6)]
+    store._publish(events[:3])  # a commit's events
+    store._publish(events[1:])  # the catch-up read 2-5 meanwhile: 2 and 3 again
+    store._publish(events[:1])  # late and old: nothing
+    assert seen == [1, 2, 3, 4, 5]
+    assert failing == seen  # one listener failing does not stop the others or the rest
 
 
 async def test_pruning_nothing_says_so(store: TaskStore) -> None:
