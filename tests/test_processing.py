@@ -562,9 +562,13 @@ async def test_metrics_after_work(tclient) -> None:
     headers = await add_user(tclient)
     task_id = (await create(tclient, headers, task_type="steps", params={}))["taskId"]
     await wait_status(tclient, headers, task_id, "completed")
-    text = await (await tclient.get("/metrics")).text()
+    # The runner counts the attempt just after the completion commits: a reader can see
+    # the task completed a moment before the counter moves.
+    attempts = 'zhiyi_task_attempts_total{outcome="completed",task_type="steps"} 1.0'
+    async with asyncio.timeout(10):
+        while attempts not in (text := await (await tclient.get("/metrics")).text()):
+            await asyncio.sleep(0.01)
     assert 'zhiyi_tasks{status="completed",task_type="steps"} 1.0' in text
-    assert 'zhiyi_task_attempts_total{outcome="completed",task_type="steps"} 1.0' in text
     assert "zhiyi_processing_seconds_bucket" in text
     assert "zhiyi_sse_events_published_total" in text
 
