@@ -50,6 +50,7 @@ __all__ = [
     "TaskNotFound",
     "TaskStatus",
     "TaskStore",
+    "TokenInfo",
     "TooManyActiveTasks",
     "User",
     "UserExists",
@@ -263,6 +264,17 @@ class Credential:
     user_id: str
     token_hash: str
     kind: str
+    expires_at: str | None
+    last_used_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """What may be shown of a token or session: never the secret, only its first characters."""
+
+    token_prefix: str | None
+    kind: str
+    created_at: str
     expires_at: str | None
     last_used_at: str | None
 
@@ -977,7 +989,7 @@ class TaskStore:
                 """INSERT INTO api_tokens (token_hash, user_id, kind, created_at, token_prefix,
                    expires_at, last_used_at) VALUES (?,?,?,?,?,?,?)""",
                 (hash_token(token), user_id, kind, txn.now, token[:TOKEN_PREFIX_LENGTH],
-                 expires, txn.now),
+                 expires, txn.now if kind == "session" else None),
             )
 
         await self._write(_op)
@@ -1019,13 +1031,18 @@ class TaskStore:
             valid.update(r["token_hash"] for r in rows)
         return valid
 
-    async def slide_session(self, token_hash: str, lifetime: timedelta) -> None:
-        """A session in use: it now expires ``lifetime`` from now."""
+    async def record_use(self, token_hash: str, session_lifetime: timedelta) -> None:
+        """A token in use: remember when; a session now expires ``session_lifetime`` from now.
+
+        Callers write this at most about once an hour per token, not per request.
+        """
         def _op(txn: _Txn) -> Any:
+            expires = isoformat(parse_time(txn.now) + session_lifetime)
             txn.db.execute(
-                """UPDATE api_tokens SET expires_at = ?, last_used_at = ?
-                   WHERE token_hash = ? AND kind = 'session'""",
-                (isoformat(parse_time(txn.now) + lifetime), txn.now, token_hash),
+                """UPDATE api_tokens SET last_used_at = ?,
+                   expires_at = CASE WHEN kind = 'session' THEN ? ELSE expires_at END
+                   WHERE token_hash = ?""",
+                (txn.now, expires, token_hash),
             )
         await self._write(_op)
 
@@ -1058,6 +1075,15 @@ class TaskStore:
                 raise AmbiguousTokenPrefix(matches)
             return txn.db.execute(f"DELETE FROM api_tokens WHERE {match}", args).rowcount
         return await self._write(_op)
+
+    async def list_tokens(self, user_id: str) -> list[TokenInfo]:
+        """The user's tokens and sessions (expired sessions not yet forgotten included)."""
+        if await self.get_user(user_id) is None:
+            raise UserNotFound(user_id)
+        rows = await self._fetchall(
+            """SELECT token_prefix, kind, created_at, expires_at, last_used_at FROM api_tokens
+               WHERE user_id = ? ORDER BY created_at, token_prefix""", (user_id,))
+        return [TokenInfo(**dict(r)) for r in rows]
 
     async def delete_expired_sessions(self) -> int:
         """Forget sessions past their expiry (they no longer authenticate anyway)."""

@@ -99,6 +99,7 @@ from storage import (
     UserExists,
     UserNotFound,
     check_sqlite_version,
+    isoformat,
     parse_time,
     utcnow,
 )
@@ -570,7 +571,7 @@ async def current_credential(request: web.Request) -> Credential:
 
     Looked up in the database on every request (no cache), so a revocation
     by any process holds at once. A session in use slides its expiry, with at
-    most one write per session per :func:`_slide_interval`.
+    most one write per token per :func:`_slide_interval`.
     """
     store = request.config_dict[STORE]
     header = request.headers.get("Authorization", "")
@@ -582,8 +583,8 @@ async def current_credential(request: web.Request) -> Credential:
         raise ApiError(401, "unauthenticated",
                        "User not authenticated: send 'Authorization: Bearer <token>' "
                        "or log in at the page.")
-    if credential.kind == "session" and token is not None:
-        await _slide(request, credential, token)
+    if token is not None:
+        await _record_use(request, credential, token)
     return credential
 
 
@@ -596,14 +597,15 @@ def _slide_interval(lifetime: timedelta) -> timedelta:
     return min(timedelta(hours=1), lifetime / 10)
 
 
-async def _slide(request: web.Request, credential: Credential, token: str) -> None:
+async def _record_use(request: web.Request, credential: Credential, token: str) -> None:
+    """Note the use (for ``zhiyi user tokens``); a session's expiry slides with it."""
     store = request.config_dict[STORE]
     lifetime = request.config_dict[CONFIG].session_lifetime
     last = parse_time(credential.last_used_at) if credential.last_used_at else None
     if last is not None and store.now() - last < _slide_interval(lifetime):
         return
-    await store.slide_session(credential.token_hash, lifetime)
-    if request.cookies.get(SESSION_COOKIE) == token:
+    await store.record_use(credential.token_hash, lifetime)
+    if credential.kind == "session" and request.cookies.get(SESSION_COOKIE) == token:
         request[SLID_SESSION] = token
 
 
@@ -2232,6 +2234,22 @@ async def _user_revoke(store: TaskStore, name: str, prefix: str | None) -> str:
     return f"revoked {count} token(s) and session(s) of {name}"
 
 
+async def _user_tokens(store: TaskStore, name: str) -> str:
+    try:
+        tokens = await store.list_tokens(name)
+    except UserNotFound as e:
+        raise CliError(f"no user named {name!r}") from e
+    now = isoformat(store.now())
+    lines = ["prefix\tkind\tcreated\tlast used\texpires"]
+    for t in tokens:
+        expires = t.expires_at or "never"
+        if t.expires_at is not None and t.expires_at <= now:
+            expires += " (expired)"
+        lines.append(f"{t.token_prefix or '(older token)'}\t{t.kind}\t{t.created_at}\t"
+                     f"{t.last_used_at or '-'}\t{expires}")
+    return "\n".join(lines)
+
+
 async def _user_disable(store: TaskStore, name: str, disabled: bool) -> str:
     try:
         await store.set_user_disabled(name, disabled)
@@ -2345,6 +2363,8 @@ def _user_command(args: argparse.Namespace) -> int:
         balance = asyncio.run(_with_store(
             config, lambda s: _user_credit(s, args.name, args.amount)))
         print(f"{args.name}: {balance} credits")
+    elif args.user_command == "tokens":
+        print(asyncio.run(_with_store(config, lambda s: _user_tokens(s, args.name))))
     elif args.user_command == "revoke":
         print(asyncio.run(_with_store(config, lambda s: _user_revoke(s, args.name, args.token))))
     elif args.user_command in ("disable", "enable"):
@@ -2413,6 +2433,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     revoke.add_argument("--token", metavar="PREFIX", default=None,
                         help="the first characters (at least 6) of the one token to revoke")
+    tokens = user_commands.add_parser(
+        "tokens", help="the user's tokens and sessions: first characters, kind, dates")
+    tokens.add_argument("name")
     disable = user_commands.add_parser("disable", help="no token of the user works until enabled")
     disable.add_argument("name")
     enable = user_commands.add_parser("enable", help="undo `user disable`")

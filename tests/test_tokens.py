@@ -106,6 +106,16 @@ async def test_cli_revoke_all_and_its_errors(app_client: MakeClient, config: Con
     code, _, err = await zhiyi("user", "revoke", "alice", "--token", "zy_nothing", data=data)
     assert code == 1 and "no token of alice starts with 'zy_nothing'" in err
     assert await status_of(client, headers) == 200
+    # The listing shows first characters, never a whole secret; a use is recorded.
+    code, out, err = await zhiyi("user", "tokens", "alice", data=data)
+    assert code == 0, err
+    header, *rows = [line.split("\t") for line in out.strip().splitlines()]
+    assert header == ["prefix", "kind", "created", "last used", "expires"]
+    assert sorted((r[0], r[1]) for r in rows) == sorted(
+        [(headers["Authorization"][7:18], "api"), (session[:11], "session")])
+    api_row = next(r for r in rows if r[1] == "api")
+    assert api_row[3] == "2026-01-01T00:00:00.000Z" and api_row[4] == "never"
+    assert (await zhiyi("user", "tokens", "nobody", data=data))[0] == 1
     code, out, err = await zhiyi("user", "revoke", "alice", data=data)
     assert code == 0, err
     assert out.strip() == "revoked 2 token(s) and session(s) of alice"
