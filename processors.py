@@ -438,7 +438,7 @@ async def analyze(ctx: TaskContext) -> Path:
     as creating that translate task would charge.
     """
     doc = await _open(ctx)
-    stats = await asyncio.to_thread(formats.document_stats, doc)
+    stats = doc.stats
     quote = Quote(ctx.input_path.stat().st_size, stats)
     costs = {t.name: t.cost(quote, {}) for t in _DEFAULT if not t.external}
     per_engine = dict.fromkeys((*engines.ENGINE_NAMES, "external"), costs["translate"])
@@ -606,7 +606,7 @@ class SegmentTranslation:
         language = "unknown"
         if self.ctx.params.get("sourceLang") in (None, "", "auto"):
             # the detected language, as the quote at create used
-            language = (await asyncio.to_thread(formats.document_stats, self.doc)).language
+            language = self.doc.stats.language
         self.scope = memory_scope(params, language, self.glossary)
 
     async def _summary(self) -> str:

@@ -24,8 +24,8 @@ for one user. Results come back as small picklable values; anything large
 folders.
 
 Nothing here knows of HTTP or the database: the server turns
-:class:`DocumentRefused` into ``422 bad_document`` and :class:`TooManyParses`
-into ``429``; processors turn the former into a failed task.
+:class:`DocumentRefused` into ``422 bad_document``, processors into a failed
+task.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ __all__ = [
     "DocumentSandbox",
     "ParseLimits",
     "ParsedDocument",
-    "TooManyParses",
     "check_pdf",
     "check_zip",
 ]
@@ -86,14 +85,6 @@ class DocumentRefused(Exception):
 
     ``str(exc)`` is one sentence a person can act on, naming the limit when one was hit.
     """
-
-
-class TooManyParses(Exception):
-    """The user already has as many documents being read as allowed."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"{limit} documents of this user are being read")
-        self.limit = limit
 
 
 class ParseAbandoned(Exception):
@@ -200,9 +191,26 @@ def _open(path: str, limits: ParseLimits) -> formats.Document:
 # ------------------------------------------------------------ jobs (in the child)
 @dataclass(frozen=True)
 class _Spooled:
-    segments: int
+    stats: formats.DocumentStats
     result_suffix: str
     extension: str
+
+
+class _Spool:
+    """A document whose segments are also written to a file as they are read.
+
+    ``formats.document_stats`` reads the segments once; through this, that one
+    pass also spools them, so the statistics cost no second parse.
+    """
+
+    def __init__(self, document: formats.Document, out: Any) -> None:
+        self._document = document
+        self._out = out
+
+    def segments(self) -> Iterator[str]:
+        for segment in self._document.segments():
+            self._out.write(json.dumps(segment, ensure_ascii=False) + "\n")
+            yield segment
 
 
 def _stats_job(limits: ParseLimits, path: str) -> formats.DocumentStats:
@@ -210,17 +218,14 @@ def _stats_job(limits: ParseLimits, path: str) -> formats.DocumentStats:
 
 
 def _spool_job(limits: ParseLimits, path: str, segments_path: str) -> _Spooled:
-    """Write the segments, one JSON string a line, to ``segments_path``."""
+    """Write the segments, one JSON string a line, to ``segments_path``; measure them."""
     document = _open(path, limits)
-    count = 0
     tmp = Path(segments_path + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for segment in document.segments():
-            f.write(json.dumps(segment, ensure_ascii=False) + "\n")
-            count += 1
+        stats = formats.document_stats(_Spool(document, f))  # type: ignore[arg-type]
     tmp.replace(segments_path)
     suffix = Path(document.result_name("document" + document.extension)).suffix
-    return _Spooled(count, suffix, document.extension)
+    return _Spooled(stats, suffix, document.extension)
 
 
 def _render_job(limits: ParseLimits, path: str, translations_path: str, out: str,
@@ -294,11 +299,10 @@ def _child_main(conn: Connection, limits: ParseLimits, job: Callable[..., Any],
 
 # ---------------------------------------------------------------- the parent side
 class _UserSlots:
-    """One user's parses: a semaphore, and how many requests wait for it."""
+    """One user's parses: a semaphore."""
 
     def __init__(self, limit: int) -> None:
         self.semaphore = asyncio.Semaphore(limit)
-        self.waiting_requests = 0
         #: parses of this user running or waiting; the entry goes when it drops to 0
         self.holders = 0
 
@@ -310,9 +314,8 @@ class DocumentSandbox:
     """The pool of bounded parser processes of one app (or one worker pool).
 
     ``workers`` children at most run at once (the pool size), and at most
-    ``per_user`` of them for one user; the others wait their turn. A request
-    (an upload being priced) that would wait behind ``per_user`` other waiting
-    requests of the same user is refused with :class:`TooManyParses`.
+    ``per_user`` of them for one user; the others wait their turn (first come,
+    first served), so one user's documents never take every slot.
     """
 
     def __init__(self, limits: ParseLimits | None = None, *, workers: int = 2,
@@ -321,8 +324,8 @@ class DocumentSandbox:
         self.workers = max(1, workers)
         self.per_user = max(1, per_user)
         #: told each event: started, then ok, refused, memory_limit, cpu_limit, wall_limit,
-        #: crashed, os_error; or too_many (refused before starting) or abandoned (the caller went
-        #: away or was cancelled, and a running child was killed)
+        #: crashed, os_error; or abandoned (the caller went away or was cancelled, waiting or
+        #: running; a running child is killed)
         self._observe = observe or (lambda event: None)
         self._slots: asyncio.Semaphore | None = None
         self._users: dict[str, _UserSlots] = {}
@@ -354,15 +357,14 @@ class DocumentSandbox:
     async def stats(self, path: Path, *, user: str,
                     still_wanted: Callable[[], bool] | None = None) -> formats.DocumentStats:
         """Characters, words, segments and language of the document (pricing, analyze)."""
-        return await self._run(user, _stats_job, (str(path),), request=still_wanted is not None,
-                               still_wanted=still_wanted)
+        return await self._run(user, _stats_job, (str(path),), still_wanted=still_wanted)
 
     async def open(self, path: Path, *, user: str, work_dir: Path,
                    still_wanted: Callable[[], bool] | None = None) -> ParsedDocument:
         """Parse the document; its segments are spooled to ``work_dir`` for the caller."""
         segments_path = work_dir / f"{path.name}.segments.jsonl"
         spooled = await self._run(user, _spool_job, (str(path), str(segments_path)),
-                                  request=still_wanted is not None, still_wanted=still_wanted)
+                                  still_wanted=still_wanted)
         return ParsedDocument(self, user, path, segments_path, work_dir, spooled)
 
     async def extract_text(self, path: Path, out: Path, *, user: str) -> None:
@@ -380,12 +382,11 @@ class DocumentSandbox:
 
     # ------------------------------------------------------------- machinery
     async def _run(self, user: str, job: Callable[..., T], args: tuple[Any, ...], *,
-                   request: bool = False, still_wanted: Callable[[], bool] | None = None) -> T:
+                   still_wanted: Callable[[], bool] | None = None) -> T:
         slots = self._users.get(user) or self._users.setdefault(user, _UserSlots(self.per_user))
         slots.holders += 1
         try:
-            return await _unless_abandoned(self._run_in_slot(slots, job, args, request),
-                                           still_wanted)
+            return await _unless_abandoned(self._run_in_slot(slots, job, args), still_wanted)
         except (ParseAbandoned, asyncio.CancelledError):
             self._observe("abandoned")
             raise
@@ -395,13 +396,9 @@ class DocumentSandbox:
                 del self._users[user]
 
     async def _run_in_slot(self, slots: _UserSlots, job: Callable[..., T],
-                           args: tuple[Any, ...], request: bool) -> T:
-        if request and slots.semaphore.locked() and slots.waiting_requests >= self.per_user:
-            self._observe("too_many")
-            raise TooManyParses(self.per_user)
+                           args: tuple[Any, ...]) -> T:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.workers)
-        slots.waiting_requests += request
         self.waiting += 1
         try:
             await slots.semaphore.acquire()
@@ -411,7 +408,6 @@ class DocumentSandbox:
                 slots.semaphore.release()
                 raise
         finally:
-            slots.waiting_requests -= request
             self.waiting -= 1
         try:
             return await self._run_child(job, args)
@@ -427,7 +423,7 @@ class DocumentSandbox:
         child = _ParserProcess(target=_child_main, args=(send, self.limits, job, args),
                                  name="zhiyi-parser", daemon=True)
         try:
-            await loop.run_in_executor(self._starter, child.start)
+            await loop.run_in_executor(self._starter, _start, child)
         finally:
             send.close()
         self._children.add(child)
@@ -496,7 +492,8 @@ class ParsedDocument:
         self._segments_path = segments_path
         self._work_dir = work_dir
         self.extension = spooled.extension
-        self.segment_count = spooled.segments
+        #: characters, words, segments and language, measured in the same pass
+        self.stats = spooled.stats
         self._result_suffix = spooled.result_suffix
 
     def segments(self) -> Iterator[str]:
@@ -576,6 +573,11 @@ def _ensure_forkserver() -> None:
     # A process-wide setting: the server is the only user of multiprocessing here.
     _CONTEXT.set_forkserver_preload([__name__])
     multiprocessing.forkserver.ensure_running()
+
+
+def _start(child: BaseProcess) -> None:
+    _ensure_forkserver()  # restarts a forkserver that died (a cheap check when it lives)
+    child.start()
 
 
 def _kill(child: BaseProcess) -> None:

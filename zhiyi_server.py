@@ -69,7 +69,6 @@ from sandbox import (
     DocumentSandbox,
     ParseAbandoned,
     ParseLimits,
-    TooManyParses,
 )
 from sse import (
     REPLAY_PAGE,
@@ -518,14 +517,10 @@ def _quota_error(used: int, limit: int) -> ApiError:
                     "Delete some tasks to make room.")
 
 
-def api_error_from_parse(e: DocumentRefused | TooManyParses | ParseAbandoned) -> ApiError:
+def api_error_from_parse(e: DocumentRefused | ParseAbandoned) -> ApiError:
     """The one place where the document sandbox's named errors become HTTP answers."""
     if isinstance(e, DocumentRefused):
         return ApiError(422, "bad_document", str(e))
-    if isinstance(e, TooManyParses):
-        return ApiError(429, "too_many_parses",
-                        f"{e.limit} of your documents are being read already; send this one "
-                        f"again when one of them is done.")
     # Nobody reads this answer: the client is gone.
     return ApiError(400, "bad_request", "The client went away before its document was read.")
 
@@ -545,7 +540,7 @@ async def error_middleware(
     except StoreError as e:
         err = api_error_from_store(e)
         return json_error(err.status, err.code, err.message, headers=err.headers, **err.extra)
-    except (DocumentRefused, TooManyParses, ParseAbandoned) as e:
+    except (DocumentRefused, ParseAbandoned) as e:
         err = api_error_from_parse(e)
         return json_error(err.status, err.code, err.message, headers=err.headers, **err.extra)
     except web.HTTPException as e:
