@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
+import subprocess
+import sys
 import zipfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -332,3 +335,35 @@ async def test_bomb_met_during_processing_fails_the_task(make_client, zip_bomb: 
     assert (task["taskStatus"], task["errorCode"]) == ("failed", "bad_document"), task
     assert "MAX_ZIP_RATIO" in task["errorMessage"]
     assert (await (await worker.get("/api/me", headers=alice)).json())["credits"] == 1000
+
+
+def test_parsers_do_not_run_the_main_script_again(tmp_path: Path) -> None:
+    """An embedding app's unguarded main script (the README's example) runs once, not
+    once more in every parser process."""
+    script = tmp_path / "app_main.py"
+    runs = tmp_path / "runs.log"
+    document = tmp_path / "doc.txt"
+    document.write_text("Hello world.\n")
+    script.write_text(f"""
+import asyncio
+from pathlib import Path
+from sandbox import DocumentSandbox
+
+with open({str(runs)!r}, "a") as log:  # what a module-level run_app would be
+    log.write("ran\\n")
+
+async def main():
+    sandbox = DocumentSandbox()
+    await sandbox.start()
+    for _ in range(3):
+        print((await sandbox.stats(Path({str(document)!r}), user="u")).words)
+    await sandbox.close()
+
+asyncio.run(main())
+""")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "2", "2"]
+    assert runs.read_text() == "ran\n"
