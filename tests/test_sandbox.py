@@ -327,7 +327,7 @@ async def test_bomb_met_during_processing_fails_the_task(make_client, zip_bomb: 
     document.add_paragraph("Hello world.")
     document.save(small)
     created = await create(idle, alice, content=small.getvalue(), name="doc.docx")
-    [original] = idle.app[CONFIG].data_path.glob("alice/*/original/doc.docx")
+    [original] = idle.app[CONFIG].data_path.glob("alice/**/original/doc.docx")
     original.write_bytes(zip_bomb)
 
     worker = await make_client(worker_concurrency=1)  # the same data, with a worker
