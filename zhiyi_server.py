@@ -578,8 +578,8 @@ async def current_credential(request: web.Request) -> Credential:
         raise ApiError(401, "unauthenticated",
                        "User not authenticated: send 'Authorization: Bearer <token>' "
                        "or log in at the page.")
-    if token is not None:
-        await _record_use(request, credential, token)
+    assert token is not None  # a credential was found for it
+    await _record_use(request, credential, token)
     return credential
 
 
