@@ -28,6 +28,7 @@ from typing import Any
 
 import aiosqlite
 
+import messages
 from translation_memory import Entry, Glossary, Scope
 
 __all__ = [
@@ -950,7 +951,8 @@ class TaskStore:
             balance = _move_credits(txn, user_id, amount, "grant", None)
             _append_event(
                 txn, None, user_id, "notification",
-                {"level": "info", "message": f"{amount:+d} credits", "credits": balance},
+                {"level": "info", "message": f"{amount:+d} credits", "credits": balance,
+                 "code": "credits_granted", "params": {"amount": amount}},
             )
             return balance
 
@@ -1840,6 +1842,9 @@ class TaskStore:
         if task.status is TaskStatus.FAILED:
             data["error"] = task.error_message
             data["errorCode"] = task.error_code
+            data.update(messages.error_fields(task.error_message))
+        if task.status.is_final:
+            data["completedAt"] = task.completed_at
         return data
 
 
@@ -1849,7 +1854,7 @@ def _status_payload(task_id: int, status: TaskStatus, progress: int, message: st
     """The fields every ``status_update`` carries (one place for the shape)."""
     return {"taskId": task_id, "status": status.value, "progress": progress,
             "message": message, "stage": stage, "etaSeconds": eta_seconds,
-            "attempts": attempts}
+            "attempts": attempts, "stageCode": stage, **messages.message_fields(message)}
 
 
 #: keys per memory lookup statement (SQLite's default variable limit is far above)
@@ -2040,13 +2045,17 @@ def _move_credits(
 def _charge(txn: _Txn, user_id: str, cost: int, task_id: int) -> None:
     if cost:
         balance = _move_credits(txn, user_id, -cost, "charge", task_id)
-        _credits_notice(txn, user_id, balance, f"{cost} credits charged for task {task_id}")
+        _credits_notice(txn, user_id, balance, f"{cost} credits charged for task {task_id}",
+                        "credits_charged", {"amount": cost, "taskId": task_id})
 
 
-def _credits_notice(txn: _Txn, user_id: str, balance: int, message: str) -> None:
-    """Tell the user's streams the new balance, so pages need not poll ``/api/me``."""
+def _credits_notice(txn: _Txn, user_id: str, balance: int, message: str,
+                    code: str, params: dict[str, Any]) -> None:
+    """Tell the user's streams the new balance, so pages need not poll ``/api/me``;
+    ``code`` and ``params`` say the message for a page in another language."""
     _append_event(txn, None, user_id, "notification",
-                  {"level": "info", "message": message, "credits": balance})
+                  {"level": "info", "message": message, "credits": balance,
+                   "code": code, "params": params})
 
 
 def _refund(txn: _Txn, task_id: int) -> None:
@@ -2062,7 +2071,8 @@ def _refund(txn: _Txn, task_id: int) -> None:
         )
         balance = _move_credits(txn, row["user_id"], row["credits_held"], "refund", task_id)
         _credits_notice(txn, row["user_id"], balance,
-                        f"{row['credits_held']} credits refunded for task {task_id}")
+                        f"{row['credits_held']} credits refunded for task {task_id}",
+                        "credits_refunded", {"amount": row["credits_held"], "taskId": task_id})
 
 
 def _cancel(txn: _Txn, task_id: int) -> None:

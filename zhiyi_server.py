@@ -44,6 +44,7 @@ zhiyi_modules.refuse_shadowed_modules()  # before the sibling imports below, whi
 import backup
 import engines
 import formats
+import messages
 from external import (
     ExternalService,
     ResultFetchError,
@@ -1134,6 +1135,8 @@ async def task_types(request: web.Request) -> web.Response:
     return web.json_response({
         "success": True,
         "taskTypes": [task_type_json(t, config) for t in request.config_dict[REGISTRY]],
+        # what a page checks before it uploads, and how many tries a task gets
+        "maxUploadMb": config.max_upload_mb, "maxAttempts": config.max_attempts,
     })
 
 
@@ -1154,6 +1157,8 @@ def task_json(request: web.Request, task: Task) -> dict[str, Any]:
         "expired": task.files_expired,
         "createdAt": task.created_at, "updatedAt": task.updated_at,
         "completedAt": task.completed_at,
+        "stageCode": task.stage, **messages.message_fields(task.status_message),
+        **messages.error_fields(task.error_message),
     }
 
 

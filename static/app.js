@@ -1,7 +1,7 @@
 // The page's entry: log in, then the upload form, the task list and the live stream.
 
 import * as api from './api.js';
-import { applyStatic, getLang, has, onLangChange, setLang, t } from './i18n.js';
+import { applyStatic, getLang, has, onLangChange, sayNotice, setLang, t } from './i18n.js';
 import { startStream } from './stream.js';
 import { isFinal, TaskList } from './tasks.js';
 import { langDatalist, UploadForm } from './upload.js';
@@ -18,6 +18,8 @@ const state = {
   connection: 'connecting',
   loginError: null,
   held: null, // stream events received while the list loads
+  filter: 'all',
+  clearTimer: null, // a pending "clear finished" confirmation
 };
 
 // Login and logout in one tab are mirrored in the others.
@@ -125,7 +127,9 @@ function showFatal(message) {
 
 async function loadTypes() {
   try {
-    const { taskTypes } = await api.taskTypes();
+    const { taskTypes, maxUploadMb, maxAttempts } = await api.taskTypes();
+    list.maxAttempts = maxAttempts;
+    upload.maxUploadMb = maxUploadMb;
     upload.load(taskTypes);
   } catch (error) {
     showFatal(errorText(error));
@@ -162,7 +166,59 @@ async function loadMore() {
 
 function showEmpty() {
   $('#tasks-empty').hidden = list.size > 0;
+  $('#tasks-none-shown').hidden = list.size === 0 || list.visible > 0;
+  $('#clear-finished').hidden = list.finishedIds().length === 0;
 }
+
+// ------------------------------------------------------ filter, search, clear
+function setFilter(kind) {
+  state.filter = kind;
+  for (const button of document.querySelectorAll('#task-filter [data-filter]')) {
+    button.setAttribute('aria-pressed', String(button.dataset.filter === kind));
+  }
+  list.setFilter(kind, $('#task-search').value);
+  showEmpty();
+}
+
+// Two presses, like a row's Delete: the first says how many will go.
+async function clearFinished() {
+  const button = $('#clear-finished');
+  const count = list.finishedIds().length;
+  if (!state.clearTimer) {
+    button.textContent = t('tasks.confirmClear', { n: count });
+    button.classList.add('danger', 'confirming');
+    state.clearTimer = setTimeout(resetClear, 4000);
+    return;
+  }
+  resetClear();
+  button.disabled = true;
+  const failed = await list.clearFinished();
+  button.disabled = false;
+  if (failed) toast(t('tasks.clearFailed', { n: failed }), 'error');
+  showEmpty();
+}
+
+function resetClear() {
+  clearTimeout(state.clearTimer);
+  state.clearTimer = null;
+  const button = $('#clear-finished');
+  button.textContent = t('tasks.clearFinished');
+  button.classList.remove('danger', 'confirming');
+}
+
+// On a phone the list comes first; the form opens with the "New task" button.
+function toggleForm() {
+  const open = !formOpen();
+  $('#new-task').setAttribute('aria-expanded', String(open));
+  $('#upload-card').classList.toggle('open', open);
+  labelFormButton();
+  if (open) $('#upload-title').scrollIntoView({ block: 'nearest' });
+}
+
+const formOpen = () => $('#new-task').getAttribute('aria-expanded') === 'true';
+const labelFormButton = () => {
+  $('#new-task').textContent = t(formOpen() ? 'upload.close' : 'upload.open');
+};
 
 // ------------------------------------------------------------ credits
 function setCredits(credits) {
@@ -198,7 +254,7 @@ function handleEvent({ type, data }, guard) {
     list.remove(data.taskId);
     showEmpty();
   } else if (type === 'notification') {
-    toast(data.message, data.level);
+    toast(data, data.level);
     if (typeof data.credits === 'number') setCredits(data.credits);
   } else if (type === 'reset') {
     // The server no longer has the events we missed: take a fresh snapshot.
@@ -226,6 +282,8 @@ async function checkSession() {
 }
 
 function taskChanged(kind, task) {
+  showEmpty();
+  if (kind === 'added') return;
   refreshCredits();
   if (kind === 'final' && task && isFinal(task.taskStatus)) notifyDesktop(task);
 }
@@ -244,18 +302,33 @@ function notifyDesktop(task) {
   new Notification(t(`notify.title.${task.taskStatus}`), { body, tag: `zhiyi-task-${task.taskId}` });
 }
 
+// A toast shows a string, or a notification's data (said again after a language switch).
+const toasts = new Map(); // element -> notification data
 function toast(message, level = 'info') {
   const item = document.createElement('div');
   item.className = `toast toast-${level}`;
-  item.textContent = message;
+  item.setAttribute('role', level === 'error' ? 'alert' : 'status');
+  if (typeof message === 'string') item.textContent = message;
+  else {
+    toasts.set(item, message);
+    item.textContent = sayNotice(message);
+  }
   $('#toasts').append(item);
-  setTimeout(() => item.remove(), TOAST_MS);
+  setTimeout(() => {
+    item.remove();
+    toasts.delete(item);
+  }, TOAST_MS);
 }
 
 // --------------------------------------------------------------- boot
 function relabel() {
+  // The accessible name starts with the visible text (speech input says what it sees).
   $('#lang-switch').textContent = t('lang.switch');
-  $('#lang-switch').setAttribute('aria-label', t('lang.switchLabel'));
+  $('#lang-switch').lang = getLang() === 'zh' ? 'en' : 'zh';
+  $('#lang-switch').setAttribute('aria-label', `${t('lang.switch')} – ${t('lang.switchLabel')}`);
+  for (const [item, data] of toasts) item.textContent = sayNotice(data);
+  if (state.clearTimer) resetClear();
+  labelFormButton();
   if (state.user) $('#user').textContent = t('user', { user: state.user });
   if (state.credits !== null) setCredits(state.credits);
   setConnection(state.connection);
@@ -273,6 +346,12 @@ function boot() {
   $('#logout').addEventListener('click', logout);
   $('#login-form').addEventListener('submit', submitLogin);
   $('#load-more').addEventListener('click', loadMore);
+  $('#new-task').addEventListener('click', toggleForm);
+  $('#clear-finished').addEventListener('click', clearFinished);
+  $('#task-search').addEventListener('input', () => setFilter(state.filter));
+  for (const button of document.querySelectorAll('#task-filter [data-filter]')) {
+    button.addEventListener('click', () => setFilter(button.dataset.filter));
+  }
   if (session) {
     session.onmessage = ({ data }) => {
       if (data === 'logout') leave('error.unauthenticated');

@@ -1,5 +1,8 @@
 // The interface strings in Chinese and English, and the helpers that apply them.
-// Server messages (API errors, status messages) are shown as the server wrote them.
+// Server messages (stages, status and error messages, notifications) arrive with
+// a code and parameters besides their English text (messages.py); `say` renders
+// them here, so they follow a language switch. Counts use Intl.PluralRules:
+// a string may be `{one, other}`, chosen by the `n` or `count` parameter.
 
 const STRINGS = {
   en: {
@@ -41,6 +44,7 @@ const STRINGS = {
     'engine.pairs': '{name} ({pairs})',
     'param.glossary': 'Glossary',
     'param.memory': 'Translation memory',
+    'param.outputEncoding': 'Encoding of the result',
     'upload.chooseFile': 'Choose at least one file.',
     'upload.fileError': '{name}: {message}',
     'engine.unavailable': '{name} (unavailable: {reason})',
@@ -50,6 +54,22 @@ const STRINGS = {
     'tasks.title': 'Tasks',
     'tasks.empty': 'No tasks yet. Upload a document to start one.',
     'tasks.more': 'Load more',
+    'tasks.clearFinished': 'Clear finished',
+    'tasks.confirmClear': { one: 'Delete {n} finished task?', other: 'Delete {n} finished tasks?' },
+    'tasks.clearFailed': { one: '{n} task could not be deleted.', other: '{n} tasks could not be deleted.' },
+    'tasks.noneShown': 'No task matches.',
+    'filter.label': 'Show',
+    'filter.all': 'All',
+    'filter.active': 'Active',
+    'filter.finished': 'Finished',
+    'filter.failed': 'Failed',
+    'search.label': 'Search by file name',
+    'search.placeholder': 'Search by file name',
+    'upload.open': 'New task',
+    'upload.close': 'Hide the form',
+    'status.retrying': 'Retrying',
+    'task.detected': 'detected: {lang}',
+    'lang.auto': 'Detect automatically',
     'tasks.loading': 'Loading…',
     'task.cancel': 'Cancel',
     'task.retry': 'Retry',
@@ -57,7 +77,7 @@ const STRINGS = {
     'task.confirmDelete': 'Really delete?',
     'task.download': 'Download',
     'task.expired': 'The result was deleted after the retention period.',
-    'task.cost': '{n} credits',
+    'task.cost': { one: '{n} credit', other: '{n} credits' },
     'task.created': 'Created {time}',
     'task.completed': 'Ended {time}',
     'task.eta': 'about {s} s left',
@@ -83,6 +103,56 @@ const STRINGS = {
     'notify.title.cancelled': 'Task cancelled',
     'error.network_error': 'The server could not be reached. Check that it is running.',
     'error.unauthenticated': 'You are logged out. Log in again.',
+    'stage.starting': 'starting',
+    'stage.done': 'done',
+    'msg.queued': 'waiting for a worker',
+    'msg.starting': 'starting',
+    'msg.reading': 'reading the document',
+    'msg.segments': 'segment {done} of {total}',
+    'msg.writing': 'writing the translated document',
+    'msg.formatting_lost': {
+      one: '{count} segment lost inline formatting (the engine broke its tags); the text is complete',
+      other: '{count} segments lost inline formatting (the engine broke its tags); the text is complete',
+    },
+    'msg.analysed': 'analysed',
+    'msg.extracting': 'extracting text',
+    'msg.extracted': 'extracted',
+    'msg.submitting': 'sending to the external service',
+    'msg.submitted': 'sent to the external service',
+    'msg.external_processing': 'processing externally',
+    'msg.resuming': 'interrupted; waiting to resume',
+    'msg.restarting': 'the server is restarting; waiting to resume',
+    'msg.cancelled': 'cancelled',
+    'msg.completed': 'completed',
+    'msg.retrying': 'the attempt failed; Zhiyi will try again in {seconds} s',
+    'msg.gave_up': { one: 'gave up after {attempts} attempt', other: 'gave up after {attempts} attempts' },
+    'msg.interrupted': 'the server stopped too many times while this task ran',
+    'msg.timed_out': 'processing took longer than {seconds} s',
+    'msg.disk_full': "the server's disk is full; retry the task once space has been freed",
+    'msg.processing_failed': 'processing failed',
+    'msg.external_unreachable': 'the external service could not be reached',
+    'msg.external_late': 'the external service did not report back in time',
+    'msg.external_failed': 'the external service reported a failure',
+    'msg.no_external': 'no external service is configured on this server',
+    'msg.text': '{text}',
+    'msg.part.memory': '{fromMemory} of {segments} segments from memory',
+    'msg.part.terms': { one: '{terms} glossary term applied', other: '{terms} glossary terms applied' },
+    'failure.processor_error': 'Processing failed.',
+    'failure.bad_document': 'The document could not be read.',
+    'failure.bad_params': 'The task’s settings are not valid.',
+    'failure.engine_error': 'The translation engine refused the text.',
+    'failure.engine_unavailable': 'The chosen translation engine is not available on this server.',
+    'failure.external_error': 'The external service reported a failure.',
+    'failure.external_timeout': 'The external service did not report back in time.',
+    'failure.timeout': 'Processing took too long.',
+    'failure.insufficient_storage': 'The server’s disk was full. Retry once space is freed.',
+    'failure.interrupted': 'The server stopped too many times while this task ran.',
+    'failure.unknown': 'The task failed.',
+    'task.details': 'Details',
+    'task.retrying': 'retrying, attempt {n} of {max}',
+    'notify.credits_granted': { one: '{amount} credit', other: '{amount} credits' },
+    'notify.credits_charged': { one: '{amount} credit charged for task #{taskId}', other: '{amount} credits charged for task #{taskId}' },
+    'notify.credits_refunded': { one: '{amount} credit refunded for task #{taskId}', other: '{amount} credits refunded for task #{taskId}' },
   },
   zh: {
     'app.title': '智译 文档翻译',
@@ -123,6 +193,7 @@ const STRINGS = {
     'engine.pairs': '{name}（{pairs}）',
     'param.glossary': '术语表',
     'param.memory': '翻译记忆',
+    'param.outputEncoding': '结果的编码',
     'upload.chooseFile': '请至少选择一个文件。',
     'upload.fileError': '{name}：{message}',
     'engine.unavailable': '{name}（不可用：{reason}）',
@@ -132,6 +203,22 @@ const STRINGS = {
     'tasks.title': '任务',
     'tasks.empty': '还没有任务。上传文档即可开始。',
     'tasks.more': '加载更多',
+    'tasks.clearFinished': '清除已结束',
+    'tasks.confirmClear': '删除 {n} 个已结束的任务？',
+    'tasks.clearFailed': '{n} 个任务无法删除。',
+    'tasks.noneShown': '没有符合条件的任务。',
+    'filter.label': '显示',
+    'filter.all': '全部',
+    'filter.active': '进行中',
+    'filter.finished': '已结束',
+    'filter.failed': '失败',
+    'search.label': '按文件名搜索',
+    'search.placeholder': '按文件名搜索',
+    'upload.open': '新建任务',
+    'upload.close': '收起表单',
+    'status.retrying': '重试中',
+    'task.detected': '检测到：{lang}',
+    'lang.auto': '自动检测',
     'tasks.loading': '加载中…',
     'task.cancel': '取消',
     'task.retry': '重试',
@@ -165,6 +252,53 @@ const STRINGS = {
     'notify.title.cancelled': '任务已取消',
     'error.network_error': '无法连接服务器，请确认它正在运行。',
     'error.unauthenticated': '您已退出登录，请重新登录。',
+    'stage.starting': '开始',
+    'stage.done': '完成',
+    'msg.queued': '等待处理',
+    'msg.starting': '正在开始',
+    'msg.reading': '正在读取文档',
+    'msg.segments': '第 {done} 段，共 {total} 段',
+    'msg.writing': '正在写入译文',
+    'msg.formatting_lost': '{count} 段失去了行内格式（引擎破坏了标记）；文字完整',
+    'msg.analysed': '分析完成',
+    'msg.extracting': '正在提取文本',
+    'msg.extracted': '提取完成',
+    'msg.submitting': '正在发送到外部服务',
+    'msg.submitted': '已发送到外部服务',
+    'msg.external_processing': '外部服务处理中',
+    'msg.resuming': '已中断，等待继续',
+    'msg.restarting': '服务器正在重启，等待继续',
+    'msg.cancelled': '已取消',
+    'msg.completed': '已完成',
+    'msg.retrying': '本次尝试失败，智译将在 {seconds} 秒后重试',
+    'msg.gave_up': '尝试 {attempts} 次后放弃',
+    'msg.interrupted': '任务运行期间服务器多次停止',
+    'msg.timed_out': '处理时间超过 {seconds} 秒',
+    'msg.disk_full': '服务器磁盘已满；腾出空间后请重试任务',
+    'msg.processing_failed': '处理失败',
+    'msg.external_unreachable': '无法连接外部服务',
+    'msg.external_late': '外部服务未按时回报',
+    'msg.external_failed': '外部服务报告失败',
+    'msg.no_external': '此服务器未配置外部服务',
+    'msg.text': '{text}',
+    'msg.part.memory': '{segments} 段中 {fromMemory} 段来自翻译记忆',
+    'msg.part.terms': '应用了 {terms} 个术语',
+    'failure.processor_error': '处理失败。',
+    'failure.bad_document': '无法读取该文档。',
+    'failure.bad_params': '任务设置无效。',
+    'failure.engine_error': '翻译引擎拒绝了该文本。',
+    'failure.engine_unavailable': '所选翻译引擎在此服务器上不可用。',
+    'failure.external_error': '外部服务报告失败。',
+    'failure.external_timeout': '外部服务未按时回报。',
+    'failure.timeout': '处理时间过长。',
+    'failure.insufficient_storage': '服务器磁盘已满。腾出空间后请重试。',
+    'failure.interrupted': '任务运行期间服务器多次停止。',
+    'failure.unknown': '任务失败。',
+    'task.details': '详细信息',
+    'task.retrying': '正在重试，第 {n} 次，共 {max} 次',
+    'notify.credits_granted': '积分变动 {amount}',
+    'notify.credits_charged': '任务 #{taskId} 扣除 {amount} 积分',
+    'notify.credits_refunded': '任务 #{taskId} 退还 {amount} 积分',
   },
 };
 
@@ -193,11 +327,52 @@ export function has(key) {
   return key in STRINGS[lang];
 }
 
-/** The string for `key` with `{name}` placeholders filled from `vars`. */
+/**
+ * The string for `key` with `{name}` placeholders filled from `vars`. A string
+ * with plural forms is chosen by `vars.n` (or `count`, `amount`, `attempts`, `terms`).
+ */
 export function t(key, vars = {}) {
-  const template = STRINGS[lang][key] ?? STRINGS.en[key] ?? key;
+  let template = STRINGS[lang][key] ?? STRINGS.en[key] ?? key;
+  if (typeof template === 'object') {
+    const count = ['n', 'count', 'amount', 'attempts', 'terms'].map((name) => vars[name]).find((v) => typeof v === 'number');
+    template = template[plurals().select(Math.abs(count ?? 0))] ?? template.other;
+  }
   return template.replace(/\{(\w+)\}/g, (whole, name) => (name in vars ? String(vars[name]) : whole));
 }
+
+let pluralRules = null;
+function plurals() {
+  if (!pluralRules || pluralRules.resolvedOptions().locale.slice(0, 2) !== lang) {
+    pluralRules = new Intl.PluralRules(lang === 'zh' ? 'zh-CN' : 'en');
+  }
+  return pluralRules;
+}
+
+/**
+ * A server message in the page's language, from its code and parameters
+ * (messages.py); `fallback` (the server's English text) when the code is unknown.
+ */
+export function say(code, params = {}, fallback = '') {
+  if (!code || !has(`msg.${code}`)) return fallback;
+  let text = t(`msg.${code}`, params);
+  const parts = [];
+  if (typeof params.fromMemory === 'number') parts.push(t('msg.part.memory', params));
+  if (typeof params.terms === 'number') parts.push(t('msg.part.terms', params));
+  if (parts.length) text += lang === 'zh' ? `（${parts.join('；')}）` : ` (${parts.join('; ')})`;
+  return text;
+}
+
+/** A notification event's text in the page's language (its `code`), or its message. */
+export function sayNotice(data) {
+  if (!data.code || !has(`notify.${data.code}`)) return data.message;
+  const params = { ...data.params };
+  if (data.code === 'credits_granted' && params.amount > 0) params.amount = `+${params.amount}`;
+  // `+5` is a string: the plural form is chosen from the number.
+  return t(`notify.${data.code}`, { ...params, n: data.params?.amount });
+}
+
+/** Every key of the Chinese and English dictionaries (the tests check both are complete). */
+export const KEYS = { en: Object.keys(STRINGS.en), zh: Object.keys(STRINGS.zh) };
 
 /** Switch language, remember it, re-label the static page and tell the listeners. */
 export function setLang(next) {
@@ -230,13 +405,19 @@ export function applyStatic(root) {
   }
 }
 
-/** A date in the current language's format. */
+/**
+ * The locale for dates: the browser's own for the page's language (en-GB, zh-TW...),
+ * else the language itself; so an English page in Britain shows British dates.
+ */
+export function locale() {
+  const own = (navigator.languages ?? [navigator.language]).find((tag) => tag?.toLowerCase().startsWith(lang));
+  return own ?? (lang === 'zh' ? 'zh-CN' : 'en');
+}
+
+/** A date in the browser's format for the page's language. */
 export function formatTime(iso) {
   if (!iso) return '';
   const date = new Date(iso);
   if (Number.isNaN(date.getTime())) return iso;
-  return date.toLocaleString(lang === 'zh' ? 'zh-CN' : 'en', {
-    dateStyle: 'short',
-    timeStyle: 'medium',
-  });
+  return new Intl.DateTimeFormat(locale(), { dateStyle: 'short', timeStyle: 'medium' }).format(date);
 }

@@ -1,9 +1,30 @@
 // The task list: one row per task, newest first, updated in place from stream events.
 
 import * as api from './api.js';
-import { formatTime, has, t } from './i18n.js';
+import { formatTime, getLang, has, say, t } from './i18n.js';
 
 const FINAL = new Set(['completed', 'failed', 'cancelled']);
+const GROUPS = { pending: 'active', processing: 'active', completed: 'finished', cancelled: 'finished', failed: 'failed' };
+
+/** The filter group of a status: active, finished (completed or cancelled) or failed. */
+export const groupOf = (status) => GROUPS[status] ?? 'active';
+
+// Waiting between automatic retries: still pending, but not "Pending" to a person.
+const isRetrying = (task) => task.taskStatus === 'pending' && (task.messageCode === 'retrying' || (task.attempts ?? 0) > 0 && task.stage === 'waiting');
+
+let names = null;
+/** A language's name in the page's language ("zh" -> "Chinese" or "中文"). */
+export function langName(code) {
+  if (!code || code === 'auto') return code === 'auto' ? t('lang.auto') : '';
+  try {
+    if (!names || names.lang !== getLang()) {
+      names = { lang: getLang(), display: new Intl.DisplayNames([getLang() === 'zh' ? 'zh-CN' : 'en'], { type: 'language' }) };
+    }
+    return names.display.of(code) ?? code;
+  } catch {
+    return code; // not a language tag Intl knows
+  }
+}
 const RANK = { pending: 0, processing: 1, completed: 2, failed: 2, cancelled: 2 };
 const CONFIRM_MS = 4000;
 
@@ -17,17 +38,27 @@ function fromStatusUpdate(data) {
     progressPercent: data.progress ?? 0,
     statusMessage: data.message ?? '',
     stage: data.stage ?? null,
+    stageCode: data.stageCode ?? data.stage ?? null,
+    messageCode: data.messageCode ?? null,
+    messageParams: data.messageParams ?? {},
     etaSeconds: data.etaSeconds ?? null,
   };
+  // The end time is the event's: a finished row shows it without a reload.
+  if (FINAL.has(data.status)) fields.completedAt = data.completedAt ?? new Date().toISOString();
+  else fields.completedAt = null;
   if ('attempts' in data) fields.attempts = data.attempts;
   if (data.status === 'completed') fields.resultUrl = data.resultUrl ?? null;
   if (data.status === 'failed') {
     fields.errorMessage = data.error ?? data.message ?? null;
     fields.errorCode = data.errorCode ?? null;
+    fields.errorMessageCode = data.errorMessageCode ?? null;
+    fields.errorParams = data.errorParams ?? {};
   }
   if (!isFinal(data.status)) {
     fields.errorMessage = null;
     fields.errorCode = null;
+    fields.errorMessageCode = null;
+    fields.errorParams = {};
     fields.resultUrl = null;
   }
   return fields;
@@ -74,6 +105,8 @@ export class TaskList {
 
   /** Forget everything (log out, or a stream `reset`). */
   clear() {
+    for (const timer of this.confirming.values()) clearTimeout(timer);
+    this.confirming.clear();
     this.tasks.clear();
     this.rows.clear();
     this.errors.clear();
@@ -128,6 +161,7 @@ export class TaskList {
       this.fetching.delete(id);
       // Updates that crossed the fetch may be older than its answer.
       for (const update of later) this.applyStatus(update, { guard: true });
+      this.onChanged('added', this.tasks.get(id) ?? null);
     } catch (error) {
       this.fetching.delete(id);
       if (error.status !== 404) console.warn('zhiyi: could not fetch task', id, error);
@@ -142,7 +176,7 @@ export class TaskList {
     this.rows.delete(id);
   }
 
-  /** Re-draw every row (after a language switch). */
+  /** Re-draw every row (after a language switch, or every minute for relative data). */
   renderAll() {
     for (const id of this.tasks.keys()) this.render(id);
   }
@@ -151,19 +185,67 @@ export class TaskList {
     return this.tasks.size;
   }
 
+  /** Show only the rows of `kind` (all | active | finished | failed) whose file name has `query`. */
+  setFilter(kind, query = '') {
+    this.filter = { kind, query: query.trim().toLocaleLowerCase() };
+    for (const id of this.tasks.keys()) this.applyFilter(id);
+  }
+
+  /** Whether a task shows under the current filter. */
+  matches(task) {
+    const { kind, query } = this.filter ?? { kind: 'all', query: '' };
+    if (query && !task.fileName.toLocaleLowerCase().includes(query)) return false;
+    return kind === 'all' || groupOf(task.taskStatus) === kind;
+  }
+
+  applyFilter(id) {
+    const row = this.rows.get(id);
+    if (row) row.hidden = !this.matches(this.tasks.get(id));
+  }
+
+  /** How many rows the filter shows. */
+  get visible() {
+    let n = 0;
+    for (const task of this.tasks.values()) if (this.matches(task)) n += 1;
+    return n;
+  }
+
+  /** The ids of completed and cancelled tasks ("clear finished" deletes them). */
+  finishedIds() {
+    return [...this.tasks.values()].filter((task) => groupOf(task.taskStatus) === 'finished').map((task) => task.taskId);
+  }
+
+  /** Delete every finished task; returns how many could not be deleted. */
+  async clearFinished() {
+    let failed = 0;
+    for (const id of this.finishedIds()) {
+      try {
+        await api.deleteTask(id);
+        this.remove(id);
+      } catch (error) {
+        if (error.status === 404) this.remove(id);
+        else failed += 1;
+      }
+    }
+    this.onChanged('action', null);
+    return failed;
+  }
+
+  /**
+   * Draw a task into its row. The row and its controls are made once and then
+   * updated field by field: a button under the pointer is never replaced while
+   * progress events arrive, so a click on it is not lost.
+   */
   render(id) {
     const task = this.tasks.get(id);
-    const row = this.buildRow(task);
-    const old = this.rows.get(id);
-    if (old) {
-      // Keep keyboard focus on the same control across a re-render.
-      const focused = old.contains(document.activeElement) ? document.activeElement.dataset.action : null;
-      old.replaceWith(row);
-      if (focused) (row.querySelector(`[data-action="${focused}"]`) ?? row.querySelector('[data-action]'))?.focus();
-    } else {
+    let row = this.rows.get(id);
+    if (!row) {
+      row = this.buildRow(id);
+      this.rows.set(id, row);
       this.insertSorted(id, row);
     }
-    this.rows.set(id, row);
+    this.fill(row, task);
+    this.applyFilter(id);
   }
 
   insertSorted(id, row) {
@@ -177,56 +259,108 @@ export class TaskList {
     this.container.append(row);
   }
 
-  buildRow(task) {
+  // The row's skeleton; `fill` puts the task's state into it.
+  buildRow(id) {
+    const part = (tag, role, attrs = {}) => el(tag, { ...attrs, 'data-role': role });
+    const details = el('details', { class: 'task-error-details', 'data-role': 'error-details' },
+      el('summary', { 'data-role': 'details-label' }), part('pre', 'raw-error'));
+    return el(
+      'li',
+      { class: 'task', 'data-task-id': id, 'aria-labelledby': `task-${id}-name` },
+      el('div', { class: 'task-head' },
+        el('span', { class: 'task-name', id: `task-${id}-name`, 'data-role': 'name' }),
+        part('span', 'kind', { class: 'task-kind' }),
+        part('span', 'status', { class: 'badge' })),
+      el('div', { class: 'task-progress', 'data-role': 'progress-box' },
+        part('progress', 'progress', { max: '100' }),
+        part('span', 'percent', { class: 'percent' })),
+      part('p', 'message', { class: 'task-detail' }),
+      el('div', { class: 'task-error', 'data-role': 'error-box' }, part('p', 'task-error'), details),
+      part('p', 'expired', { class: 'task-detail' }),
+      part('p', 'meta', { class: 'task-meta' }),
+      part('p', 'row-error', { class: 'row-error', role: 'alert' }),
+      el('div', { class: 'task-actions', role: 'group', 'data-role': 'actions' }),
+    );
+  }
+
+  fill(row, task) {
     const id = task.taskId;
     const status = task.taskStatus;
     const percent = Math.round(task.progressPercent ?? 0);
     const name = task.fileName;
+    const get = (role) => row.querySelector(`[data-role="${role}"]`);
+    const setText = (role, text) => {
+      const node = get(role);
+      if (node.textContent !== text) node.textContent = text;
+      node.hidden = !text;
+    };
+    const retrying = isRetrying(task);
+    row.className = `task status-${status}${isFinal(status) ? ' compact' : ''}`;
+    row.dataset.status = status;
+    get('name').textContent = name;
     const typeLabel = has(`type.${task.taskType}`) ? t(`type.${task.taskType}`) : task.taskType;
-    const target = task.params?.targetLang ? ` → ${task.params.targetLang}` : '';
+    const target = task.params?.targetLang ? ` → ${langName(task.params.targetLang)}` : '';
+    const detected = task.params?.sourceLang === 'auto' && task.detectedLang
+      ? ` (${t('task.detected', { lang: langName(task.detectedLang) })})` : '';
     const engine = task.params?.engine ? ` · ${task.params.engine}` : '';
-    // The stage is what a running task is doing; once it ended, it is stale.
-    const stage = task.stage && !isFinal(status) ? (has(`stage.${task.stage}`) ? t(`stage.${task.stage}`) : task.stage) : null;
-    const error = this.errors.get(id);
+    setText('kind', `#${task.userTaskNo ?? id} · ${typeLabel}${target}${detected}${engine}`);
+    const badge = get('status');
+    badge.className = `badge badge-${retrying ? 'processing' : status}`;
+    badge.textContent = retrying ? t('status.retrying') : t(`status.${status}`);
 
+    get('progress-box').hidden = isFinal(status);
+    const bar = get('progress');
+    bar.value = percent;
+    bar.setAttribute('aria-label', t('task.progressLabel', { name }));
+    setText('percent', `${percent} %`);
+
+    // The stage is what a running task is doing; once it ended, it is stale.
+    const stageCode = task.stageCode ?? task.stage;
+    const stage = stageCode && !isFinal(status) && stageCode !== 'waiting'
+      ? (has(`stage.${stageCode}`) ? t(`stage.${stageCode}`) : stageCode) : null;
+    const message = status === 'failed' ? null : say(task.messageCode, task.messageParams ?? {}, task.statusMessage);
+    const detail = [
+      stage,
+      message || null,
+      retrying ? t('task.retrying', { n: (task.attempts ?? 0) + 1, max: this.maxAttempts ?? 3 }) : null,
+      status === 'processing' && task.etaSeconds ? t('task.eta', { s: Math.ceil(task.etaSeconds) }) : null,
+    ].filter(Boolean);
+    setText('message', detail.join(' · '));
+
+    // A failure: a sentence for people, the raw error behind a toggle.
+    const failed = status === 'failed' && (task.errorMessage || task.errorCode);
+    get('error-box').hidden = !failed;
+    if (failed) {
+      const people = has(`failure.${task.errorCode}`) ? t(`failure.${task.errorCode}`) : t('failure.unknown');
+      const said = task.errorMessageCode && task.errorMessageCode !== 'text'
+        ? say(task.errorMessageCode, task.errorParams ?? {}, '') : '';
+      get('task-error').textContent = said && said !== people ? `${people} (${said})` : people;
+      get('details-label').textContent = t('task.details');
+      get('raw-error').textContent = task.errorMessage + (task.errorCode ? ` (${task.errorCode})` : '');
+      get('error-details').hidden = !task.errorMessage;
+    }
+    setText('expired', task.expired && status === 'completed' ? t('task.expired') : '');
     const meta = [
       t('task.cost', { n: task.creditsCost }),
       t('task.created', { time: formatTime(task.createdAt) }),
       task.completedAt ? t('task.completed', { time: formatTime(task.completedAt) }) : null,
-      task.attempts > 1 ? t('task.attempt', { n: task.attempts }) : null,
+      task.attempts > 1 && !retrying ? t('task.attempt', { n: task.attempts }) : null,
     ].filter(Boolean);
+    setText('meta', meta.join(' · '));
+    setText('row-error', this.errors.get(id) ?? '');
+    this.fillActions(get('actions'), task);
+  }
 
-    const detail = [
-      stage,
-      task.statusMessage || null,
-      status === 'processing' && task.etaSeconds ? t('task.eta', { s: Math.ceil(task.etaSeconds) }) : null,
-    ].filter(Boolean);
-
-    return el(
-      'li',
-      { class: `task status-${status}`, 'data-task-id': id, 'data-status': status, 'aria-labelledby': `task-${id}-name` },
-      el(
-        'div',
-        { class: 'task-head' },
-        el('span', { class: 'task-name', id: `task-${id}-name` }, name),
-        el('span', { class: 'task-kind' }, `#${id} · ${typeLabel}${target}${engine}`),
-        el('span', { class: `badge badge-${status}`, 'data-role': 'status' }, t(`status.${status}`)),
-      ),
-      el(
-        'div',
-        { class: 'task-progress' },
-        el('progress', { max: '100', value: String(percent), 'aria-label': t('task.progressLabel', { name }) }),
-        el('span', { class: 'percent', 'data-role': 'percent' }, `${percent} %`),
-      ),
-      detail.length ? el('p', { class: 'task-detail', 'data-role': 'message' }, detail.join(' · ')) : null,
-      status === 'failed' && task.errorMessage
-        ? el('p', { class: 'task-error', 'data-role': 'task-error' }, task.errorMessage + (task.errorCode ? ` (${task.errorCode})` : ''))
-        : null,
-      task.expired && status === 'completed' ? el('p', { class: 'task-detail' }, t('task.expired')) : null,
-      el('p', { class: 'task-meta' }, meta.join(' · ')),
-      error ? el('p', { class: 'row-error', role: 'alert', 'data-role': 'row-error' }, error) : null,
-      this.buildActions(task),
-    );
+  // The buttons change only when the set of actions changes.
+  fillActions(box, task) {
+    box.setAttribute('aria-label', t('task.actions', { name: task.fileName }));
+    const wanted = this.buildActions(task);
+    const key = [...wanted.children].map((node) => `${node.dataset.action}:${node.textContent}:${node.className}`).join('|');
+    if (box.dataset.key === key) return;
+    const focused = box.contains(document.activeElement) ? document.activeElement.dataset.action : null;
+    box.dataset.key = key;
+    box.replaceChildren(...wanted.children);
+    if (focused) (box.querySelector(`[data-action="${focused}"]`) ?? box.querySelector('[data-action]'))?.focus();
   }
 
   buildActions(task) {

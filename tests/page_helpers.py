@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -95,6 +96,10 @@ class ZhiyiServer:
     command: list[str] | None = None
     #: the token for tests to use, if not the local user's from the printed URL
     token: str | None = None
+    #: ``--workers``: 0 (the default here) runs the workers in the server process, so a
+    #: started server is a ready one (worker processes import slowly on a loaded machine);
+    #: None leaves ``zhiyi serve``'s own default (worker processes)
+    workers: int | None = 0
     process: subprocess.Popen[bytes] | None = None
     login_url: str | None = None
     starts: int = 0
@@ -123,12 +128,15 @@ class ZhiyiServer:
                           "SSE_HEARTBEAT_SECONDS": "2", **self.env})
         with self.log_path.open("wb") as log:
             argv = [PYTHON, "-m", "zhiyi_server", "serve", "--port", "{port}", "--data", "{data}"]
+            if self.workers is not None:
+                argv += ["--workers", str(self.workers)]
             self.process = subprocess.Popen(
                 [a.format(port=self.port, data=self.data_dir) for a in self.command or argv],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             found = wait_until(self._printed_url, timeout, what=f"the server on {self.port}")
             wait_until(lambda: _port_open(self.port), timeout, what="the port")
+            wait_until(lambda: self._healthy(found), timeout, what="/healthz")
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"zhiyi serve did not start:\n{self.log()}") from None
@@ -140,6 +148,16 @@ class ZhiyiServer:
             raise RuntimeError(f"zhiyi serve exited with {self.process.returncode}:\n{self.log()}")
         match = re.search(r"Open (http://\S+)", self.log())
         return match.group(1) if match else None
+
+    def _healthy(self, printed_url: str) -> bool:
+        """``healthz`` (beside the printed URL: the app may be mounted under a prefix)
+        answers 200: the store is open and the app serves."""
+        url = urllib.parse.urljoin(printed_url.split("?", 1)[0], "healthz")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
 
     def log(self) -> str:
         try:

@@ -259,7 +259,8 @@ def test_tabs_share_one_stream(browser: Browser, server: ZhiyiServer, tmp_path: 
         create_task(server.url, server.local_token, slow_document(tmp_path / "b.txt", 30),
                     params={"targetLang": "fr", "engine": "pseudo"})
         expect(row(second, "b.txt")).to_have_attribute("data-status", "completed")
-        assert _sse_connections(server) == 1
+        # The closed tab's socket is noticed at the server's next write (a heartbeat).
+        wait_until(lambda: _sse_connections(server) == 1, what="one stream left")
         api(server.url, server.local_token, "DELETE", f"api/tasks/{task['taskId']}")
         expect(row(second, "a.txt")).to_have_count(0)
         shot(second, f"12-second-tab-leads-{'locks' if web_locks else 'broadcast'}")
@@ -499,3 +500,125 @@ def test_quote_shows_memory_hits_and_the_glossary_picker(page: Page, server: Zhi
     assert data is None  # a text result
     _, _, raw = api(server.url, server.local_token, "GET", f"api/tasks/{task_id}/result")
     assert raw.decode().count("狐狸") == 12
+
+
+# ------------------------------------------------ messages in the page's language
+def _sample_params(pattern: str) -> dict[str, Any]:
+    """Numbers for a code's parameters; a raw English error where one is carried."""
+    names = re.findall(r"\(\?P<(\w+)>", pattern)
+    params: dict[str, Any] = {n: ("connection refused" if n in ("error", "text") else 3)
+                              for n in names if n != "summary"}
+    if "(?P<summary>" in pattern:
+        params.update(fromMemory=2, segments=9, terms=1, distinct=1)
+    return params
+
+
+def test_every_server_code_has_chinese(page: Page, server: ZhiyiServer) -> None:
+    """Every code the server can send (messages.py) has a Chinese text with no English
+    left in it but the parameters a person cannot translate (a raw error); en has all too."""
+    import messages
+
+    log_in(page, server)
+    status = [[code, _sample_params(p)] for code, p in messages.STATUS_MESSAGES.items()]
+    notices = [[code, {n: 3 for n in names}] for code, names in messages.NOTIFICATIONS.items()]
+    found = page.evaluate("""async ({status, errors, stages, notices}) => {
+      const i18n = await import('./static/i18n.js');
+      const out = {};
+      for (const lang of ['zh', 'en']) {
+        i18n.setLang(lang);
+        out[lang] = {
+          status: status.map(([code, params]) =>
+            [code, i18n.has(`msg.${code}`), i18n.say(code, params, '')]),
+          errors: errors.map((code) =>
+            [code, i18n.has(`failure.${code}`), i18n.t(`failure.${code}`)]),
+          stages: stages.map((code) =>
+            [code, i18n.has(`stage.${code}`), i18n.t(`stage.${code}`)]),
+          notices: notices.map(([code, params]) => [code, i18n.has(`notify.${code}`),
+            i18n.sayNotice({code, params, message: 'ENGLISH'})]),
+        };
+      }
+      return out;
+    }""", {"status": status, "errors": list(messages.ERROR_CODES),
+           "stages": list(messages.STAGES), "notices": notices})
+    for lang in ("zh", "en"):
+        for kind, rows in found[lang].items():
+            missing = [code for code, has, _ in rows if not has]
+            assert not missing, f"{lang} lacks {kind}: {missing}"
+    for kind, rows in found["zh"].items():
+        for code, _, text in rows:
+            if code == messages.FREE_TEXT:
+                continue  # the server's own text, shown as it came
+            assert text and not re.search(r"[A-Za-z]{2,}", text), f"zh {kind} {code}: {text}"
+    english = dict((code, text) for code, _, text in found["en"]["status"])
+    assert english["segments"] == "segment 3 of 3"
+    assert english["completed"] == ("completed (2 of 9 segments from memory; "
+                                    "1 glossary term applied)")
+    assert dict((c, t) for c, _, t in found["en"]["notices"])["credits_charged"] == (
+        "3 credits charged for task #3")
+
+
+def test_plural_dates_and_old_messages_follow_the_language(page: Page, server: ZhiyiServer,
+                                                           tmp_path: Path) -> None:
+    """"1 credit", dates in the browser's format, and rows said again after a switch."""
+    log_in(page, server)
+    doc = tmp_path / "hi.txt"
+    doc.write_text("Hello.")
+    task = create_task(server.url, server.local_token, doc,
+                       params={"targetLang": "fr", "engine": "pseudo"})
+    done = row(page, "hi.txt")
+    expect(done).to_have_attribute("data-status", "completed")
+    expect(done.locator("[data-role=meta]")).to_contain_text("1 credit ·")
+    expect(done.locator("[data-role=meta]")).not_to_contain_text("1 credits")
+    # The end time arrived with the event (no reload), in the browser's own date format.
+    ended = api(server.url, server.local_token, "GET", f"api/tasks/{task['taskId']}")[1]
+    expected = page.evaluate("""(iso) => new Intl.DateTimeFormat(navigator.language,
+        {dateStyle: 'short', timeStyle: 'medium'}).format(new Date(iso))""",
+                             ended["task"]["completedAt"])
+    expect(done.locator("[data-role=meta]")).to_contain_text(f"Ended {expected}")
+    expect(done.locator("[data-role=message]")).to_have_text("completed")
+    page.click("#lang-switch")
+    expect(done.locator("[data-role=message]")).to_have_text("已完成")
+    expect(done.locator("[data-role=status]")).to_have_text("已完成")
+    expect(done.locator("[data-role=meta]")).to_contain_text("1 积分")
+    # A grant pushed by an administrator: the balance and a toast, in Chinese.
+    store_grant(server, 5)
+    expect(page.locator("#credits")).to_have_text(f"积分：{1000 - 1 + 5}")
+    expect(page.locator(".toast").last).to_have_text("积分变动 +5")
+    shot(page, "20-zh-completed-and-grant")
+    page.click("#lang-switch")
+    expect(page.locator(".toast").last).to_have_text("+5 credits")
+
+
+def store_grant(server: ZhiyiServer, amount: int) -> None:
+    """``zhiyi user credit local N``, as an administrator would, while the page is open."""
+    import subprocess
+
+    from page_helpers import PYTHON, base_env
+    subprocess.run([PYTHON, "-m", "zhiyi_server", "user", "credit", "local", str(amount),
+                    "--data", str(server.data_dir)], cwd=REPO, env=base_env(), check=True,
+                   capture_output=True, timeout=30)
+
+
+def test_failure_for_people_with_details_behind_a_toggle(page: Page, engine: FakeEngine,
+                                                         tmp_path: Path) -> None:
+    """The engine refuses the key: a sentence for people; the raw error behind a toggle."""
+    server = ZhiyiServer(tmp_path / "data", env=engine.server_env("sk-wrong")).start()
+    try:
+        _failure_in_place(page, server, tmp_path)
+    finally:
+        server.stop()
+
+
+def _failure_in_place(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
+    log_in(page, server)
+    doc = slow_document(tmp_path / "bad-key.txt", 3)
+    create_task(server.url, server.local_token, doc,
+                params={"targetLang": "zh", "engine": "openai", "sourceLang": "en"})
+    failed = row(page, "bad-key.txt")
+    expect(failed).to_have_attribute("data-status", "failed", timeout=60_000)
+    details = failed.locator("details")
+    expect(failed.locator("[data-role=task-error]")).to_be_visible()
+    expect(failed.locator("[data-role=raw-error]")).not_to_be_visible()
+    details.locator("summary").click()
+    expect(failed.locator("[data-role=raw-error]")).to_be_visible()
+    shot(page, "21-failure-details")

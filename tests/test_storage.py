@@ -333,8 +333,10 @@ async def test_refunds_say_how_much_and_a_free_task_moves_no_credits(store: Task
     notices = [e.data for e in await store.events_after(0, user_id="alice")
                if e.type == "notification"]
     assert notices == [
-        {"level": "info", "message": f"2 credits charged for task {paid.id}", "credits": 3},
-        {"level": "info", "message": f"2 credits refunded for task {paid.id}", "credits": 5},
+        {"level": "info", "message": f"2 credits charged for task {paid.id}", "credits": 3,
+         "code": "credits_charged", "params": {"amount": 2, "taskId": paid.id}},
+        {"level": "info", "message": f"2 credits refunded for task {paid.id}", "credits": 5,
+         "code": "credits_refunded", "params": {"amount": 2, "taskId": paid.id}},
     ]
 
 
