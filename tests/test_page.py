@@ -23,6 +23,7 @@ from page_helpers import (
     add_user,
     api,
     create_task,
+    free_port,
     slow_document,
     wait_until,
 )
@@ -622,3 +623,135 @@ def _failure_in_place(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
     details.locator("summary").click()
     expect(failed.locator("[data-role=raw-error]")).to_be_visible()
     shot(page, "21-failure-details")
+
+
+# ------------------------------------------------------------- the task list
+def test_cancel_pressed_during_a_burst_of_progress_cancels(page: Page, server: ZhiyiServer,
+                                                           tmp_path: Path) -> None:
+    """A long press on Cancel while progress events re-draw the row still cancels:
+    the row's controls are updated in place, never replaced under the pointer."""
+    log_in(page, server)
+    task = create_task(server.url, server.local_token, slow_document(tmp_path / "busy.txt", 400),
+                       params={"targetLang": "zh", "engine": "openai"})
+    busy = row(page, "busy.txt")
+    message = busy.locator("[data-role=message]")
+    expect(message).to_contain_text("segment")
+    cancel = busy.locator("[data-action=cancel]")
+    cancel.hover()
+    before = message.text_content()
+    handle = cancel.element_handle()
+    page.mouse.down()
+    # Hold the button until at least one progress event has re-drawn the row.
+    expect(message).not_to_have_text(before or "")
+    page.mouse.up()
+    expect(busy).to_have_attribute("data-status", "cancelled")
+    assert handle.evaluate("(button) => button.isConnected") is False  # gone once cancelled
+    status, body, _ = api(server.url, server.local_token, "GET", f"api/tasks/{task['taskId']}")
+    assert status == 200 and body["task"]["taskStatus"] == "cancelled"
+
+
+def test_filter_search_and_clear_finished(page: Page, tmp_path: Path) -> None:
+    """All / active / finished / failed, a search by name, and "clear finished"."""
+    # An engine nobody answers: its tasks wait between retries (active) for a minute.
+    server = ZhiyiServer(tmp_path / "data", env={
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1", "OPENAI_API_KEY": "sk-x",
+        "RETRY_BASE_SECONDS": "60"}).start()
+    try:
+        _filter_search_and_clear(page, server, tmp_path)
+    finally:
+        server.stop()
+
+
+def _filter_search_and_clear(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
+    log_in(page, server)
+    ids = {}
+    for name, engine in (("alpha.txt", "pseudo"), ("beta.txt", "pseudo"),
+                         ("gamma.txt", "openai"), ("waiting.txt", "openai")):
+        doc = tmp_path / name
+        doc.write_text(f"{name} says hello.")
+        ids[name] = create_task(server.url, server.local_token, doc,
+                                params={"targetLang": "fr", "engine": engine})["taskId"]
+    api(server.url, server.local_token, "POST", f"api/tasks/{ids['gamma.txt']}/cancel")
+    for name, status in (("alpha.txt", "completed"), ("beta.txt", "completed"),
+                         ("gamma.txt", "cancelled")):
+        expect(row(page, name)).to_have_attribute("data-status", status)
+    visible = page.locator(".task:visible .task-name")
+    page.click("#task-filter [data-filter=active]")
+    expect(visible).to_have_text(["waiting.txt"])
+    page.click("#task-filter [data-filter=finished]")
+    expect(visible).to_have_text(["gamma.txt", "beta.txt", "alpha.txt"])
+    page.fill("#task-search", "ALP")
+    expect(visible).to_have_text(["alpha.txt"])
+    page.click("#task-filter [data-filter=failed]")
+    expect(visible).to_have_count(0)
+    expect(page.locator("#tasks-none-shown")).to_be_visible()
+    page.fill("#task-search", "")
+    page.click("#task-filter [data-filter=all]")
+    expect(visible).to_have_count(4)
+    # Finished rows are compact: no progress bar.
+    expect(row(page, "alpha.txt").locator("progress")).to_be_hidden()
+    expect(row(page, "waiting.txt").locator("progress")).to_be_visible()
+    shot(page, "22-filter-and-compact-rows")
+    clear = page.locator("#clear-finished")
+    clear.click()
+    expect(clear).to_have_text("Delete 3 finished tasks?")
+    clear.click()
+    expect(visible).to_have_text(["waiting.txt"])
+    _, listed, _ = api(server.url, server.local_token, "GET", "api/tasks")
+    assert [t["fileName"] for t in listed["tasks"]] == ["waiting.txt"]
+    expect(clear).to_be_hidden()
+
+
+def test_retrying_is_not_pending(page: Page, tmp_path: Path) -> None:
+    """Between automatic retries the badge says Retrying, with the attempt to come."""
+    unreachable = f"http://127.0.0.1:{free_port()}/v1"
+    server = ZhiyiServer(tmp_path / "data", env={
+        "OPENAI_BASE_URL": unreachable, "OPENAI_API_KEY": "sk-x", "RETRY_BASE_SECONDS": "60",
+        "MAX_ATTEMPTS": "3"}).start()
+    try:
+        log_in(page, server)
+        create_task(server.url, server.local_token, slow_document(tmp_path / "later.txt", 2),
+                    params={"targetLang": "zh", "engine": "openai"})
+        waiting = row(page, "later.txt")
+        expect(waiting.locator("[data-role=status]")).to_have_text("Retrying", timeout=60_000)
+        expect(waiting).to_have_attribute("data-status", "pending")
+        expect(waiting.locator("[data-role=message]")).to_contain_text(
+            "retrying, attempt 2 of 3")
+        shot(page, "23-retrying")
+        page.click("#lang-switch")
+        expect(waiting.locator("[data-role=status]")).to_have_text("重试中")
+        expect(waiting.locator("[data-role=message]")).to_contain_text("第 2 次，共 3 次")
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- the phone
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_phone_shows_the_list_first(browser: Browser, server: ZhiyiServer, tmp_path: Path,
+                                    lang: str) -> None:
+    context = browser.new_context(locale="zh-CN" if lang == "zh" else "en-US",
+                                  viewport={"width": 390, "height": 844}, is_mobile=True,
+                                  has_touch=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        doc = tmp_path / "phone.txt"
+        doc.write_text("A short note.")
+        create_task(server.url, server.local_token, doc,
+                    params={"targetLang": "fr", "engine": "pseudo"})
+        log_in(page, server)
+        expect(row(page, "phone.txt")).to_have_attribute("data-status", "completed")
+        expect(page.locator("#upload-card")).to_be_hidden()
+        tasks_top = page.locator("#tasks-title").bounding_box()
+        assert tasks_top is not None and tasks_top["y"] < 300, tasks_top
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        shot(page, f"24-phone-list-{lang}")
+        toggle = page.locator("#new-task")
+        expect(toggle).to_have_attribute("aria-expanded", "false")
+        toggle.click()
+        expect(toggle).to_have_attribute("aria-expanded", "true")
+        expect(page.locator("#upload-card")).to_be_visible()
+        expect(page.locator("#drop-zone")).to_be_visible()
+        shot(page, f"25-phone-form-{lang}")
+    finally:
+        context.close()
