@@ -383,6 +383,8 @@ class StreamWatcher:
 
     async def run(self) -> None:
         while not self.done:
+            if self.session.closed:  # the test is over (it failed): stop, do not spin
+                return
             url = self.urls[0]
             headers = {"Last-Event-ID": str(self.ids[-1] if self.ids else self.first_id)} \
                 if self.first_id is not None else {}
