@@ -53,6 +53,7 @@ from yarl import URL
 
 __all__ = [
     "ENGINE_NAMES",
+    "ENGINE_PREFERENCE",
     "AdaptiveLimit",
     "Engine",
     "EngineError",
@@ -1287,6 +1288,66 @@ _STATUSES: dict[str, Callable[[EngineSettings], EngineStatus]] = {
     "openai": _openai_status,
     "deepl": _deepl_status,
 }
+
+
+#: Best first: the engine a page picks when the user has not chosen (pseudo last: fake text).
+ENGINE_PREFERENCE: tuple[str, ...] = ("deepl", "openai", "libretranslate", "argos", "pseudo")
+
+#: Target languages of DeepL's API (its documented list, by base code).
+DEEPL_LANGUAGES: tuple[str, ...] = (
+    "ar", "bg", "cs", "da", "de", "el", "en", "es", "et", "fi", "fr", "hu", "id", "it", "ja",
+    "ko", "lt", "lv", "nb", "nl", "pl", "pt", "ro", "ru", "sk", "sl", "sv", "tr", "uk", "zh",
+)
+#: What a page offers for a general language model (it may do more; these it does well).
+LLM_LANGUAGES: tuple[str, ...] = (
+    "ar", "bg", "cs", "da", "de", "el", "en", "es", "et", "fa", "fi", "fr", "he", "hi", "hu",
+    "id", "it", "ja", "ko", "lt", "lv", "ms", "nb", "nl", "pl", "pt", "ro", "ru", "sk", "sl",
+    "sv", "th", "tr", "uk", "vi", "zh",
+)
+#: Seconds to wait for LibreTranslate's ``/languages`` before offering every language.
+LANGUAGES_TIMEOUT = 3.0
+
+
+def default_engine(available: Iterable[str]) -> str:
+    """The best of the ``available`` engines' names (``pseudo`` only when no real one is)."""
+    names = set(available)
+    return next((name for name in ENGINE_PREFERENCE if name in names), "pseudo")
+
+
+async def supported_languages(name: str, settings: EngineSettings,
+                              session: aiohttp.ClientSession) -> list[str] | None:
+    """The language codes an engine translates into; ``None``: any (pseudo), or unknown.
+
+    LibreTranslate says its own (``GET /languages``); DeepL and language models have a
+    static list; argos its installed pairs' targets.
+    """
+    if name == "deepl":
+        return list(DEEPL_LANGUAGES)
+    if name == "openai":
+        return list(LLM_LANGUAGES)
+    if name == "argos":
+        return sorted({target for _, target in _STATUSES[name](settings).pairs}) or None
+    if name == "libretranslate" and settings.libretranslate_url:
+        return await _libretranslate_languages(settings.libretranslate_url, session)
+    return None
+
+
+async def _libretranslate_languages(base: str, session: aiohttp.ClientSession
+                                    ) -> list[str] | None:
+    url = f"{base.rstrip('/')}/languages"
+    try:
+        async with session.get(url, allow_redirects=False,
+                               timeout=aiohttp.ClientTimeout(total=LANGUAGES_TIMEOUT)) as reply:
+            if reply.status != 200:
+                return None
+            listed = await reply.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        logger.warning("LibreTranslate's language list at %s: %s", url, e)
+        return None
+    if not isinstance(listed, list):
+        return None
+    codes = {str(item["code"]) for item in listed if isinstance(item, dict) and "code" in item}
+    return sorted(codes) or None
 
 
 def engine_statuses(settings: EngineSettings) -> list[EngineStatus]:

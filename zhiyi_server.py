@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import math
@@ -1115,7 +1116,43 @@ def engine_statuses(config: Config) -> list[dict[str, Any]]:
     return statuses
 
 
-def task_type_json(task_type: TaskType, config: Config) -> dict[str, Any]:
+#: what a translator sees instead of how to enable an engine (that is for administrators)
+NOT_SET_UP = "This engine is not set up on this server; its administrator can enable it."
+
+
+async def engine_details(request: web.Request) -> list[dict[str, Any]]:
+    """Each engine's status for this request: the languages it translates into (``null``:
+    any), whether it is the test engine (fake text), and how to enable it only for a
+    request from this machine (the administrator's); everyone else reads ``NOT_SET_UP``."""
+    config = request.config_dict[CONFIG]
+    local = _is_loopback(request)
+    statuses = engine_statuses(config)
+    settings = config.engine_settings()
+    languages = await asyncio.gather(*(
+        engines.supported_languages(s["name"], settings, request.config_dict[HTTP])
+        if s["available"] else _nothing() for s in statuses))
+    for status, langs in zip(statuses, languages, strict=True):
+        status["languages"] = langs
+        status["test"] = status["name"] == "pseudo"
+        if not status["available"] and not local:
+            status["reason"] = NOT_SET_UP
+    return statuses
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _is_loopback(request: web.Request) -> bool:
+    """The request came from this machine (the peer's address, not a forwarded header)."""
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
+
+
+def task_type_json(task_type: TaskType, config: Config,
+                   details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "taskType": task_type.name,
         "description": task_type.description,
@@ -1126,15 +1163,20 @@ def task_type_json(task_type: TaskType, config: Config) -> dict[str, Any]:
     if task_type.results:
         data["results"] = dict(task_type.results)
     if "engine" in task_type.params and task_type.cost is translate_cost:
-        data["engines"] = engine_statuses(config)  # analyze takes an engine to quote, too
+        # analyze takes an engine to quote, too
+        data["engines"] = details if details is not None else engine_statuses(config)
+        if details is not None:
+            data["defaultEngine"] = engines.default_engine(
+                e["name"] for e in details if e["available"])
     return data
 
 
 async def task_types(request: web.Request) -> web.Response:
     config = request.config_dict[CONFIG]
+    details = await engine_details(request)
     return web.json_response({
         "success": True,
-        "taskTypes": [task_type_json(t, config) for t in request.config_dict[REGISTRY]],
+        "taskTypes": [task_type_json(t, config, details) for t in request.config_dict[REGISTRY]],
         # what a page checks before it uploads, and how many tries a task gets
         "maxUploadMb": config.max_upload_mb, "maxAttempts": config.max_attempts,
     })
@@ -1374,7 +1416,8 @@ def quote_json(quote: Quote, cost: int) -> dict[str, Any]:
             "segments": stats.segments if stats else None,
             "characters": stats.characters if stats else None,
             "fromMemory": quote.remembered_segments,
-            "charactersFromMemory": quote.remembered_characters}
+            "charactersFromMemory": quote.remembered_characters,
+            "language": stats.language if stats else None}
 
 
 def _too_large(config: Config) -> ApiError:

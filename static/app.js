@@ -4,7 +4,7 @@ import * as api from './api.js';
 import { applyStatic, getLang, has, onLangChange, sayNotice, setLang, t } from './i18n.js';
 import { startStream } from './stream.js';
 import { isFinal, TaskList } from './tasks.js';
-import { langDatalist, UploadForm } from './upload.js';
+import { UploadForm } from './upload.js';
 
 const $ = (selector) => document.querySelector(selector);
 const PAGE_SIZE = 20;
@@ -33,6 +33,7 @@ const upload = new UploadForm($('#upload-form'), {
     refreshCredits();
   },
   onFirstSubmit: askNotificationPermission,
+  balance: () => state.credits,
 });
 
 function errorText(error) {
@@ -225,6 +226,7 @@ function setCredits(credits) {
   state.credits = credits;
   $('#credits').textContent = t('credits', { n: credits });
   $('#credits').dataset.credits = String(credits);
+  upload.renderQuotes(); // "balance after" and whether Start is allowed follow the balance
 }
 
 let creditsTimer = null;
@@ -338,7 +340,6 @@ function relabel() {
 }
 
 function boot() {
-  document.body.append(langDatalist());
   applyStatic(document);
   relabel();
   onLangChange(relabel);

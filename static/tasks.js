@@ -300,10 +300,8 @@ export class TaskList {
     get('name').textContent = name;
     const typeLabel = has(`type.${task.taskType}`) ? t(`type.${task.taskType}`) : task.taskType;
     const target = task.params?.targetLang ? ` → ${langName(task.params.targetLang)}` : '';
-    const detected = task.params?.sourceLang === 'auto' && task.detectedLang
-      ? ` (${t('task.detected', { lang: langName(task.detectedLang) })})` : '';
     const engine = task.params?.engine ? ` · ${task.params.engine}` : '';
-    setText('kind', `#${task.userTaskNo ?? id} · ${typeLabel}${target}${detected}${engine}`);
+    setText('kind', `#${task.userTaskNo ?? id} · ${typeLabel}${target}${engine}`);
     const badge = get('status');
     badge.className = `badge badge-${retrying ? 'processing' : status}`;
     badge.textContent = retrying ? t('status.retrying') : t(`status.${status}`);

@@ -1,10 +1,36 @@
 // The upload form: files by drag and drop or picker, the task type and its
 // parameters from api/task-types, the cost rule, and one task per file.
+// Files are checked here first (type, size), then quoted by the server before
+// Start; the form remembers its choices in localStorage.
 
 import * as api from './api.js';
 import { has, t } from './i18n.js';
+import { langName } from './tasks.js';
 
-const COMMON_LANGS = ['zh', 'en', 'ja', 'ko', 'fr', 'de', 'es', 'it', 'pt', 'ru', 'ar'];
+// Offered when the engine does not say which languages it has (pseudo: any).
+const COMMON_LANGS = ['ar', 'bg', 'cs', 'da', 'de', 'el', 'en', 'es', 'et', 'fa', 'fi', 'fr', 'he',
+  'hi', 'hu', 'id', 'it', 'ja', 'ko', 'lt', 'lv', 'ms', 'nb', 'nl', 'pl', 'pt', 'ro', 'ru', 'sk',
+  'sl', 'sv', 'th', 'tr', 'uk', 'vi', 'zh'];
+const FORM_KEY = 'zhiyi-form';
+const QUOTE_DELAY_MS = 300;
+
+function loadChoices() {
+  try {
+    return JSON.parse(localStorage.getItem(FORM_KEY) ?? '{}') ?? {};
+  } catch {
+    return {}; // storage disabled or unreadable: start afresh
+  }
+}
+
+function saveChoices(choices) {
+  try {
+    localStorage.setItem(FORM_KEY, JSON.stringify(choices));
+  } catch {
+    // Not remembered; the form still works.
+  }
+}
+
+const errorText = (error) => (error.code && has(`error.${error.code}`) ? t(`error.${error.code}`) : error.message);
 
 function newKey() {
   // randomUUID needs a secure context; plain http on a LAN address is not one.
@@ -16,13 +42,19 @@ const paramLabel = (name) => (has(`param.${name}`) ? t(`param.${name}`) : name);
 
 export class UploadForm {
   /** `onCreated(task)` after each task made; `onFirstSubmit()` once, on the first upload. */
-  constructor(form, { onCreated, onFirstSubmit }) {
+  constructor(form, { onCreated, onFirstSubmit, balance = () => null }) {
     this.form = form;
     this.onCreated = onCreated;
     this.onFirstSubmit = onFirstSubmit;
+    this.balance = balance; // the user's credits now, for "balance after"
     this.types = [];
-    this.files = []; // {file, key}: the key makes a repeated submit of one file idempotent
-    this.values = {}; // parameter values typed so far, kept across re-renders
+    this.maxUploadMb = null;
+    this.files = []; // {file, key, quote}: the key makes a repeated submit of one file idempotent
+    const saved = loadChoices();
+    this.savedType = saved.taskType ?? null;
+    this.values = saved.values ?? {}; // parameter values chosen so far, kept across re-renders and reloads
+    this.quoteTimer = null;
+    this.quoteRound = 0;
     this.glossaries = []; // the user's glossaries, for the glossary picker
     this.busy = false;
     this.submitted = false;
@@ -53,7 +85,11 @@ export class UploadForm {
     // A file dropped beside the zone must not make the browser leave the page.
     window.addEventListener('dragover', (event) => event.preventDefault());
     window.addEventListener('drop', (event) => event.preventDefault());
-    this.q('#task-type').addEventListener('change', () => this.renderParams());
+    this.q('#task-type').addEventListener('change', () => {
+      this.remember();
+      this.renderParams();
+      this.quoteSoon();
+    });
     this.q('#upload-quote').addEventListener('click', () => this.quote());
     this.form.addEventListener('submit', (event) => {
       event.preventDefault();
@@ -71,8 +107,9 @@ export class UploadForm {
       if (picker) this.fillGlossaries(picker);
     }, () => {}); // without the list the picker offers none; the form still works
     const select = this.q('#task-type');
-    // Translation is what most people come for; keep any earlier choice.
-    const chosen = select.value || (types.some((type) => type.taskType === 'translate') ? 'translate' : '');
+    // Translation is what most people come for; keep any earlier choice (this page's or the last visit's).
+    const known = (name) => types.some((type) => type.taskType === name);
+    const chosen = select.value || (known(this.savedType) ? this.savedType : known('translate') ? 'translate' : '');
     select.replaceChildren(
       ...types.map((type) => {
         const label = has(`type.${type.taskType}`) ? t(`type.${type.taskType}`) : type.taskType;
@@ -122,16 +159,23 @@ export class UploadForm {
       for (const engine of type.engines) {
         // An offline engine says which language pairs it has installed.
         const pairs = (engine.pairs ?? []).map(([from, to]) => `${from} → ${to}`).join(', ');
-        const label = pairs ? t('engine.pairs', { name: engine.name, pairs }) : engine.name;
-        const text = engine.available ? label : t('engine.unavailable', { name: engine.name, reason: engine.reason });
+        const label = engine.test ? t('engine.test', { name: engine.name })
+          : pairs ? t('engine.pairs', { name: engine.name, pairs }) : engine.name;
+        // How to enable an engine is for administrators (the README, or the API from the server's machine).
+        const text = engine.available ? label : t('engine.notSetUp', { name: engine.name });
         const option = new Option(text, engine.name);
         option.disabled = !engine.available;
-        if (!engine.available) option.title = engine.reason ?? '';
         control.append(option);
       }
-      const wanted = this.values[name] ?? spec.default;
-      const usable = type.engines.find((e) => e.name === wanted && e.available) ?? type.engines.find((e) => e.available);
+      // The best configured engine, unless this user chose another before.
+      const wanted = this.values[name] ?? type.defaultEngine ?? spec.default;
+      const usable = type.engines.find((e) => e.name === wanted && e.available)
+        ?? type.engines.find((e) => e.name === type.defaultEngine && e.available)
+        ?? type.engines.find((e) => e.available);
       if (usable) control.value = usable.name;
+    } else if (name === 'targetLang' || name === 'sourceLang') {
+      control = document.createElement('select');
+      this.fillLanguages(control, type, name, spec);
     } else if (spec.choices) {
       control = document.createElement('select');
       for (const choice of spec.choices) control.append(new Option(choice, choice));
@@ -149,9 +193,11 @@ export class UploadForm {
     control.id = id;
     control.name = name;
     control.required = Boolean(spec.required);
-    control.addEventListener('input', () => {
+    control.addEventListener(control.tagName === 'SELECT' ? 'change' : 'input', () => {
       this.values[name] = control.value;
-      this.q('#quote-list').replaceChildren(); // a quote is for the params it was made with
+      this.remember();
+      if (name === 'engine') this.refillLanguages(type);
+      this.quoteSoon(); // a quote is for the params it was made with
     });
     field.append(label, control);
     if (spec.description) {
@@ -165,39 +211,127 @@ export class UploadForm {
     return field;
   }
 
-  /** Price each chosen file as it would be created now (memory hits included). */
-  async quote() {
-    if (this.busy) return;
-    this.clearMessages();
+  /** The language picker: names in the page's language, only what the engine translates into. */
+  fillLanguages(select, type, name, spec = type.params[name]) {
+    const engineName = this.q('#param-engine')?.value ?? this.values.engine ?? type.defaultEngine;
+    const engine = type.engines?.find((e) => e.name === engineName);
+    const codes = engine?.languages ?? COMMON_LANGS;
+    const current = select.value || this.values[name] || spec.default || '';
+    const options = codes.map((code) => ({ code, label: langName(code) }))
+      .sort((a, b) => a.label.localeCompare(b.label));
+    const choices = options.map(({ code, label }) => new Option(`${label} (${code})`, code));
+    if (name === 'sourceLang') choices.unshift(new Option(t('lang.auto'), 'auto'));
+    else choices.unshift(new Option(t('lang.choose'), ''));
+    select.replaceChildren(...choices);
+    select.value = [...select.options].some((o) => o.value === current) ? current : (name === 'sourceLang' ? 'auto' : '');
+  }
+
+  refillLanguages(type) {
+    for (const name of ['targetLang', 'sourceLang']) {
+      const select = this.q(`#param-${name}`);
+      if (select?.tagName === 'SELECT') this.fillLanguages(select, type, name);
+    }
+  }
+
+  remember() {
+    saveChoices({ taskType: this.q('#task-type').value, values: this.values });
+  }
+
+  /** Why a file cannot be a task of the chosen type, found here before any upload; or null. */
+  localProblem(file) {
+    const type = this.selectedType;
+    const dot = file.name.lastIndexOf('.');
+    const ext = dot > 0 ? file.name.slice(dot).toLowerCase() : '';
+    if (type && !type.extensions.includes(ext)) {
+      return t('upload.badType', { ext: ext || file.name, type: this.typeLabel(type), list: type.extensions.join(' ') });
+    }
+    if (this.maxUploadMb && file.size > this.maxUploadMb * 1024 * 1024) {
+      return t('upload.tooLarge', { size: formatSize(file.size), max: this.maxUploadMb });
+    }
+    return null;
+  }
+
+  typeLabel(type) {
+    return has(`type.${type.taskType}`) ? t(`type.${type.taskType}`) : type.taskType;
+  }
+
+  /** Quote again a moment after the last change (files, type, parameters). */
+  quoteSoon() {
+    clearTimeout(this.quoteTimer);
+    for (const entry of this.files) entry.quote = null;
+    this.renderQuotes();
+    if (!this.files.length) return;
+    this.quoteTimer = setTimeout(() => this.quote({ quiet: true }), QUOTE_DELAY_MS);
+  }
+
+  /**
+   * Price each chosen file as it would be created now (memory hits included).
+   * `quiet`: an automatic quote, which says nothing about a form still being filled in.
+   */
+  async quote({ quiet = false } = {}) {
+    if (!quiet) this.clearMessages();
     if (!this.files.length) {
-      this.showError(t('upload.chooseFile'));
+      if (!quiet) this.showError(t('upload.chooseFile'));
       return;
     }
-    if (!this.form.reportValidity()) return;
-    this.busy = true;
-    const list = this.q('#quote-list');
-    list.replaceChildren();
+    if (!this.form.checkValidity()) {
+      if (!quiet) this.form.reportValidity();
+      return;
+    }
+    const round = ++this.quoteRound; // a newer quote makes this one's answers stale
     const type = this.selectedType.taskType;
     const params = this.params();
-    try {
-      for (const entry of this.files) {
-        this.q('#upload-status').textContent = t('upload.quoting', { name: entry.file.name });
-        const item = document.createElement('li');
-        try {
-          const { quote } = await api.quoteTask(entry.file, type, params);
-          item.textContent = quoteText(entry.file.name, quote);
-          item.dataset.credits = String(quote.credits);
-          item.dataset.fromMemory = String(quote.fromMemory);
-        } catch (error) {
-          const message = error.code && has(`error.${error.code}`) ? t(`error.${error.code}`) : error.message;
-          item.textContent = t('upload.fileError', { name: entry.file.name, message });
-          item.className = 'form-error';
-        }
-        list.append(item);
+    for (const entry of this.files) {
+      entry.quote = null;
+      const problem = this.localProblem(entry.file);
+      if (problem) {
+        entry.quote = { error: problem };
+        continue;
       }
-    } finally {
-      this.busy = false;
-      this.q('#upload-status').textContent = '';
+      this.q('#upload-status').textContent = t('upload.quoting', { name: entry.file.name });
+      try {
+        const { quote } = await api.quoteTask(entry.file, type, params);
+        if (round !== this.quoteRound) return;
+        entry.quote = quote;
+      } catch (error) {
+        if (round !== this.quoteRound) return;
+        entry.quote = { error: errorText(error) };
+      }
+      this.renderQuotes();
+    }
+    this.q('#upload-status').textContent = '';
+    this.renderQuotes();
+  }
+
+  /** The quotes so far, the balance after them, and Start disabled past the balance. */
+  renderQuotes() {
+    const list = this.q('#quote-list');
+    const balance = this.balance();
+    let total = 0;
+    list.replaceChildren();
+    for (const entry of this.files) {
+      const quote = entry.quote;
+      if (!quote) continue;
+      const item = document.createElement('li');
+      if (quote.error) {
+        item.textContent = t('upload.fileError', { name: entry.file.name, message: quote.error });
+        item.className = 'form-error';
+      } else {
+        total += quote.credits;
+        item.textContent = quoteText(entry.file.name, quote, balance === null ? null : balance - total);
+        item.dataset.credits = String(quote.credits);
+        item.dataset.fromMemory = String(quote.fromMemory);
+      }
+      list.append(item);
+    }
+    const short = balance !== null && total > balance;
+    this.q('#upload-submit').disabled = this.busy || short;
+    if (short) {
+      const item = document.createElement('li');
+      item.className = 'form-error';
+      item.dataset.role = 'short';
+      item.textContent = t('upload.short', { n: total, balance });
+      list.append(item);
     }
   }
 
@@ -213,10 +347,15 @@ export class UploadForm {
   }
 
   addFiles(fileList) {
-    this.q('#quote-list').replaceChildren();
-    for (const file of fileList) this.files.push({ file, key: newKey() });
     this.clearMessages();
+    // A file this type cannot take, or too large, is refused here: nothing is uploaded.
+    for (const file of fileList) {
+      const problem = this.localProblem(file);
+      if (problem) this.showError(t('upload.fileError', { name: file.name, message: problem }));
+      else this.files.push({ file, key: newKey(), quote: null });
+    }
     this.renderFiles();
+    this.quoteSoon();
   }
 
   renderFiles() {
@@ -235,6 +374,7 @@ export class UploadForm {
       remove.addEventListener('click', () => {
         this.files = this.files.filter((other) => other !== entry);
         this.renderFiles();
+        this.renderQuotes();
         this.q('#file-input').focus();
       });
       item.append(name, remove);
@@ -270,6 +410,11 @@ export class UploadForm {
       return;
     }
     if (!this.form.reportValidity()) return;
+    const refused = this.files.map((entry) => [entry, this.localProblem(entry.file)]).filter(([, problem]) => problem);
+    for (const [entry, problem] of refused) this.showError(t('upload.fileError', { name: entry.file.name, message: problem }));
+    if (refused.length) return;
+    clearTimeout(this.quoteTimer);
+    this.quoteRound += 1; // answers of a quote still under way no longer matter
     if (!this.submitted) this.onFirstSubmit();
     this.submitted = true;
     this.busy = true;
@@ -285,17 +430,17 @@ export class UploadForm {
         try {
           const { task, quote } = await api.createTask(entry.file, type, params, entry.key);
           const fromMemory = quote?.fromMemory ?? 0;
+          const no = task.userTaskNo ?? task.taskId;
           done.push(fromMemory
-            ? t('upload.createdMemory', { id: task.taskId, name: task.fileName, cost: task.creditsCost,
-              n: fromMemory, total: quote.segments })
-            : t('upload.created', { id: task.taskId, name: task.fileName, cost: task.creditsCost }));
+            ? t('upload.createdMemory', { id: no, name: task.fileName, cost: task.creditsCost,
+              n: fromMemory, total: quote.segments, count: task.creditsCost })
+            : t('upload.created', { id: no, name: task.fileName, cost: task.creditsCost, count: task.creditsCost }));
           this.onCreated(task);
         } catch (error) {
           // The same key again: if the answer was lost after the server made the
           // task, a second try must not make (and charge) another one.
           kept.push(entry);
-          const message = error.code && has(`error.${error.code}`) ? t(`error.${error.code}`) : error.message;
-          this.showError(t('upload.fileError', { name: entry.file.name, message }));
+          this.showError(t('upload.fileError', { name: entry.file.name, message: errorText(error) }));
         }
       }
     } finally {
@@ -303,29 +448,27 @@ export class UploadForm {
       button.disabled = false;
     }
     this.files = kept;
-    this.q('#quote-list').replaceChildren();
+    for (const entry of kept) entry.quote = null;
     this.renderFiles();
+    this.renderQuotes();
     this.q('#upload-status').textContent = done.join(' ');
   }
 }
 
-function quoteText(name, quote) {
-  if (quote.fromMemory) {
-    return t('upload.quotedMemory', { name, cost: quote.credits, n: quote.fromMemory, total: quote.segments });
-  }
-  return t('upload.quoted', { name, cost: quote.credits });
+// "report.docx: 1,234 characters, 2 credits (3 segments from memory), balance after: 998"
+function quoteText(name, quote, after) {
+  const number = (n) => (typeof n === 'number' ? n.toLocaleString() : '?');
+  const vars = { name, chars: number(quote.characters), cost: quote.credits, count: quote.credits,
+    n: quote.fromMemory, total: quote.segments, after };
+  let text = t('upload.quoted', vars);
+  if (quote.fromMemory) text += t('upload.quotedMemory', { ...vars, count: quote.fromMemory });
+  if (quote.language && quote.language !== 'unknown') text += t('upload.detected', { lang: langName(quote.language) });
+  if (after !== null) text += t('upload.balanceAfter', { after });
+  return text;
 }
 
 function formatSize(bytes) {
   if (bytes < 1024) return `${bytes} B`;
   if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
   return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
-}
-
-/** The `<datalist>` of common language codes for the language inputs. */
-export function langDatalist() {
-  const list = document.createElement('datalist');
-  list.id = 'lang-list';
-  for (const code of COMMON_LANGS) list.append(new Option(code, code));
-  return list;
 }

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from fakes import FakeLibreTranslate
 from helpers import add_user, create, form
 
-from zhiyi_server import STORE, clean_file_name, content_disposition
+import engines
+from zhiyi_server import (
+    CONFIG,
+    NOT_SET_UP,
+    STORE,
+    Config,
+    clean_file_name,
+    content_disposition,
+    create_app,
+)
 
 
 def files_under(root: Path) -> list[Path]:
@@ -351,3 +362,68 @@ async def test_uploaded_name_is_cleaned_and_path_is_server_made(idle_client, con
     assert stored[0].parent.name == "original"
     assert stored[0].is_relative_to(config.data_path / "alice")
     json.dumps(body)
+
+
+# ------------------------------------------------ what a page learns about engines
+async def test_task_types_say_languages_default_and_test_engine(make_client,
+                                                                aiohttp_server) -> None:
+    """LibreTranslate's own /languages; the best configured engine is the default; pseudo
+    is marked as the test engine; a request from this machine reads how to enable one."""
+    fake = FakeLibreTranslate()
+    server = await aiohttp_server(fake.app)
+    client = await make_client(libretranslate_url=fake.url(server))
+    headers = await add_user(client)
+    body = await (await client.get("/api/task-types", headers=headers)).json()
+    translate = next(t for t in body["taskTypes"] if t["taskType"] == "translate")
+    found = {e["name"]: e for e in translate["engines"]}
+    assert translate["defaultEngine"] == "libretranslate"
+    assert translate["params"]["engine"]["default"] == "pseudo"  # the API's default stays
+    assert found["libretranslate"]["languages"] == ["de", "en", "fr", "zh"]
+    assert found["pseudo"] == {**found["pseudo"], "test": True, "languages": None}
+    assert not any(e["test"] for name, e in found.items() if name != "pseudo")
+    assert "OPENAI" in found["openai"]["reason"]  # loopback: the administrator's hint
+    assert body["maxUploadMb"] > 0 and body["maxAttempts"] >= 1
+
+
+async def test_without_a_real_engine_pseudo_is_the_default(idle_client) -> None:
+    headers = await add_user(idle_client)
+    body = await (await idle_client.get("/api/task-types", headers=headers)).json()
+    translate = next(t for t in body["taskTypes"] if t["taskType"] == "translate")
+    assert translate["defaultEngine"] == "pseudo"
+
+
+def test_best_engine_first() -> None:
+    assert engines.default_engine(["pseudo", "openai", "libretranslate"]) == "openai"
+    assert engines.default_engine(["pseudo", "deepl", "openai"]) == "deepl"
+    assert engines.default_engine(["pseudo"]) == "pseudo"
+    assert engines.default_engine([]) == "pseudo"
+
+
+async def test_hints_only_for_this_machine(make_client, aiohttp_client) -> None:
+    """A request from another address reads a plain sentence, not how to enable."""
+    address = _own_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    client = await make_client()
+    app = create_app(Config(**{**client.app[CONFIG].__dict__}))
+    remote = await aiohttp_client(app, server_kwargs={"host": "0.0.0.0"})
+    headers = await add_user(remote)
+    url = f"http://{address}:{remote.server.port}/api/task-types"
+    async with remote.session.get(url, headers=headers) as reply:
+        body = await reply.json()
+    translate = next(t for t in body["taskTypes"] if t["taskType"] == "translate")
+    found = {e["name"]: e for e in translate["engines"]}
+    assert found["openai"]["available"] is False
+    assert found["openai"]["reason"] == NOT_SET_UP
+    assert found["pseudo"]["reason"] is None
+
+
+def _own_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), if not loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address

@@ -822,3 +822,4 @@ async def test_cancel_during_backoff_propagates(
 )
 def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
     assert engines._parse_retry_after(header) == seconds
+

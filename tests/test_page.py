@@ -102,8 +102,8 @@ def credits(page: Page) -> int:
 def upload(page: Page, path: Path, *, engine: str = "openai", target: str = "zh") -> None:
     page.set_input_files("#file-input", str(path))
     page.select_option("#task-type", "translate")
-    page.fill("#param-targetLang", target)
     page.select_option("#param-engine", engine)
+    page.select_option("#param-targetLang", target)
     page.click("#upload-submit")
 
 
@@ -207,17 +207,23 @@ def test_cancel_refunds_credits(page: Page, server: ZhiyiServer, tmp_path: Path)
     expect(task).to_have_count(0)
 
 
-def test_api_error_shown_in_place(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
-    """An unsupported file: the server's 415 message appears by the form; nothing charged."""
+def test_unsupported_file_refused_before_upload(page: Page, server: ZhiyiServer,
+                                                tmp_path: Path) -> None:
+    """An unsupported file is refused by the page itself: nothing is sent, nothing charged."""
     log_in(page, server)
+    sent: list[str] = []
+    page.on("request", lambda request: sent.append(request.url)
+            if "api/tasks/" in request.url and request.method == "POST" else None)
     # The form says what it accepts and what each file becomes.
     expect(page.locator("#accepts")).to_contain_text(".pdf → .docx")
     expect(page.locator("#accepts")).to_contain_text(".xlsx")
     exe = tmp_path / "setup.exe"
     exe.write_bytes(b"MZ\x90\x00not a document")
-    upload(page, exe, engine="pseudo")
+    page.set_input_files("#file-input", str(exe))
     errors = page.locator("#upload-errors")
-    expect(errors).to_contain_text("setup.exe: translate does not accept .exe")
+    expect(errors).to_contain_text("setup.exe: Translate does not take .exe files (accepted: .txt")
+    expect(page.locator("#file-list li")).to_have_count(0)
+    assert sent == []
     expect(page.locator("#credits")).to_have_text("Credits: 1000")
     expect(page.locator("#tasks-empty")).to_be_visible()
     shot(page, "10-unsupported-file")
@@ -307,7 +313,7 @@ def test_works_under_a_prefix(page: Page, prefixed_server: ZhiyiServer, tmp_path
     page.on("request", lambda request: requests.append(request.url))
     log_in(page, prefixed_server, base=f"{prefixed_server.url}/zhiyi/")
     page.set_input_files("#file-input", str(slow_document(tmp_path / "p.txt", 5)))
-    page.fill("#param-targetLang", "de")
+    page.select_option("#param-targetLang", "de")
     page.click("#upload-submit")
     task = row(page, "p.txt")
     expect(task).to_have_attribute("data-status", "completed")
@@ -435,11 +441,16 @@ DROP_TWO_FILES = """() => {
 
 
 def test_drop_several_files(page: Page, server: ZhiyiServer) -> None:
-    """Two files dropped at once become two tasks; unavailable engines show why."""
+    """Two files dropped at once become two tasks; unavailable engines say so, without
+    the administrator's hint; the test engine says it makes fake text."""
     log_in(page, server)
     argos = page.locator("#param-engine option[value=argos]")
     expect(argos).to_be_disabled()
-    expect(argos).to_contain_text("unavailable")
+    expect(argos).to_have_text("argos (not set up on this server)")
+    expect(page.locator("#param-engine option[value=pseudo]")).to_have_text(
+        "pseudo — test engine, produces fake text")
+    # The fake OpenAI engine is configured: it is the default, not pseudo.
+    expect(page.locator("#param-engine")).to_have_value("openai")
     expect(page.locator("#param-engine option[value=pseudo]")).to_be_enabled()
     data = page.evaluate_handle(DROP_TWO_FILES)
     page.dispatch_event("#drop-zone", "drop", {"dataTransfer": data})
@@ -477,23 +488,25 @@ def test_quote_shows_memory_hits_and_the_glossary_picker(page: Page, server: Zhi
     log_in(page, server)
     page.set_input_files("#file-input", str(doc))
     page.select_option("#task-type", "translate")
-    page.fill("#param-targetLang", "zh")
-    page.fill("#param-sourceLang", "en")
     page.select_option("#param-engine", "pseudo")
+    page.select_option("#param-targetLang", "zh")
+    page.select_option("#param-sourceLang", "en")
     expect(page.locator("#param-glossary option")).to_have_text(
-        ["(no glossary)", "animals (en → zh, 1 terms)"])
+        ["(no glossary)", "animals (en → zh, 1 term)"])
     page.click("#upload-quote")
     quoted = page.locator("#quote-list li")
-    expect(quoted).to_have_text("memo.txt: 0 credits; 12 of 12 segments from your translation "
-                                "memory are not sent or charged")
+    balance = credits(page)
+    expect(quoted).to_have_text(re.compile(
+        r"memo\.txt: [\d,]+ characters, 0 credits \(12 segments from memory\); "
+        rf"language: English, balance after: {balance}$"))
     shot(page, "memory-quote")
-    # With the glossary the memory does not apply (its translations are remembered apart).
+    # With the glossary the memory does not apply (its translations are remembered apart):
+    # the form quotes again by itself.
     page.select_option("#param-glossary", "animals")
-    expect(quoted).to_have_count(0)
-    page.click("#upload-quote")
     expect(quoted).to_have_attribute("data-from-memory", "0")
     page.click("#upload-submit")
-    expect(page.locator("#upload-status")).to_contain_text("credits")
+    expect(page.locator("#upload-status")).to_contain_text(
+        "Task #2 created for memo.txt: 1 credit.")
     task = row(page, "memo.txt").first
     expect(task).to_have_attribute("data-status", "completed")
     task_id = int(task.get_attribute("data-task-id") or 0)
@@ -755,3 +768,39 @@ def test_phone_shows_the_list_first(browser: Browser, server: ZhiyiServer, tmp_p
         shot(page, f"25-phone-form-{lang}")
     finally:
         context.close()
+
+
+def test_quote_before_start_and_start_disabled_past_the_balance(page: Page, server: ZhiyiServer,
+                                                                tmp_path: Path) -> None:
+    """Choosing a file quotes it (characters, credits, balance after); past the balance
+    Start is disabled and says why. The form remembers its choices after a reload."""
+    store_grant(server, -995)  # 5 credits left
+    log_in(page, server)
+    expect(page.locator("#credits")).to_have_text("Credits: 5")
+    page.select_option("#param-engine", "pseudo")
+    page.select_option("#param-targetLang", "ja")
+    expect(page.locator("#param-targetLang option:checked")).to_have_text("Japanese (ja)")
+    small = tmp_path / "small.txt"
+    small.write_text("Hello there. " * 10)
+    page.set_input_files("#file-input", str(small))
+    quoted = page.locator("#quote-list li")
+    expect(quoted).to_have_text(re.compile(
+        r"^small\.txt: 1\d\d characters, 1 credit(; language: \w+)?, balance after: 4$"))
+    expect(page.locator("#upload-submit")).to_be_enabled()
+    page.locator("#file-list button").click()
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 2000)  # 10,000 characters: 10 credits
+    page.set_input_files("#file-input", str(big))
+    expect(quoted.last).to_have_text("Not enough credits: 10 needed, your balance is 5.")
+    expect(page.locator("#upload-submit")).to_be_disabled()
+    shot(page, "26-quote-past-the-balance")
+    # A grant pushed by the server enables Start without a reload.
+    store_grant(server, 10)
+    expect(page.locator("#upload-submit")).to_be_enabled()
+    expect(quoted).to_contain_text("balance after: 5")
+    # The form remembers the engine and the languages.
+    page.reload()
+    expect(page.locator("#param-engine")).to_have_value("pseudo")
+    expect(page.locator("#param-targetLang")).to_have_value("ja")
+    page.click("#lang-switch")
+    expect(page.locator("#param-targetLang option:checked")).to_have_text("日语 (ja)")
