@@ -8,7 +8,6 @@ client session start and stop in ``cleanup_ctx``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -20,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import sys
 import unicodedata
 import uuid
@@ -42,7 +40,6 @@ import zhiyi_modules
 
 zhiyi_modules.refuse_shadowed_modules()  # before the sibling imports below, which it checks
 
-import backup
 import engines
 import formats
 import messages
@@ -81,13 +78,11 @@ from sse import (
     stream_events,
 )
 from storage import (
-    AmbiguousTokenPrefix,
     Credential,
     FilesExpired,
     InsufficientCredits,
     InvalidTransition,
     NewTask,
-    SQLiteTooOld,
     StorageQuotaExceeded,
     StoreError,
     StoreFull,
@@ -97,10 +92,6 @@ from storage import (
     TaskStatus,
     TaskStore,
     TooManyActiveTasks,
-    UserExists,
-    UserNotFound,
-    check_sqlite_version,
-    isoformat,
     parse_time,
     utcnow,
 )
@@ -229,7 +220,7 @@ class Config:
     # setting() returns a dataclasses.field (ruff cannot tell)
     data_path: Path = setting(  # noqa: RUF009
         "DATA_STORAGE_PATH", Path("./data"), "documents, results, and the database",
-        flag="--data")
+        flag="--data", shown_default="./data")
     db_path: Path | None = setting(  # noqa: RUF009
         "ZHIYI_DB", None, "the SQLite file", shown_default="`$DATA_STORAGE_PATH/zhiyi.db`")
     host: str = setting("ZHIYI_HOST", "127.0.0.1", "where `zhiyi serve` listens",
@@ -266,8 +257,8 @@ class Config:
         "PARSE_WORKERS", 4, "documents read at once (parser processes; the pool size)",
         minimum=1)
     max_parses_per_user: int = setting(
-        "MAX_PARSES_PER_USER", 2, "of those, at most this many for one user; more wait, and an "
-        "upload that would wait behind as many others is 429 `too_many_parses`", minimum=1)
+        "MAX_PARSES_PER_USER", 2, "of those, at most this many for one user; the user's other "
+        "documents wait their turn", minimum=1)
     parse_memory_mb: int = setting(
         "PARSE_MEMORY_MB", 512, "memory one document's parser may allocate (`RLIMIT_AS` over "
         "its ~45 MB start)", minimum=16)
@@ -2209,360 +2200,15 @@ def _add_routes(app: web.Application) -> None:
 
 # ------------------------------------------------------------------------ CLI
 class CliError(Exception):
-    """A failure reported as one line on stderr with exit status 1."""
-
-
-async def _with_store(config: Config, action: Callable[[TaskStore], Awaitable[Any]]) -> Any:
-    store = await TaskStore.open(config.database)
-    try:
-        return await action(store)
-    finally:
-        await store.close()
-
-
-DATA_FOLDER_MARK = ".zhiyi-data-id"
-
-
-async def _mark_data_folder(config: Config, *, create: bool) -> None:
-    """The server writes the database's id into its data folder; a worker checks it.
-
-    A worker on another host whose ``DATA_STORAGE_PATH`` is not the shared folder
-    would fail every task on missing files: it refuses to start instead.
-    """
-    expected = await _with_store(config, lambda store: store.data_folder_id())
-    mark = config.data_path / DATA_FOLDER_MARK
-    found = mark.read_text().strip() if mark.is_file() else None
-    if found is None and create:
-        mark.write_text(expected + "\n")
-        return
-    if found != expected:
-        raise CliError(f"{config.data_path} is not the data folder of this database "
-                       f"({DATA_FOLDER_MARK} is {'missing' if found is None else 'different'});"
-                       " every process needs the same DATA_STORAGE_PATH (a shared folder across "
-                       "hosts)")
-
-
-async def _user_add(store: TaskStore, name: str, credits: int) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
-        raise CliError("user names are 1-64 letters, digits, '_', '.', '@' or '-'")
-    try:
-        await store.add_user(name, credits)
-    except UserExists as e:
-        raise CliError(f"user {name!r} already exists") from e
-    return await store.issue_token(name)
-
-
-async def _user_token(store: TaskStore, name: str, rotate: bool = False) -> str:
-    try:
-        return await store.issue_token(name, rotate=rotate)
-    except UserNotFound as e:
-        raise CliError(f"no user named {name!r}") from e
-
-
-MIN_TOKEN_PREFIX = 6
-
-
-async def _user_revoke(store: TaskStore, name: str, prefix: str | None) -> str:
-    if prefix is not None and len(prefix) < MIN_TOKEN_PREFIX:
-        raise CliError(f"give at least {MIN_TOKEN_PREFIX} characters of the token to revoke")
-    try:
-        count = await store.revoke_tokens(name, prefix)
-    except UserNotFound as e:
-        raise CliError(f"no user named {name!r}") from e
-    except AmbiguousTokenPrefix as e:
-        raise CliError(f"{e.matches} tokens of {name} start with {prefix!r}; "
-                       "give more characters") from e
-    if prefix is not None and count == 0:
-        raise CliError(f"no token of {name} starts with {prefix!r}")
-    return f"revoked {count} token(s) and session(s) of {name}"
-
-
-async def _user_tokens(store: TaskStore, name: str) -> str:
-    try:
-        tokens = await store.list_tokens(name)
-    except UserNotFound as e:
-        raise CliError(f"no user named {name!r}") from e
-    now = isoformat(store.now())
-    lines = ["prefix\tkind\tcreated\tlast used\texpires"]
-    for t in tokens:
-        expires = t.expires_at or "never"
-        if t.expires_at is not None and t.expires_at <= now:
-            expires += " (expired)"
-        lines.append(f"{t.token_prefix or '(older token)'}\t{t.kind}\t{t.created_at}\t"
-                     f"{t.last_used_at or '-'}\t{expires}")
-    return "\n".join(lines)
-
-
-async def _user_disable(store: TaskStore, name: str, disabled: bool) -> str:
-    try:
-        await store.set_user_disabled(name, disabled)
-    except UserNotFound as e:
-        raise CliError(f"no user named {name!r}") from e
-    if disabled:
-        return f"disabled {name}: no token or session of theirs works until `zhiyi user enable`"
-    return f"enabled {name}"
-
-
-async def _user_credit(store: TaskStore, name: str, amount: int) -> int:
-    try:
-        return await store.grant_credits(name, amount)
-    except UserNotFound as e:
-        raise CliError(f"no user named {name!r}") from e
-    except InsufficientCredits as e:
-        raise CliError(f"{name} has only {e.balance} credits") from e
-
-
-async def _local_login_token(config: Config) -> str | None:
-    """For a loopback server: make the local user if there are no users; its token."""
-
-    async def action(store: TaskStore) -> str | None:
-        users = await store.list_users()
-        if not users:
-            await store.add_user(LOCAL_USER, config.starter_credits)
-            logger.info("created the local user %r with %d credits",
-                        LOCAL_USER, config.starter_credits)
-        elif all(u.id != LOCAL_USER for u in users):
-            return None
-        token_file = config.data_path / LOCAL_TOKEN_FILE
-        if token_file.exists():
-            token = token_file.read_text().strip()
-            if await store.user_for_token(token) == LOCAL_USER:
-                return token
-        token = await store.issue_token(LOCAL_USER)
-        token_file.write_text(token + "\n")
-        token_file.chmod(0o600)
-        return token
-
-    return await _with_store(config, action)
-
-
-def _serve_command(args: argparse.Namespace) -> int:
-    config = Config.from_env(host=args.host, port=args.port,
-                             data_path=Path(args.data) if args.data else None,
-                             worker_processes=args.workers)
-    make_private_dirs(config.data_path)
-    if config.data_path.stat().st_mode & 0o077:
-        logger.warning("%s can be read by other users of this machine; "
-                       "`chmod 700` it to keep documents private", config.data_path)
-    processes = config.worker_process_count
-    if processes:
-        config = dataclasses.replace(config, run_workers=False)
-    asyncio.run(_mark_data_folder(config, create=True))
-    token = None
-    if config.host in LOOPBACK_HOSTS:
-        token = asyncio.run(_local_login_token(config))
-    host_for_url = f"[{config.host}]" if ":" in config.host else config.host
-    url = f"http://{host_for_url}:{config.port}/"
-    login = f"{url}?token={token}" if token else url
-
-    def announce(_: str) -> None:
-        print(f"Zhiyi is running. Open {login}", flush=True)
-        if token is None:
-            print(f"Log in with a token from `zhiyi user token NAME --data {config.data_path}` "
-                  "(new users: `zhiyi user add NAME --credits N`).", flush=True)
-        print(f"Data: {config.data_path.resolve()}  (Ctrl-C to stop)", flush=True)
-
-    app = create_app(config)
-    if processes:
-        app.cleanup_ctx.append(_worker_processes_ctx(processes, config))
-    try:
-        web.run_app(app, host=config.host, port=config.port, print=announce,
-                    access_log=None, shutdown_timeout=5)
-    except OSError as e:
-        raise CliError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from e
-    return 0
-
-
-def _worker_command(args: argparse.Namespace) -> int:
-    config = Config.from_env(data_path=Path(args.data) if args.data else None)
-    if not config.data_path.is_dir():
-        raise CliError(f"the data folder {config.data_path} does not exist here; a worker "
-                       "needs the server's DATA_STORAGE_PATH (a shared folder across hosts)")
-    asyncio.run(_mark_data_folder(config, create=False))
-    # Started by ``zhiyi serve``: tell it on stdout when the workers run.
-    ready = (lambda: print("READY", flush=True)) if args.parent_pid is not None else None
-    asyncio.run(run_worker_app(create_worker_app(config), parent_pid=args.parent_pid,
-                               on_ready=ready))
-    return 0
-
-
-def _user_command(args: argparse.Namespace) -> int:
-    config = Config.from_env(data_path=Path(args.data) if args.data else None)
-    if args.user_command == "add":
-        token = asyncio.run(_with_store(config, lambda s: _user_add(s, args.name, args.credits)))
-        print(f"created user {args.name} with {args.credits} credits; API token:")
-        print(token)
-        return 0
-    check_sqlite_version()
-    if not config.database.exists():
-        # Only `user add` may start a new database; the others would make an empty one.
-        raise CliError(f"no Zhiyi database in {config.database.parent} "
-                       f"(looked for {config.database.name}); check --data or "
-                       "DATA_STORAGE_PATH, or create a user with `zhiyi user add`")
-    if args.user_command == "token":
-        print(asyncio.run(_with_store(
-            config, lambda s: _user_token(s, args.name, rotate=args.rotate))))
-    elif args.user_command == "credit":
-        balance = asyncio.run(_with_store(
-            config, lambda s: _user_credit(s, args.name, args.amount)))
-        print(f"{args.name}: {balance} credits")
-    elif args.user_command == "tokens":
-        print(asyncio.run(_with_store(config, lambda s: _user_tokens(s, args.name))))
-    elif args.user_command == "revoke":
-        print(asyncio.run(_with_store(config, lambda s: _user_revoke(s, args.name, args.token))))
-    elif args.user_command in ("disable", "enable"):
-        print(asyncio.run(_with_store(
-            config, lambda s: _user_disable(s, args.name, args.user_command == "disable"))))
-    else:
-        users = asyncio.run(_with_store(config, lambda s: s.list_users()))
-        for user in users:
-            print(f"{user.id}\t{user.credits}" + ("\tdisabled" if user.disabled_at else ""))
-    return 0
-
-
-def _backup_command(args: argparse.Namespace) -> int:
-    config = Config.from_env(data_path=Path(args.data) if args.data else None)
-    database = None if args.files_only else config.database
-    try:
-        report = backup.backup(config.data_path, database, Path(args.dest))
-    except (backup.BackupError, OSError, sqlite3.Error) as e:
-        raise CliError(f"backup failed: {e}") from e
-    print(f"backed up {report.tasks} tasks ({report.task_folders} folders, "
-          f"{report.bytes / 1e6:.1f} MB) to {args.dest}")
-    if report.missing:
-        print(f"{len(report.missing)} task(s) were removed while the backup ran "
-              "and are kept without their files")
-    return 0
-
-
-def _restore_command(args: argparse.Namespace) -> int:
-    config = Config.from_env(data_path=Path(args.data) if args.data else None)
-    try:
-        report = backup.restore(Path(args.src), config.data_path, config.database)
-    except (backup.BackupError, OSError, sqlite3.Error) as e:
-        raise CliError(f"restore failed: {e}") from e
-    print(f"restored {report.tasks} tasks into {config.data_path}; {report.requeued} "
-          "unfinished task(s) resume when the server starts (zhiyi serve)")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zhiyi", description="Zhiyi document server")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
-    serve.add_argument("--workers", type=int, default=None,
-                       help="worker processes to start beside the server (ZHIYI_WORKERS; "
-                            "0: workers run in the server process; default: one per core)")
-    worker = commands.add_parser("worker", help="run workers only (no HTTP), on the same data")
-    worker.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
-    worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    user = commands.add_parser("user", help="manage users")
-    user_commands = user.add_subparsers(dest="user_command", required=True)
-    add = user_commands.add_parser("add", help="create a user and print a token")
-    add.add_argument("name")
-    add.add_argument("--credits", type=int, default=0)
-    token = user_commands.add_parser("token", help="issue another token")
-    token.add_argument("name")
-    token.add_argument("--rotate", action="store_true",
-                       help="revoke every other token and session of the user")
-    credit = user_commands.add_parser("credit", help="grant or take credits")
-    credit.add_argument("name")
-    credit.add_argument("amount", type=int)
-    revoke = user_commands.add_parser(
-        "revoke", help="revoke the user's tokens and sessions (all, or one with --token)")
-    revoke.add_argument("name")
-    revoke.add_argument("--token", metavar="PREFIX", default=None,
-                        help="the first characters (at least 6) of the one token to revoke")
-    tokens = user_commands.add_parser(
-        "tokens", help="the user's tokens and sessions: first characters, kind, dates")
-    tokens.add_argument("name")
-    disable = user_commands.add_parser("disable", help="no token of the user works until enabled")
-    disable.add_argument("name")
-    enable = user_commands.add_parser("enable", help="undo `user disable`")
-    enable.add_argument("name")
-    user_commands.add_parser("list", help="users and balances")
-    for sub in user_commands.choices.values():
-        sub.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
-    save = commands.add_parser("backup", help="copy the database and documents to DEST "
-                               "(safe while the server runs)")
-    save.add_argument("dest", help="a new or empty folder")
-    save.add_argument("--files-only", action="store_true",
-                      help="documents only (PostgreSQL: back the database up with pg_dump)")
-    load = commands.add_parser("restore", help="put a backup into a new data folder")
-    load.add_argument("src", help="a folder made by zhiyi backup")
-    for sub in (save, load):
-        sub.add_argument("--data", default=None, help="data directory (DATA_STORAGE_PATH)")
-    engine = commands.add_parser("engine", help="manage translation engines")
-    engine_commands = engine.add_subparsers(dest="engine_command", required=True)
-    install = engine_commands.add_parser(
-        "install", help="install an offline model: zhiyi engine install argos FROM TO")
-    install.add_argument("engine", choices=["argos"])
-    install.add_argument("source", metavar="FROM", help="source language code, e.g. en")
-    install.add_argument("target", metavar="TO", help="target language code, e.g. de")
-    install.add_argument("--file", default=None, metavar="MODEL",
-                         help="an .argosmodel file (else argostranslate's package index)")
-    _add_client_commands(commands)
-    return parser
-
-
-def _engine_command(args: argparse.Namespace) -> int:
-    """``zhiyi engine install argos FROM TO [--file MODEL]``."""
-    try:
-        print(engines.install_argos(args.source.strip().lower(), args.target.strip().lower(),
-                                    Path(args.file) if args.file else None))
-    except engines.EngineError as e:
-        raise CliError(str(e)) from e
-    return 0
-
-
-def _add_client_commands(commands: Any) -> None:
-    # before the import: this ImportError must not be swallowed below
-    zhiyi_modules.refuse_shadowed_modules("client")
-    try:
-        import client
-    except ImportError:  # pragma: no cover - the client layer ships with the server
-        return
-    add_commands = getattr(client, "add_cli_commands", None)
-    if add_commands is not None:
-        add_commands(commands)
-
-
-#: commands that create server data (the client commands are not among them)
-SERVER_COMMANDS = frozenset({"serve", "worker", "backup", "restore"})
+    """A failure the ``zhiyi`` command (cli.py) reports as one line on stderr, exit status 1."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``zhiyi`` command."""
-    logging.basicConfig(level=os.environ.get("ZHIYI_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command in SERVER_COMMANDS:
-            # Everything the server creates (uploads, results, also what a processor
-            # writes) is its own user's only: folders 0700, files 0600. The database is
-            # made 0600 by the store itself; client commands keep the user's umask.
-            os.umask(0o077)
-        if args.command == "serve":
-            return _serve_command(args)
-        if args.command == "user":
-            return _user_command(args)
-        if args.command == "backup":
-            return _backup_command(args)
-        if args.command == "restore":
-            return _restore_command(args)
-        if args.command == "worker":
-            return _worker_command(args)
-        if args.command == "engine":
-            return _engine_command(args)
-        return int(args.run(args) or 0)
-    except (CliError, ConfigError, SQLiteTooOld) as e:
-        print(f"zhiyi: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    """The ``zhiyi`` command, which lives in cli.py (``python -m zhiyi_server`` runs it)."""
+    zhiyi_modules.refuse_shadowed_modules("cli")  # a generic name: make sure it is ours
+    import cli  # cli imports this module: imported here, when the command runs
+
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -290,6 +290,32 @@ def test_bad_usage_exits_2_and_failures_1(server: ZhiyiServer, tmp_path: Path,
     assert len(down.stderr.splitlines()) == 1
 
 
+def test_errors_name_the_next_step(server: ZhiyiServer, tmp_path: Path,
+                                   workdir: Path) -> None:
+    doc = slow_document(workdir / "d.txt", 3)
+    env = cli_env(tmp_path, server)
+    made = zhiyi("user", "add", "poor", "--data", str(server.data_dir), cwd=workdir, env=env)
+    assert made.returncode == 0, made.stderr
+    assert "give some with `zhiyi user credit poor N`" in made.stderr
+    poor = {**env, "ZHIYI_TOKEN": made.stdout.strip().splitlines()[-1]}
+    broke = zhiyi(*translate_args(doc), cwd=workdir, env=poor)
+    assert broke.returncode == 1
+    assert broke.stderr.startswith("zhiyi: This needs ")
+    assert broke.stderr.rstrip().endswith(
+        "To get more, ask the server's administrator to run "
+        "'zhiyi user credit NAME AMOUNT' on the server.")
+    bare = server.url.removeprefix("http://")
+    no_scheme = zhiyi("tasks", "--server", bare, cwd=workdir, env=env)
+    assert no_scheme.returncode == 2
+    assert (f"--server must start with http:// or https://, e.g. {server.url} "
+            f"(not {bare!r})") in no_scheme.stderr
+    from_env = zhiyi("tasks", cwd=workdir, env={**env, "ZHIYI_SERVER": bare})
+    assert from_env.returncode == 2 and "ZHIYI_SERVER must start with http://" in from_env.stderr
+    down = zhiyi("tasks", "--server", "http://127.0.0.1:9", cwd=workdir, env=env)
+    assert down.returncode == 1
+    assert "is `zhiyi serve` running there?" in down.stderr
+
+
 def test_settings_precedence(tmp_path: Path) -> None:
     env = {"XDG_CONFIG_HOME": str(tmp_path)}
     assert resolve_settings(None, None, env).server == "http://127.0.0.1:8080"

@@ -72,3 +72,78 @@ def test_errors_name_the_variable(env: str, raw: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Config.from_env({env: raw})
     assert str(caught.value) == message
+
+
+# ------------------------------------------------------------ the docs and --help
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_settings_table_is_the_generated_one() -> None:
+    import cli
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    _, start, rest = readme.partition(cli.README_TABLE_START)
+    table, end, _ = rest.partition(cli.README_TABLE_END)
+    assert start and end, "README.md lost its settings table markers"
+    assert table.strip() == cli.settings_markdown().strip(), (
+        "README.md's settings table differs from Config's: run "
+        "`zhiyi config --readme README.md`")
+
+
+def test_the_table_names_every_setting_once_with_its_default() -> None:
+    import cli
+
+    rows = cli.settings_markdown().splitlines()[2:]
+    assert [r.split(" | ")[0].strip("| `") for r in rows] == list(DEFAULTS)
+    port = next(r for r in rows if r.startswith("| `ZHIYI_PORT`"))
+    assert "`--port`" in port and "`8080`" in port and "whole number ≥ 0" in port
+
+
+def test_readme_regeneration_replaces_only_the_table(tmp_path: Path) -> None:
+    import cli
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{cli.README_TABLE_START}\n| stale |\n{cli.README_TABLE_END}\nend\n")
+    assert cli.main(["config", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| stale |" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert cli.settings_markdown() in text
+    readme.write_text("no markers\n")
+    assert cli.main(["config", "--readme", str(readme)]) == 1
+    assert readme.read_text() == "no markers\n"
+
+
+def test_serve_help_shows_every_setting_and_its_flags(
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cli
+
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps help to the terminal's width
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    shown = capsys.readouterr().out
+    for env in by_env():
+        assert f"  {env} = " in shown, env
+    assert "--port PORT" in shown and "(ZHIYI_PORT; default 8080)" in shown
+    assert "--workers WORKERS" in shown
+
+
+def test_a_bad_flag_value_names_the_flag(capsys: pytest.CaptureFixture) -> None:
+    import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["serve", "--port", "-1"])
+    assert done.value.code == 2
+    assert "--port must be at least 0, not -1" in capsys.readouterr().err
+
+
+def test_config_shows_the_values_in_use_without_secrets(
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cli
+
+    monkeypatch.setenv("DEEPL_API_KEY", "sekrit:fx")
+    monkeypatch.setenv("ZHIYI_PORT", "9123")
+    assert cli.main(["config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "ZHIYI_PORT=9123" in lines and "DEEPL_API_KEY=(set)" in lines
+    assert "WEBHOOK_SECRET=" in lines  # unset: empty
+    assert not any("sekrit" in line for line in lines)
