@@ -69,8 +69,8 @@ STAGES: tuple[str, ...] = (
 #: where it makes the notice) and the parameters each carries in ``params``.
 NOTIFICATIONS: dict[str, tuple[str, ...]] = {
     "credits_granted": ("amount",),
-    "credits_charged": ("amount", "taskId"),
-    "credits_refunded": ("amount", "taskId"),
+    "credits_charged": ("amount", "taskId", "taskNo"),
+    "credits_refunded": ("amount", "taskId", "taskNo"),
 }
 
 #: The code of a text the catalog does not know; its parameter ``text`` is the text.

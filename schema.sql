@@ -7,7 +7,8 @@ CREATE TABLE IF NOT EXISTS users (
     id          TEXT PRIMARY KEY,              -- the user name, e.g. "alice"
     credits     INTEGER NOT NULL DEFAULT 0 CHECK (credits >= 0),
     created_at  TEXT NOT NULL,
-    disabled_at TEXT                           -- set by `zhiyi user disable`: no token works
+    disabled_at TEXT,                          -- set by `zhiyi user disable`: no token works
+    tasks_made  INTEGER NOT NULL DEFAULT 0     -- tasks ever created: the next one's user_task_no
 );
 
 -- API tokens and browser sessions; only a SHA-256 of the secret is stored.
@@ -58,6 +59,8 @@ CREATE TABLE IF NOT EXISTS processing_tasks (
     updated_at         TEXT NOT NULL,
     started_at         TEXT,
     completed_at       TEXT,
+    -- the task's number among its user's tasks (1, 2, 3...; never reused after a delete)
+    user_task_no       INTEGER,
     UNIQUE (user_id, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS idx_tasks_user ON processing_tasks (user_id, id);

@@ -114,6 +114,15 @@ MIGRATIONS: dict[int, str] = {
             WHERE kind = 'session';
         ALTER TABLE processing_tasks ADD COLUMN result_size INTEGER NOT NULL DEFAULT 0;
     """,
+    6: """
+        ALTER TABLE users ADD COLUMN tasks_made INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE processing_tasks ADD COLUMN user_task_no INTEGER;
+        UPDATE processing_tasks SET user_task_no = (
+            SELECT COUNT(*) FROM processing_tasks AS earlier
+            WHERE earlier.user_id = processing_tasks.user_id AND earlier.id <= processing_tasks.id);
+        UPDATE users SET tasks_made = (
+            SELECT COALESCE(MAX(user_task_no), 0) FROM processing_tasks WHERE user_id = users.id);
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -256,6 +265,8 @@ class User:
     credits: int
     created_at: str
     disabled_at: str | None = None
+    #: tasks this user ever created (the next task's ``user_task_no`` is one more)
+    tasks_made: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +326,8 @@ class Task:
     started_at: str | None
     completed_at: str | None
     result_size: int = 0
+    #: the task's number among its user's tasks, for people (the id stays the API's)
+    user_task_no: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Task:
@@ -1254,15 +1267,19 @@ class TaskStore:
             _check_active_limit(txn.db, new.user_id, new.max_active)
             if new.max_storage:
                 _check_storage(txn.db, new.user_id, new.file_size, new.max_storage)
+            # A counter on the user, not MAX()+1: numbers of deleted tasks are not reused.
+            txn.db.execute("UPDATE users SET tasks_made = tasks_made + 1 WHERE id = ?",
+                           (new.user_id,))
+            number = _scalar(txn.db, "SELECT tasks_made FROM users WHERE id = ?", (new.user_id,))
             try:
                 cursor = txn.db.execute(
                     """INSERT INTO processing_tasks (user_id, task_type, params, file_name,
                        file_size, file_path, credits_cost, credits_held, idempotency_key,
-                       created_at, updated_at, status_message)
-                       VALUES (?,?,?,?,?,?,?,?,?,?,?, 'waiting for a worker')""",
+                       created_at, updated_at, status_message, user_task_no)
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?, 'waiting for a worker', ?)""",
                     (new.user_id, new.task_type, json.dumps(new.params), new.file_name,
                      new.file_size, new.file_path, new.credits_cost, new.credits_cost,
-                     new.idempotency_key, txn.now, txn.now),
+                     new.idempotency_key, txn.now, txn.now, number),
                 )
             except sqlite3.IntegrityError as e:
                 if new.idempotency_key and "idempotency_key" in str(e):
@@ -2046,7 +2063,13 @@ def _charge(txn: _Txn, user_id: str, cost: int, task_id: int) -> None:
     if cost:
         balance = _move_credits(txn, user_id, -cost, "charge", task_id)
         _credits_notice(txn, user_id, balance, f"{cost} credits charged for task {task_id}",
-                        "credits_charged", {"amount": cost, "taskId": task_id})
+                        "credits_charged", {"amount": cost, "taskId": task_id,
+                                            "taskNo": _task_no(txn, task_id)})
+
+
+def _task_no(txn: _Txn, task_id: int) -> int | None:
+    """The task's number among its user's tasks (what a page shows as "#N")."""
+    return _scalar(txn.db, "SELECT user_task_no FROM processing_tasks WHERE id = ?", (task_id,))
 
 
 def _credits_notice(txn: _Txn, user_id: str, balance: int, message: str,
@@ -2072,7 +2095,8 @@ def _refund(txn: _Txn, task_id: int) -> None:
         balance = _move_credits(txn, row["user_id"], row["credits_held"], "refund", task_id)
         _credits_notice(txn, row["user_id"], balance,
                         f"{row['credits_held']} credits refunded for task {task_id}",
-                        "credits_refunded", {"amount": row["credits_held"], "taskId": task_id})
+                        "credits_refunded", {"amount": row["credits_held"], "taskId": task_id,
+                                             "taskNo": _task_no(txn, task_id)})
 
 
 def _cancel(txn: _Txn, task_id: int) -> None:

@@ -1190,6 +1190,7 @@ def task_json(request: web.Request, task: Task) -> dict[str, Any]:
         "expired": task.files_expired,
         "createdAt": task.created_at, "updatedAt": task.updated_at,
         "completedAt": task.completed_at,
+        "userTaskNo": task.user_task_no,
         "stageCode": task.stage, **messages.message_fields(task.status_message),
         **messages.error_fields(task.error_message),
     }

@@ -377,7 +377,8 @@ export function say(code, params = {}, fallback = '') {
 /** A notification event's text in the page's language (its `code`), or its message. */
 export function sayNotice(data) {
   if (!data.code || !has(`notify.${data.code}`)) return data.message;
-  const params = { ...data.params };
+  // "task #N" is the user's own number of the task (taskNo), as its row shows.
+  const params = { ...data.params, taskId: data.params?.taskNo ?? data.params?.taskId };
   if (data.code === 'credits_granted' && params.amount > 0) params.amount = `+${params.amount}`;
   // `+5` is a string: the plural form is chosen from the number.
   return t(`notify.${data.code}`, { ...params, n: data.params?.amount });

@@ -77,7 +77,8 @@ async def test_events_and_tasks_carry_codes(client: TestClient) -> None:
     assert updates[-1]["completedAt"] == done["completedAt"]
     notices = [e.data for e in events if e.type == "notification"]
     assert notices[0]["code"] == "credits_charged"
-    assert notices[0]["params"] == {"amount": done["creditsCost"], "taskId": task_id}
+    assert notices[0]["params"] == {"amount": done["creditsCost"], "taskId": task_id,
+                                    "taskNo": done["userTaskNo"]}
     assert all(n["code"] in messages.NOTIFICATIONS for n in notices)
 
 

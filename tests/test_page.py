@@ -804,3 +804,20 @@ def test_quote_before_start_and_start_disabled_past_the_balance(page: Page, serv
     expect(page.locator("#param-targetLang")).to_have_value("ja")
     page.click("#lang-switch")
     expect(page.locator("#param-targetLang option:checked")).to_have_text("日语 (ja)")
+
+
+def test_task_numbers_are_the_users_own(page: Page, server: ZhiyiServer, tmp_path: Path) -> None:
+    """Another user's tasks do not move this user's numbers; the API keeps global ids."""
+    other = add_user(server.data_dir, "other", 100)
+    doc = tmp_path / "theirs.txt"
+    doc.write_text("Not yours.")
+    for _ in range(3):
+        create_task(server.url, other, doc, params={"targetLang": "fr", "engine": "pseudo"})
+    log_in(page, server)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("Mine.")
+    task = create_task(server.url, server.local_token, mine,
+                       params={"targetLang": "fr", "engine": "pseudo"})
+    assert task["taskId"] == 4 and task["userTaskNo"] == 1
+    expect(row(page, "mine.txt").locator("[data-role=kind]")).to_contain_text("#1 ·")
+    expect(page.locator(".toast").first).to_have_text("1 credit charged for task #1")

@@ -51,10 +51,12 @@ async def test_older_schema_migrates_without_losing_rows(tmp_path: Path) -> None
     with sqlite3.connect(path) as db:
         db.executescript((FIXTURES / "schema_v1.sql").read_text())
         db.execute("INSERT INTO users VALUES ('alice', 4, '2025-01-01T00:00:00.000Z')")
-        db.execute("""INSERT INTO processing_tasks (user_id, task_type, status, file_name,
-                      file_size, file_path, credits_cost, created_at, updated_at)
-                      VALUES ('alice', 'translate', 'completed', 'a.txt', 3, 'alice/x', 1,
-                      '2025-01-01T00:00:00.000Z', '2025-01-01T00:00:00.000Z')""")
+        db.execute("INSERT INTO users VALUES ('bob', 0, '2025-01-01T00:00:00.000Z')")
+        for user in ("alice", "bob", "alice"):
+            db.execute("""INSERT INTO processing_tasks (user_id, task_type, status, file_name,
+                          file_size, file_path, credits_cost, created_at, updated_at)
+                          VALUES (?, 'translate', 'completed', 'a.txt', 3, 'x/x', 1,
+                          '2025-01-01T00:00:00.000Z', '2025-01-01T00:00:00.000Z')""", (user,))
         db.execute("""INSERT INTO credit_ledger (user_id, amount, reason, balance_after,
                       created_at) VALUES ('alice', 4, 'grant', 4, '2025-01-01T00:00:00.000Z')""")
     store = await TaskStore.open(path)
@@ -64,6 +66,12 @@ async def test_older_schema_migrates_without_losing_rows(tmp_path: Path) -> None
         task = await store.get_task_by_id(1, "alice")
         assert task.status is TaskStatus.COMPLETED and task.stage is None
         assert task.checkpoint is None and task.files_expired is False
+        # Version 6: each user's tasks numbered in order; the next one goes on from there.
+        numbers = [(t.user_id, t.user_task_no) for t in
+                   [await store.get_task_by_id(i) for i in (1, 2, 3)]]
+        assert numbers == [("alice", 1), ("bob", 1), ("alice", 2)]
+        made, _ = await store.create_processing_task(new_task("alice", cost=0))
+        assert made.user_task_no == 3
         token = await store.issue_token("alice", kind="session")
         assert await store.user_for_token(token) == "alice"
         assert await store.events_pruned_through() == 0
@@ -334,9 +342,9 @@ async def test_refunds_say_how_much_and_a_free_task_moves_no_credits(store: Task
                if e.type == "notification"]
     assert notices == [
         {"level": "info", "message": f"2 credits charged for task {paid.id}", "credits": 3,
-         "code": "credits_charged", "params": {"amount": 2, "taskId": paid.id}},
+         "code": "credits_charged", "params": {"amount": 2, "taskId": paid.id, "taskNo": 2}},
         {"level": "info", "message": f"2 credits refunded for task {paid.id}", "credits": 5,
-         "code": "credits_refunded", "params": {"amount": 2, "taskId": paid.id}},
+         "code": "credits_refunded", "params": {"amount": 2, "taskId": paid.id, "taskNo": 2}},
     ]
 
 
@@ -476,3 +484,22 @@ async def test_memory_pages_cover_every_entry_once(tmp_path: Path) -> None:
             (Scope("en", "fr", "pseudo"), 7)]
     finally:
         await store.close()
+
+
+async def test_task_numbers_are_per_user_and_never_reused(store: TaskStore) -> None:
+    """``user_task_no`` counts each user's tasks; a deleted task's number is not given
+    again (the counter is on the user, not MAX()+1), and the global id is unchanged."""
+    await store.add_user("alice", 10)
+    await store.add_user("bob", 10)
+    a1, _ = await store.create_processing_task(new_task("alice"))
+    b1, _ = await store.create_processing_task(new_task("bob"))
+    a2, _ = await store.create_processing_task(new_task("alice"))
+    assert [(t.id, t.user_task_no) for t in (a1, b1, a2)] == [(a1.id, 1), (b1.id, 1), (a2.id, 2)]
+    await store.cancel_task(a2.id, "alice")
+    await store.delete_task(a2.id, "alice")
+    a3, _ = await store.create_processing_task(new_task("alice"))
+    assert a3.user_task_no == 3
+    again, created = await store.create_processing_task(new_task("alice", key="k"))
+    repeat, created_again = await store.create_processing_task(new_task("alice", key="k"))
+    assert created and not created_again and repeat.user_task_no == again.user_task_no == 4
+    assert (await store.get_user("alice")).tasks_made == 4
