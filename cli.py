@@ -62,6 +62,7 @@ from zhiyi_server import (
     LOCAL_TOKEN_FILE,
     LOCAL_USER,
     LOOPBACK_HOSTS,
+    USER_NAME,
     CliError,
     Config,
     ConfigError,
@@ -69,6 +70,7 @@ from zhiyi_server import (
     _worker_processes_ctx,
     create_app,
     create_worker_app,
+    engine_statuses,
     parse_setting,
     run_worker_app,
     setting_kind,
@@ -142,11 +144,11 @@ async def _mark_data_folder(config: Config, *, create: bool) -> None:
                        "hosts)")
 
 
-async def _user_add(store: TaskStore, name: str, credits: int) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
+async def _user_add(store: TaskStore, name: str, credits: int, admin: bool = False) -> str:
+    if not USER_NAME.fullmatch(name):
         raise CliError("user names are 1-64 letters, digits, '_', '.', '@' or '-'")
     try:
-        await store.add_user(name, credits)
+        await store.add_user(name, credits, admin=admin)
     except UserExists as e:
         raise CliError(f"user {name!r} already exists") from e
     return await store.issue_token(name)
@@ -201,6 +203,32 @@ async def _user_disable(store: TaskStore, name: str, disabled: bool) -> str:
     if disabled:
         return f"disabled {name}: no token or session of theirs works until `zhiyi user enable`"
     return f"enabled {name}"
+
+
+async def _user_admin(store: TaskStore, name: str, admin: bool) -> str:
+    try:
+        await store.set_user_admin(name, admin)
+    except UserNotFound as e:
+        raise CliError(f"no user named {name!r}") from e
+    if admin:
+        return f"{name} is an administrator: the admin page is /admin on the server"
+    return f"{name} is no longer an administrator"
+
+
+async def _user_list(store: TaskStore, usage: bool) -> str:
+    users = await store.list_users()
+    spent = await store.user_usage() if usage else {}
+    lines = ["user\tcredits\ttasks\tcredits spent\trole"] if usage else []
+    for user in users:
+        flags = ("\tadmin" if user.is_admin else "") + ("\tdisabled" if user.disabled_at else "")
+        if usage:
+            tasks, credits_spent = spent.get(user.id, (0, 0))
+            lines.append(f"{user.id}\t{user.credits}\t{tasks}\t{credits_spent}"
+                         f"\t{'admin' if user.is_admin else 'user'}"
+                         + ("\tdisabled" if user.disabled_at else ""))
+        else:
+            lines.append(f"{user.id}\t{user.credits}{flags}")
+    return "\n".join(lines)
 
 
 async def _user_credit(store: TaskStore, name: str, amount: int) -> int:
@@ -311,7 +339,8 @@ def _user_command(args: argparse.Namespace) -> int:
     if not creating or not _data_was_named(args):
         _require_database(config)
     if args.user_command == "add":
-        token = asyncio.run(_with_store(config, lambda s: _user_add(s, args.name, args.credits)))
+        token = asyncio.run(_with_store(
+            config, lambda s: _user_add(s, args.name, args.credits, args.admin)))
         if creating:
             print(f"zhiyi: made a new database in {config.data_path.resolve()}; start the "
                   f"server on it with `zhiyi serve --data {config.data_path}`",
@@ -329,6 +358,9 @@ def _user_command(args: argparse.Namespace) -> int:
         balance = asyncio.run(_with_store(
             config, lambda s: _user_credit(s, args.name, args.amount)))
         print(f"{args.name}: {balance} credits")
+    elif args.user_command == "admin":
+        print(asyncio.run(_with_store(
+            config, lambda s: _user_admin(s, args.name, not args.remove))))
     elif args.user_command == "tokens":
         print(asyncio.run(_with_store(config, lambda s: _user_tokens(s, args.name))))
     elif args.user_command == "revoke":
@@ -337,9 +369,9 @@ def _user_command(args: argparse.Namespace) -> int:
         print(asyncio.run(_with_store(
             config, lambda s: _user_disable(s, args.name, args.user_command == "disable"))))
     else:
-        users = asyncio.run(_with_store(config, lambda s: s.list_users()))
-        for user in users:
-            print(f"{user.id}\t{user.credits}" + ("\tdisabled" if user.disabled_at else ""))
+        listed = asyncio.run(_with_store(config, lambda s: _user_list(s, args.usage)))
+        if listed:
+            print(listed)
     return 0
 
 
@@ -372,7 +404,12 @@ def _restore_command(args: argparse.Namespace) -> int:
 
 
 def _engine_command(args: argparse.Namespace) -> int:
-    """``zhiyi engine install argos FROM TO [--file MODEL]``."""
+    """``zhiyi engine install argos FROM TO [--file MODEL]``, ``zhiyi engine status``."""
+    if args.engine_command == "status":
+        for engine in engine_statuses(Config.from_env()):
+            state = "available" if engine["available"] else f"not available: {engine['reason']}"
+            print(f"{engine['name']}\t{state}")
+        return 0
     try:
         print(engines.install_argos(args.source.strip().lower(), args.target.strip().lower(),
                                     Path(args.file) if args.file else None))
@@ -863,6 +900,11 @@ def _server_commands(commands: Any) -> None:
     add = user_commands.add_parser("add", help="create a user and print a token")
     add.add_argument("name")
     add.add_argument("--credits", type=int, default=0)
+    add.add_argument("--admin", action="store_true",
+                     help="an administrator: the admin page (/admin) and API")
+    admin = user_commands.add_parser("admin", help="make a user an administrator")
+    admin.add_argument("name")
+    admin.add_argument("--remove", action="store_true", help="no longer an administrator")
     token = user_commands.add_parser("token", help="issue another token")
     token.add_argument("name")
     token.add_argument("--rotate", action="store_true",
@@ -882,7 +924,9 @@ def _server_commands(commands: Any) -> None:
     disable.add_argument("name")
     enable = user_commands.add_parser("enable", help="undo `user disable`")
     enable.add_argument("name")
-    user_commands.add_parser("list", help="users and balances")
+    listing = user_commands.add_parser("list", help="users and balances")
+    listing.add_argument("--usage", action="store_true",
+                         help="with tasks, credits spent and role (a header line first)")
     for sub in user_commands.choices.values():
         _data_arg(sub)
     user.set_defaults(run=_user_command)
@@ -906,6 +950,8 @@ def _server_commands(commands: Any) -> None:
     install.add_argument("target", metavar="TO", help="target language code, e.g. de")
     install.add_argument("--file", default=None, metavar="MODEL",
                          help="an .argosmodel file (else argostranslate's package index)")
+    engine_commands.add_parser(
+        "status", help="each engine: available with this server's settings, or why not")
     engine.set_defaults(run=_engine_command)
     config = commands.add_parser("config", help="the settings in use, or the table of all")
     shown = config.add_mutually_exclusive_group()

@@ -8,7 +8,8 @@ CREATE TABLE IF NOT EXISTS users (
     credits     INTEGER NOT NULL DEFAULT 0 CHECK (credits >= 0),
     created_at  TEXT NOT NULL,
     disabled_at TEXT,                          -- set by `zhiyi user disable`: no token works
-    tasks_made  INTEGER NOT NULL DEFAULT 0     -- tasks ever created: the next one's user_task_no
+    tasks_made  INTEGER NOT NULL DEFAULT 0,   -- tasks ever created: the next one's user_task_no
+    is_admin    INTEGER NOT NULL DEFAULT 0     -- `zhiyi user add NAME --admin`: the admin API
 );
 
 -- API tokens and browser sessions; only a SHA-256 of the secret is stored.

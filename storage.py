@@ -123,6 +123,9 @@ MIGRATIONS: dict[int, str] = {
         UPDATE users SET tasks_made = (
             SELECT COALESCE(MAX(user_task_no), 0) FROM processing_tasks WHERE user_id = users.id);
     """,
+    7: """
+        ALTER TABLE users ADD COLUMN is_admin INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -267,6 +270,14 @@ class User:
     disabled_at: str | None = None
     #: tasks this user ever created (the next task's ``user_task_no`` is one more)
     tasks_made: int = 0
+    #: may use the admin API and page (``zhiyi user add NAME --admin``)
+    is_admin: bool = False
+
+
+def _user(row: Any) -> User:
+    values = dict(row)
+    values["is_admin"] = bool(values.get("is_admin"))
+    return User(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -931,13 +942,13 @@ class TaskStore:
         await self._fetchone("SELECT 1")
 
     # ------------------------------------------------------------------ users
-    async def add_user(self, user_id: str, credits: int = 0) -> User:
+    async def add_user(self, user_id: str, credits: int = 0, *, admin: bool = False) -> User:
         """Create a user; the starting credits are a ``grant`` ledger entry."""
         def _op(txn: _Txn) -> Any:
             try:
                 txn.db.execute(
-                    "INSERT INTO users (id, credits, created_at) VALUES (?, 0, ?)",
-                    (user_id, txn.now),
+                    "INSERT INTO users (id, credits, created_at, is_admin) VALUES (?, 0, ?, ?)",
+                    (user_id, txn.now, int(admin)),
                 )
             except sqlite3.IntegrityError as e:
                 raise UserExists(user_id) from e
@@ -951,10 +962,29 @@ class TaskStore:
 
     async def get_user(self, user_id: str) -> User | None:
         row = await self._fetchone("SELECT * FROM users WHERE id = ?", (user_id,))
-        return User(**dict(row)) if row else None
+        return _user(row) if row else None
 
     async def list_users(self) -> list[User]:
-        return [User(**dict(r)) for r in await self._fetchall("SELECT * FROM users ORDER BY id")]
+        return [_user(r) for r in await self._fetchall("SELECT * FROM users ORDER BY id")]
+
+    async def set_user_admin(self, user_id: str, admin: bool) -> None:
+        """Make the user an administrator, or not."""
+        def _op(txn: _Txn) -> Any:
+            changed = txn.db.execute("UPDATE users SET is_admin = ? WHERE id = ?",
+                                     (int(admin), user_id)).rowcount
+            if not changed:
+                raise UserNotFound(user_id)
+
+        await self._write(_op)
+
+    async def user_usage(self) -> dict[str, tuple[int, int]]:
+        """Per user: (tasks, credits spent net of refunds), for the admin page."""
+        rows = await self._fetchall(
+            "SELECT u.id, (SELECT COUNT(*) FROM processing_tasks t WHERE t.user_id = u.id),"
+            " (SELECT COALESCE(-SUM(amount), 0) FROM credit_ledger l"
+            "  WHERE l.user_id = u.id AND l.reason IN ('charge', 'refund'))"
+            " FROM users u")
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
     async def grant_credits(self, user_id: str, amount: int) -> int:
         """Add (or with a negative amount take) credits; returns the new balance."""
@@ -1315,15 +1345,18 @@ class TaskStore:
 
     async def get_user_tasks(
         self,
-        user_id: str,
+        user_id: str | None,
         *,
         status: TaskStatus | None = None,
         limit: int = 50,
         cursor: int | None = None,
     ) -> tuple[list[Task], int | None]:
-        """Newest first; ``cursor`` is the last task id of the previous page."""
-        sql = "SELECT * FROM processing_tasks WHERE user_id = ? AND id < ?"
-        args: list[Any] = [user_id, cursor if cursor is not None else 2**63 - 1]
+        """Newest first; ``cursor`` is the last task id of the previous page.
+
+        ``user_id`` None: every user's tasks (the admin API).
+        """
+        sql = "SELECT * FROM processing_tasks WHERE (? IS NULL OR user_id = ?) AND id < ?"
+        args: list[Any] = [user_id, user_id, cursor if cursor is not None else 2**63 - 1]
         if status is not None:
             sql += " AND status = ?"
             args.append(status.value)

@@ -92,6 +92,8 @@ from storage import (
     TaskStatus,
     TaskStore,
     TooManyActiveTasks,
+    UserExists,
+    UserNotFound,
     parse_time,
     utcnow,
 )
@@ -808,6 +810,12 @@ async def index(request: web.Request) -> web.StreamResponse:
                             headers={"Cache-Control": "no-cache"})
 
 
+async def admin_page(request: web.Request) -> web.StreamResponse:
+    """The administrators' page (its script asks the admin API, which checks the role)."""
+    return web.FileResponse(resource("static") / "admin.html",
+                            headers={"Cache-Control": "no-cache"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     try:
         await request.config_dict[STORE].ping()
@@ -1211,17 +1219,21 @@ def _task_id(request: web.Request) -> int:
 async def list_tasks(request: web.Request) -> web.Response:
     user_id = await current_user(request)
     limit, cursor = _paging(request)
-    status = None
-    if "status" in request.query:  # present but empty is not a status either
-        try:
-            status = TaskStatus(request.query["status"])
-        except ValueError as e:
-            raise ApiError(400, "bad_request", "status must be one of "
-                           + ", ".join(s.value for s in TaskStatus) + ".") from e
+    status = _status_filter(request)
     tasks, next_cursor = await request.config_dict[STORE].get_user_tasks(
         user_id, status=status, limit=limit, cursor=cursor)
     return web.json_response({"success": True, "tasks": [task_json(request, t) for t in tasks],
                               "nextCursor": next_cursor})
+
+
+def _status_filter(request: web.Request) -> TaskStatus | None:
+    if "status" not in request.query:  # present but empty is not a status either
+        return None
+    try:
+        return TaskStatus(request.query["status"])
+    except ValueError as e:
+        raise ApiError(400, "bad_request", "status must be one of "
+                       + ", ".join(s.value for s in TaskStatus) + ".") from e
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -1826,6 +1838,111 @@ async def _serve(request: web.Request, sub: Any, plan: StreamPlan) -> web.Stream
     return await stream_events(request, sub, plan, retry_ms=config.sse_retry_ms)
 
 
+# ---------------------------------------------------------------------- admin
+#: user names: what ``zhiyi user add`` and ``POST /api/admin/users`` accept
+USER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+ADMIN_BODY_MAX_BYTES = 4096
+
+
+async def current_admin(request: web.Request) -> str:
+    """The user, if an administrator; else 403 ``not_admin``."""
+    user_id = await current_user(request)
+    user = await request.config_dict[STORE].get_user(user_id)
+    if user is None or not user.is_admin:
+        raise ApiError(403, "not_admin", "Only the server's administrators may do this; one "
+                       "can make you one with `zhiyi user admin NAME` on the server.")
+    return user_id
+
+
+def _admin_target(request: web.Request) -> str:
+    name = request.match_info["userId"]
+    if not USER_NAME.fullmatch(name):
+        raise ApiError(404, "user_not_found", f"There is no user named {name!r}.")
+    return name
+
+
+async def admin_users(request: web.Request) -> web.Response:
+    """``GET /api/admin/users``: every user with balance and usage."""
+    await current_admin(request)
+    store = request.config_dict[STORE]
+    usage = await store.user_usage()
+    return web.json_response({"success": True, "users": [
+        {"userId": u.id, "credits": u.credits, "isAdmin": u.is_admin,
+         "disabled": u.disabled_at is not None, "createdAt": u.created_at,
+         "tasks": usage.get(u.id, (0, 0))[0], "creditsSpent": usage.get(u.id, (0, 0))[1]}
+        for u in await store.list_users()]})
+
+
+async def admin_create_user(request: web.Request) -> web.Response:
+    """``POST /api/admin/users {userId, credits, admin}``: the token and login link, once."""
+    await current_admin(request)  # a cookie's change must be same-origin: checked there
+    body = await _json_body(request, ADMIN_BODY_MAX_BYTES)
+    name, credits, admin = body.get("userId"), body.get("credits", 0), body.get("admin", False)
+    if not isinstance(name, str) or not USER_NAME.fullmatch(name):
+        raise ApiError(400, "bad_request", "userId must be 1-64 letters, digits, '_', '.', "
+                       "'@' or '-'.")
+    if type(credits) is not int or not 0 <= credits <= 2**53 or type(admin) is not bool:
+        raise ApiError(400, "bad_request",
+                       "credits must be a whole number of at least 0; admin true or false.")
+    store = request.config_dict[STORE]
+    try:
+        user = await store.add_user(name, credits, admin=admin)
+    except UserExists as e:
+        raise ApiError(409, "user_exists", f"There is already a user named {name!r}.") from e
+    token = await store.issue_token(name)
+    base = request.config_dict[CONFIG].public_url or str(request.url.origin())
+    login = f"{base.rstrip('/')}{_url(request, 'index')}?token={token}"
+    return web.json_response({"success": True, "userId": user.id, "credits": user.credits,
+                              "isAdmin": user.is_admin, "token": token, "loginUrl": login},
+                             status=201)
+
+
+async def admin_grant(request: web.Request) -> web.Response:
+    """``POST /api/admin/users/{userId}/credits {amount}``: grant (or take) credits."""
+    await current_admin(request)  # a cookie's change must be same-origin: checked there
+    name = _admin_target(request)
+    amount = (await _json_body(request, ADMIN_BODY_MAX_BYTES)).get("amount")
+    if type(amount) is not int or amount == 0 or abs(amount) > 2**53:
+        raise ApiError(400, "bad_request", "amount must be a whole number other than 0.")
+    try:
+        balance = await request.config_dict[STORE].grant_credits(name, amount)
+    except UserNotFound as e:
+        raise ApiError(404, "user_not_found", f"There is no user named {name!r}.") from e
+    except InsufficientCredits as e:
+        raise ApiError(409, "insufficient_credits", f"{name} has only {e.balance} credits.",
+                       balance=e.balance) from e
+    return web.json_response({"success": True, "userId": name, "credits": balance})
+
+
+async def admin_revoke(request: web.Request) -> web.Response:
+    """``POST /api/admin/users/{userId}/revoke``: every token and session of the user."""
+    await current_admin(request)  # a cookie's change must be same-origin: checked there
+    name = _admin_target(request)
+    try:
+        count = await request.config_dict[STORE].revoke_tokens(name)
+    except UserNotFound as e:
+        raise ApiError(404, "user_not_found", f"There is no user named {name!r}.") from e
+    return web.json_response({"success": True, "userId": name, "revoked": count})
+
+
+async def admin_tasks(request: web.Request) -> web.Response:
+    """``GET /api/admin/tasks``: every user's tasks, newest first, paged like /api/tasks."""
+    await current_admin(request)
+    limit, cursor = _paging(request)
+    status = _status_filter(request)
+    tasks, next_cursor = await request.config_dict[STORE].get_user_tasks(
+        None, status=status, limit=min(limit, 100), cursor=cursor)
+    return web.json_response({"success": True, "tasks": [task_json(request, t) for t in tasks],
+                              "nextCursor": next_cursor})
+
+
+async def admin_engines(request: web.Request) -> web.Response:
+    """``GET /api/admin/engines``: each engine, whether it can be used, and why not."""
+    await current_admin(request)
+    return web.json_response({"success": True,
+                              "engines": engine_statuses(request.config_dict[CONFIG])})
+
+
 # -------------------------------------------------------------------- webhook
 async def webhook(request: web.Request) -> web.Response:
     """``POST /api/tasks/webhook``: a signed status report from the external service."""
@@ -2197,6 +2314,13 @@ def _add_routes(app: web.Application) -> None:
     r.add_get("/api/tasks/{taskId}/result", task_result, name="task_result")
     r.add_get("/api/sse/tasks/{taskId}", sse_task, name="sse_task")
     r.add_get("/api/sse/notifications", sse_notifications, name="sse_notifications")
+    r.add_get("/admin", admin_page, name="admin_page")
+    r.add_get("/api/admin/users", admin_users)
+    r.add_post("/api/admin/users", admin_create_user)
+    r.add_post("/api/admin/users/{userId}/credits", admin_grant)
+    r.add_post("/api/admin/users/{userId}/revoke", admin_revoke)
+    r.add_get("/api/admin/tasks", admin_tasks)
+    r.add_get("/api/admin/engines", admin_engines)
 
 
 # ------------------------------------------------------------------------ CLI
