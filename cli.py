@@ -611,15 +611,16 @@ def run_tasks(args: argparse.Namespace) -> int:
     async def fetch() -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
         async with ZhiyiClient(settings.server, settings.token) as client:
-            async with contextlib.aclosing(client.iter_tasks(args.status,
-                                                             min(args.limit, 100))) as tasks:
+            listed = client.iter_tasks(args.status, min(args.limit, 100),
+                                       every_user=args.all)
+            async with contextlib.aclosing(listed) as tasks:
                 async for task in tasks:
                     found.append(task)
                     if len(found) >= args.limit:
                         break
         return found
 
-    _print_tasks(asyncio.run(fetch()))
+    _print_tasks(asyncio.run(fetch()), every_user=args.all)
     return 0
 
 
@@ -633,18 +634,23 @@ def _task_row(task: dict[str, Any]) -> tuple[str, ...]:
             str(task.get("createdAt") or "")[:19].replace("T", " "), message)
 
 
-def _print_tasks(tasks: list[dict[str, Any]]) -> None:
+def _print_tasks(tasks: list[dict[str, Any]], every_user: bool = False) -> None:
+    columns = ("user", *TASK_COLUMNS) if every_user else TASK_COLUMNS
+
+    def row(task: dict[str, Any]) -> tuple[str, ...]:
+        return (str(task.get("userId", "")), *_task_row(task)) if every_user else _task_row(task)
+
     if not sys.stdout.isatty():
-        print("\t".join(TASK_COLUMNS))
+        print("\t".join(columns))
         for task in tasks:
-            print("\t".join(c.replace("\t", " ") for c in _task_row(task)))
+            print("\t".join(c.replace("\t", " ") for c in row(task)))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(*TASK_COLUMNS, title=f"{len(tasks)} tasks")
+    table = Table(*columns, title=f"{len(tasks)} tasks")
     for task in tasks:
-        table.add_row(*_task_row(task))
+        table.add_row(*row(task))
     Console().print(table)
 
 
@@ -978,6 +984,8 @@ def _client_commands(commands: Any) -> None:
     tasks.add_argument("--status", default=None,
                        choices=["pending", "processing", "completed", "failed", "cancelled"])
     tasks.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    tasks.add_argument("--all", action="store_true",
+                       help="every user's tasks (administrators; a user column is added)")
     _connection_args(tasks)
     tasks.set_defaults(run=_command(run_tasks))
 

@@ -313,8 +313,12 @@ class ZhiyiClient:
         return (await self._request("GET", f"api/tasks/{int(task_id)}"))["task"]
 
     async def list_tasks(self, status: str | None = None, limit: int | None = None,
-                         cursor: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
-        """One page of the user's tasks, newest first, and the cursor of the next page."""
+                         cursor: int | None = None, *, every_user: bool = False,
+                         ) -> tuple[list[dict[str, Any]], int | None]:
+        """One page of the user's tasks, newest first, and the cursor of the next page.
+
+        ``every_user``: every user's tasks (``/api/admin/tasks``, administrators only).
+        """
         query: dict[str, str] = {}
         if status:
             query["status"] = status
@@ -322,15 +326,17 @@ class ZhiyiClient:
             query["limit"] = str(limit)
         if cursor is not None:
             query["cursor"] = str(cursor)
-        body = await self._request("GET", "api/tasks", params=query)
+        path = "api/admin/tasks" if every_user else "api/tasks"
+        body = await self._request("GET", path, params=query)
         return body["tasks"], body.get("nextCursor")
 
-    async def iter_tasks(self, status: str | None = None,
-                         page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
-        """Every task of the user, newest first, fetching pages as needed."""
+    async def iter_tasks(self, status: str | None = None, page_size: int = 100, *,
+                         every_user: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Every task of the user (or of every user), newest first, fetching pages as needed."""
         cursor = None
         while True:
-            tasks, cursor = await self.list_tasks(status, page_size, cursor)
+            tasks, cursor = await self.list_tasks(status, page_size, cursor,
+                                                  every_user=every_user)
             for task in tasks:
                 yield task
             if cursor is None:

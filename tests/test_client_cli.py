@@ -244,6 +244,22 @@ def test_tasks_lists_the_users_tasks(server: ZhiyiServer, tmp_path: Path) -> Non
     assert [(r[3], r[4]) for r in rows] == [("extract", "b.txt"), ("analyze", "a.txt")]
     limited = zhiyi("tasks", "--limit", "1", cwd=tmp_path, env=cli_env(tmp_path, server))
     assert len(limited.stdout.splitlines()) == 2
+    # Every user's tasks: administrators only, with a user column.
+    env = cli_env(tmp_path, server)
+    refused = zhiyi("tasks", "--all", cwd=tmp_path, env=env)
+    assert refused.returncode == 1 and "zhiyi user admin NAME" in refused.stderr
+    data = ["--data", str(server.data_dir)]
+    other = zhiyi("user", "add", "bob", "--credits", "50", *data, cwd=tmp_path, env=env)
+    bobs = create_task(server.url, other.stdout.strip().splitlines()[-1],
+                       slow_document(tmp_path / "c.txt", 3), "extract")
+    assert zhiyi("user", "admin", "local", *data, cwd=tmp_path, env=env).returncode == 0
+    every = zhiyi("tasks", "--all", cwd=tmp_path, env=env)
+    assert every.returncode == 0, every.stderr
+    lines = every.stdout.splitlines()
+    assert lines[0].split("\t")[:2] == ["user", "id"]
+    assert [line.split("\t")[:2] for line in lines[1:]] == [
+        ["bob", str(bobs["taskId"])], ["local", str(second["taskId"])],
+        ["local", str(first["taskId"])]]
 
 
 def test_login_writes_the_config_used_later(server: ZhiyiServer, tmp_path: Path) -> None:
