@@ -821,3 +821,52 @@ def test_task_numbers_are_the_users_own(page: Page, server: ZhiyiServer, tmp_pat
     assert task["taskId"] == 4 and task["userTaskNo"] == 1
     expect(row(page, "mine.txt").locator("[data-role=kind]")).to_contain_text("#1 ·")
     expect(page.locator(".toast").first).to_have_text("1 credit charged for task #1")
+
+
+# ------------------------------------------------------------ accessibility
+AXE = REPO / "tests" / "vendor" / "axe.min.js"  # axe-core 4.14.1 from npm (MPL-2.0), unchanged
+
+
+def _axe_problems(page: Page) -> list[str]:
+    """Serious and critical axe-core violations of the page as it is now."""
+    page.evaluate(AXE.read_text(encoding="utf-8"))
+    found = page.evaluate("""async () => {
+      const result = await axe.run(document, {resultTypes: ['violations']});
+      return result.violations.filter((v) => ['serious', 'critical'].includes(v.impact))
+        .map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(' ')).join(', ')}`);
+    }""")
+    return list(found)
+
+
+@pytest.mark.parametrize("lang,width", [("en", 1100), ("zh", 1100), ("en", 390)],
+                         ids=["en", "zh", "phone"])
+def test_no_serious_accessibility_violation(browser: Browser, server: ZhiyiServer,
+                                            tmp_path: Path, lang: str, width: int) -> None:
+    """axe-core over the login box, the list with a finished and a failed task, and the
+    open form: no serious or critical violation (color contrast, names, labels...)."""
+    context = browser.new_context(locale="zh-CN" if lang == "zh" else "en-US",
+                                  viewport={"width": width, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        page.goto(server.url + "/")
+        expect(page.locator("#login")).to_be_visible()
+        assert _axe_problems(page) == []
+        doc = tmp_path / "ok.txt"
+        doc.write_text("Fine.")
+        create_task(server.url, server.local_token, doc,
+                    params={"targetLang": "fr", "engine": "pseudo"})
+        log_in(page, server)
+        expect(row(page, "ok.txt")).to_have_attribute("data-status", "completed")
+        if width < 900:
+            page.click("#new-task")
+        assert _axe_problems(page) == []
+        # The language button's accessible name begins with its visible text.
+        switch = page.locator("#lang-switch")
+        name = switch.get_attribute("aria-label") or ""
+        assert name.startswith(switch.inner_text())
+        # The check can fail: a button without a name is reported.
+        page.evaluate("document.querySelector('#task-list').append(document.createElement('button'))")
+        assert any(p.startswith("button-name (critical)") for p in _axe_problems(page))
+    finally:
+        context.close()
