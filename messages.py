@@ -73,6 +73,39 @@ NOTIFICATIONS: dict[str, tuple[str, ...]] = {
     "credits_refunded": ("amount", "taskId", "taskNo"),
 }
 
+#: The ``code`` words of the API's error answers (zhiyi_server.py's ``ApiError``s), which a
+#: page says in its own language; tests/test_messages.py holds this to the server's code.
+API_ERRORS: tuple[str, ...] = (
+    "unauthenticated",
+    "insufficient_credits",
+    "file_too_large",
+    "too_large",
+    "unsupported_file_type",
+    "unsupported_media_type",
+    "too_many_active_tasks",
+    "insufficient_storage",
+    "bad_document",
+    "bad_params",
+    "bad_request",
+    "missing_file",
+    "unknown_engine",
+    "unknown_glossary",
+    "glossary_not_found",
+    "bad_glossary",
+    "bad_tmx",
+    "unknown_task_type",
+    "task_not_found",
+    "invalid_state",
+    "expired",
+    "not_completed",
+    "cross_site",
+    "request_timeout",
+    "internal_error",
+    "store_unavailable",
+    "unavailable",
+    "too_many_streams",
+)
+
 #: The code of a text the catalog does not know; its parameter ``text`` is the text.
 FREE_TEXT = "text"
 

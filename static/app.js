@@ -1,7 +1,7 @@
 // The page's entry: log in, then the upload form, the task list and the live stream.
 
 import * as api from './api.js';
-import { applyStatic, getLang, has, onLangChange, sayNotice, setLang, t } from './i18n.js';
+import { apiErrorText, applyStatic, getLang, onLangChange, sayNotice, setLang, t } from './i18n.js';
 import { startStream } from './stream.js';
 import { isFinal, TaskList } from './tasks.js';
 import { UploadForm } from './upload.js';
@@ -37,7 +37,7 @@ const upload = new UploadForm($('#upload-form'), {
 });
 
 function errorText(error) {
-  return error.code && has(`error.${error.code}`) ? t(`error.${error.code}`) : error.message;
+  return apiErrorText(error);
 }
 
 // ------------------------------------------------------------------ login

@@ -109,6 +109,34 @@ const STRINGS = {
     'notify.title.cancelled': 'Task cancelled',
     'error.network_error': 'The server could not be reached. Check that it is running.',
     'error.unauthenticated': 'You are logged out. Log in again.',
+    'error.insufficient_credits': 'You do not have enough credits for this task.',
+    'error.file_too_large': 'The file is larger than the upload limit.',
+    'error.too_large': 'The request is too large.',
+    'error.unsupported_file_type': 'This task type does not take files of this kind.',
+    'error.unsupported_media_type': 'The request is not in a format the server takes.',
+    'error.too_many_active_tasks': 'You have too many tasks running; wait for some to finish.',
+    'error.insufficient_storage': 'Your storage is full; delete some old tasks.',
+    'error.bad_document': 'The document could not be read.',
+    'error.bad_params': 'The task’s settings are not valid.',
+    'error.bad_request': 'The request is not valid.',
+    'error.missing_file': 'Choose a file.',
+    'error.unknown_engine': 'The chosen engine is not available on this server.',
+    'error.unknown_glossary': 'That glossary does not exist.',
+    'error.glossary_not_found': 'That glossary does not exist.',
+    'error.bad_glossary': 'The glossary file could not be read.',
+    'error.bad_tmx': 'The TMX file could not be read.',
+    'error.unknown_task_type': 'This task type does not exist.',
+    'error.task_not_found': 'The task no longer exists (it may have been deleted).',
+    'error.invalid_state': 'The task cannot do that in its current state.',
+    'error.expired': 'The task’s files were deleted after the retention period.',
+    'error.not_completed': 'The task has not finished yet.',
+    'error.cross_site': 'The request was refused as coming from another site. Reload the page.',
+    'error.request_timeout': 'The upload took too long. Try again.',
+    'error.internal_error': 'The server had an internal error.',
+    'error.store_unavailable': 'The server’s database is not answering. Try again shortly.',
+    'error.unavailable': 'The server is not available right now. Try again shortly.',
+    'error.too_many_streams': 'Too many pages are open.',
+    'error.http_error': 'The server answered with an error.',
     'stage.starting': 'starting',
     'stage.done': 'done',
     'msg.queued': 'waiting for a worker',
@@ -264,6 +292,34 @@ const STRINGS = {
     'notify.title.cancelled': '任务已取消',
     'error.network_error': '无法连接服务器，请确认它正在运行。',
     'error.unauthenticated': '您已退出登录，请重新登录。',
+    'error.insufficient_credits': '积分不足，无法创建此任务。',
+    'error.file_too_large': '文件超过上传大小上限。',
+    'error.too_large': '请求过大。',
+    'error.unsupported_file_type': '此任务类型不接受这类文件。',
+    'error.unsupported_media_type': '请求格式不受服务器支持。',
+    'error.too_many_active_tasks': '进行中的任务过多，请等待部分任务完成。',
+    'error.insufficient_storage': '存储空间已满，请删除一些旧任务。',
+    'error.bad_document': '无法读取该文档。',
+    'error.bad_params': '任务设置无效。',
+    'error.bad_request': '请求无效。',
+    'error.missing_file': '请选择文件。',
+    'error.unknown_engine': '所选引擎在此服务器上不可用。',
+    'error.unknown_glossary': '该术语表不存在。',
+    'error.glossary_not_found': '该术语表不存在。',
+    'error.bad_glossary': '无法读取该术语表文件。',
+    'error.bad_tmx': '无法读取该翻译记忆交换文件。',
+    'error.unknown_task_type': '该任务类型不存在。',
+    'error.task_not_found': '该任务已不存在（可能已被删除）。',
+    'error.invalid_state': '任务当前的状态不允许此操作。',
+    'error.expired': '任务的文件已超过保留期限并被删除。',
+    'error.not_completed': '任务尚未完成。',
+    'error.cross_site': '请求被视为来自其他网站而被拒绝。请刷新页面。',
+    'error.request_timeout': '上传超时，请重试。',
+    'error.internal_error': '服务器发生内部错误。',
+    'error.store_unavailable': '服务器数据库暂时无响应，请稍后重试。',
+    'error.unavailable': '服务器暂时不可用，请稍后重试。',
+    'error.too_many_streams': '打开的页面过多。',
+    'error.http_error': '服务器返回了错误。',
     'stage.starting': '开始',
     'stage.done': '完成',
     'msg.queued': '等待处理',
@@ -382,6 +438,18 @@ export function sayNotice(data) {
   if (data.code === 'credits_granted' && params.amount > 0) params.amount = `+${params.amount}`;
   // `+5` is a string: the plural form is chosen from the number.
   return t(`notify.${data.code}`, { ...params, n: data.params?.amount });
+}
+
+/**
+ * An API error for a person: in English the server's own sentence (it names the detail
+ * and the next step), in another language the code's sentence; the page's own codes
+ * (no connection, logged out) always from the dictionary.
+ */
+export function apiErrorText(error) {
+  const key = `error.${error.code}`;
+  const own = error.code === 'network_error' || error.code === 'unauthenticated';
+  if ((own || lang !== 'en' || !error.message) && has(key)) return t(key);
+  return error.message;
 }
 
 /** Every key of the Chinese and English dictionaries (the tests check both are complete). */

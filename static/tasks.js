@@ -1,7 +1,7 @@
 // The task list: one row per task, newest first, updated in place from stream events.
 
 import * as api from './api.js';
-import { formatTime, getLang, has, say, t } from './i18n.js';
+import { apiErrorText, formatTime, getLang, has, say, t } from './i18n.js';
 
 const FINAL = new Set(['completed', 'failed', 'cancelled']);
 const GROUPS = { pending: 'active', processing: 'active', completed: 'finished', cancelled: 'finished', failed: 'failed' };
@@ -99,7 +99,7 @@ export class TaskList {
     this.tasks = new Map(); // taskId -> task object
     this.rows = new Map(); // taskId -> <li>
     this.fetching = new Map(); // taskId -> status updates that arrived while fetching it
-    this.errors = new Map(); // taskId -> message shown in the row
+    this.errors = new Map(); // taskId -> the ApiError of an action, shown in the row
     this.confirming = new Map(); // taskId -> timer of a pending delete confirmation
   }
 
@@ -345,7 +345,8 @@ export class TaskList {
       task.attempts > 1 && !retrying ? t('task.attempt', { n: task.attempts }) : null,
     ].filter(Boolean);
     setText('meta', meta.join(' · '));
-    setText('row-error', this.errors.get(id) ?? '');
+    const rowError = this.errors.get(id);
+    setText('row-error', rowError ? apiErrorText(rowError) : '');
     this.fillActions(get('actions'), task);
   }
 
@@ -417,7 +418,7 @@ export class TaskList {
       }
       this.onChanged('action', this.tasks.get(id) ?? null);
     } catch (error) {
-      this.errors.set(id, error.code && has(`error.${error.code}`) ? t(`error.${error.code}`) : error.message);
+      this.errors.set(id, error); // said at each render: it follows a language switch
       if (this.tasks.has(id)) this.render(id);
     }
   }

@@ -4,7 +4,7 @@
 // Start; the form remembers its choices in localStorage.
 
 import * as api from './api.js';
-import { has, t } from './i18n.js';
+import { apiErrorText, has, t } from './i18n.js';
 import { langName } from './tasks.js';
 
 // Offered when the engine does not say which languages it has (pseudo: any).
@@ -30,7 +30,7 @@ function saveChoices(choices) {
   }
 }
 
-const errorText = (error) => (error.code && has(`error.${error.code}`) ? t(`error.${error.code}`) : error.message);
+const errorText = apiErrorText;
 
 function newKey() {
   // randomUUID needs a secure context; plain http on a LAN address is not one.

@@ -126,3 +126,15 @@ async def test_grant_notification_has_code(client: TestClient) -> None:
     assert [(g["code"], g["params"], g["credits"]) for g in grants] == [
         ("credits_granted", {"amount": 5}, 5), ("credits_granted", {"amount": -2}, 3)]
     assert [g["message"] for g in grants] == ["+5 credits", "-2 credits"]
+
+
+def test_every_api_error_code_is_in_the_catalog() -> None:
+    """The page says each ``code`` of the API's error answers: all are listed for it."""
+    import re
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parent.parent / "zhiyi_server.py").read_text()
+    raised = set(re.findall(r'ApiError\(\s*\d{3},\s*"([a-z_]+)"', source))
+    unlisted = raised - set(messages.API_ERRORS)
+    # Webhook and stream-only codes are for services and scripts, not for the page.
+    assert unlisted <= {"bad_signature", "webhook_disabled"}, unlisted

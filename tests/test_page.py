@@ -535,7 +535,7 @@ def test_every_server_code_has_chinese(page: Page, server: ZhiyiServer) -> None:
     log_in(page, server)
     status = [[code, _sample_params(p)] for code, p in messages.STATUS_MESSAGES.items()]
     notices = [[code, {n: 3 for n in names}] for code, names in messages.NOTIFICATIONS.items()]
-    found = page.evaluate("""async ({status, errors, stages, notices}) => {
+    found = page.evaluate("""async ({status, errors, stages, notices, apiErrors}) => {
       const i18n = await import('./static/i18n.js');
       const out = {};
       for (const lang of ['zh', 'en']) {
@@ -547,13 +547,16 @@ def test_every_server_code_has_chinese(page: Page, server: ZhiyiServer) -> None:
             [code, i18n.has(`failure.${code}`), i18n.t(`failure.${code}`)]),
           stages: stages.map((code) =>
             [code, i18n.has(`stage.${code}`), i18n.t(`stage.${code}`)]),
+          api: apiErrors.map((code) =>
+            [code, i18n.has(`error.${code}`), i18n.apiErrorText({code, message: 'ENGLISH'})]),
           notices: notices.map(([code, params]) => [code, i18n.has(`notify.${code}`),
             i18n.sayNotice({code, params, message: 'ENGLISH'})]),
         };
       }
       return out;
     }""", {"status": status, "errors": list(messages.ERROR_CODES),
-           "stages": list(messages.STAGES), "notices": notices})
+           "stages": list(messages.STAGES), "notices": notices,
+           "apiErrors": list(messages.API_ERRORS)})
     for lang in ("zh", "en"):
         for kind, rows in found[lang].items():
             missing = [code for code, has, _ in rows if not has]
