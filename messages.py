@@ -77,6 +77,9 @@ NOTIFICATIONS: dict[str, tuple[str, ...]] = {
 #: page says in its own language; tests/test_messages.py holds this to the server's code.
 API_ERRORS: tuple[str, ...] = (
     "unauthenticated",
+    "not_admin",
+    "user_exists",
+    "user_not_found",
     "insufficient_credits",
     "file_too_large",
     "too_large",
