@@ -594,7 +594,13 @@ async def _record_use(request: web.Request, credential: Credential, token: str) 
     last = parse_time(credential.last_used_at) if credential.last_used_at else None
     if last is not None and store.now() - last < _slide_interval(lifetime):
         return
-    await store.record_use(credential.token_hash, lifetime)
+    try:
+        await store.record_use(credential.token_hash, lifetime)
+    except (StoreUnavailable, StoreFull) as e:
+        # Bookkeeping, not the request's purpose: a locked or full database must not turn
+        # a read into a 503. The next request notes the use.
+        logger.warning("could not note the use of a token of %s: %s", credential.user_id, e)
+        return
     if credential.kind == "session" and request.cookies.get(SESSION_COOKIE) == token:
         request[SLID_SESSION] = token
 

@@ -183,7 +183,7 @@ async def test_a_batch_failing_for_good_stops_the_others_and_refunds(make_client
 
 
 def journalled(data: Path) -> int:
-    return sum(len(p.read_bytes().splitlines()) for p in data.glob("*/*/work/translated.jsonl"))
+    return sum(len(p.read_bytes().splitlines()) for p in data.glob("*/**/work/translated.jsonl"))
 
 
 @pytest.mark.slow
