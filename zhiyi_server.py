@@ -1127,10 +1127,10 @@ NOT_SET_UP = "This engine is not set up on this server; its administrator can en
 
 async def engine_details(request: web.Request) -> list[dict[str, Any]]:
     """Each engine's status for this request: the languages it translates into (``null``:
-    any), whether it is the test engine (fake text), and how to enable it only for a
-    request from this machine (the administrator's); everyone else reads ``NOT_SET_UP``."""
+    any), whether it is the test engine (fake text), and how to enable it only for an
+    administrator or a request from this machine; everyone else reads ``NOT_SET_UP``."""
     config = request.config_dict[CONFIG]
-    local = _is_loopback(request)
+    local = await _may_read_hints(request)
     statuses = engine_statuses(config)
     settings = config.engine_settings()
     languages = await asyncio.gather(*(
@@ -1146,6 +1146,18 @@ async def engine_details(request: web.Request) -> list[dict[str, Any]]:
 
 async def _nothing() -> None:
     return None
+
+
+async def _may_read_hints(request: web.Request) -> bool:
+    """An administrator, or a request from the server's own machine (who runs it)."""
+    if _is_loopback(request):
+        return True
+    try:
+        user_id = await current_user(request)
+    except ApiError:
+        return False
+    user = await request.config_dict[STORE].get_user(user_id)
+    return bool(user and user.is_admin)
 
 
 def _is_loopback(request: web.Request) -> bool:

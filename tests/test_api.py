@@ -399,8 +399,9 @@ def test_best_engine_first() -> None:
     assert engines.default_engine([]) == "pseudo"
 
 
-async def test_hints_only_for_this_machine(make_client, aiohttp_client) -> None:
-    """A request from another address reads a plain sentence, not how to enable."""
+async def test_hints_only_for_administrators(make_client, aiohttp_client) -> None:
+    """A translator on another machine reads a plain sentence, not how to enable an
+    engine; an administrator (or anyone on the server's own machine) reads how."""
     address = _own_address()
     if address is None:
         pytest.skip("this machine has no address but loopback")
@@ -416,6 +417,13 @@ async def test_hints_only_for_this_machine(make_client, aiohttp_client) -> None:
     assert found["openai"]["available"] is False
     assert found["openai"]["reason"] == NOT_SET_UP
     assert found["pseudo"]["reason"] is None
+    await remote.app[STORE].add_user("root", 0, admin=True)
+    admin = {"Authorization": f"Bearer {await remote.app[STORE].issue_token('root')}"}
+    async with remote.session.get(url, headers=admin) as reply:
+        body = await reply.json()
+    translate = next(t for t in body["taskTypes"] if t["taskType"] == "translate")
+    found = {e["name"]: e for e in translate["engines"]}
+    assert "OPENAI" in found["openai"]["reason"]
 
 
 def _own_address() -> str | None:
