@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS processing_tasks (
     completed_at       TEXT,
     -- the task's number among its user's tasks (1, 2, 3...; never reused after a delete)
     user_task_no       INTEGER,
+    detected_lang      TEXT,                                -- the document's language at create
     UNIQUE (user_id, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS idx_tasks_user ON processing_tasks (user_id, id);

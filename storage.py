@@ -126,6 +126,9 @@ MIGRATIONS: dict[int, str] = {
     7: """
         ALTER TABLE users ADD COLUMN is_admin INTEGER NOT NULL DEFAULT 0;
     """,
+    8: """
+        ALTER TABLE processing_tasks ADD COLUMN detected_lang TEXT;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -339,6 +342,8 @@ class Task:
     result_size: int = 0
     #: the task's number among its user's tasks, for people (the id stays the API's)
     user_task_no: int | None = None
+    #: the document's language as detected when the task was created (None: not read)
+    detected_lang: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Task:
@@ -397,6 +402,8 @@ class NewTask:
     max_active: int = 100
     #: bytes of kept files the user may have, this upload included (0: no quota)
     max_storage: int = 0
+    #: the document's language as detected at create (shown with ``sourceLang: auto``)
+    detected_lang: str | None = None
 
 
 @dataclass(slots=True)
@@ -1305,11 +1312,11 @@ class TaskStore:
                 cursor = txn.db.execute(
                     """INSERT INTO processing_tasks (user_id, task_type, params, file_name,
                        file_size, file_path, credits_cost, credits_held, idempotency_key,
-                       created_at, updated_at, status_message, user_task_no)
-                       VALUES (?,?,?,?,?,?,?,?,?,?,?, 'waiting for a worker', ?)""",
+                       created_at, updated_at, status_message, user_task_no, detected_lang)
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?, 'waiting for a worker', ?, ?)""",
                     (new.user_id, new.task_type, json.dumps(new.params), new.file_name,
                      new.file_size, new.file_path, new.credits_cost, new.credits_cost,
-                     new.idempotency_key, txn.now, txn.now, number),
+                     new.idempotency_key, txn.now, txn.now, number, new.detected_lang),
                 )
             except sqlite3.IntegrityError as e:
                 if new.idempotency_key and "idempotency_key" in str(e):

@@ -1216,7 +1216,7 @@ def task_json(request: web.Request, task: Task) -> dict[str, Any]:
         "expired": task.files_expired,
         "createdAt": task.created_at, "updatedAt": task.updated_at,
         "completedAt": task.completed_at,
-        "userTaskNo": task.user_task_no,
+        "userTaskNo": task.user_task_no, "detectedLang": task.detected_lang,
         "stageCode": task.stage, **messages.message_fields(task.status_message),
         **messages.error_fields(task.error_message),
     }
@@ -1392,6 +1392,7 @@ async def create_task(request: web.Request) -> web.Response:
             file_name=upload.file_name or "upload", file_size=upload.file_size,
             file_path=task_dir_rel, credits_cost=cost, idempotency_key=key,
             max_active=config.max_active_tasks_per_user, max_storage=config.max_storage_bytes,
+            detected_lang=quote.stats.language if quote.stats else None,
         ))
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, task_dir, True)

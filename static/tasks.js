@@ -299,7 +299,11 @@ export class TaskList {
     row.dataset.status = status;
     get('name').textContent = name;
     const typeLabel = has(`type.${task.taskType}`) ? t(`type.${task.taskType}`) : task.taskType;
-    const target = task.params?.targetLang ? ` → ${langName(task.params.targetLang)}` : '';
+    // With "detect automatically", the language found: "English → French".
+    const detected = task.params?.sourceLang === 'auto' && task.detectedLang && task.detectedLang !== 'unknown'
+      ? langName(task.detectedLang) : '';
+    const targetName = task.params?.targetLang ? langName(task.params.targetLang) : '';
+    const target = !targetName ? '' : detected ? ` · ${detected} → ${targetName}` : ` → ${targetName}`;
     const engine = task.params?.engine ? ` · ${task.params.engine}` : '';
     setText('kind', `#${task.userTaskNo ?? id} · ${typeLabel}${target}${engine}`);
     const badge = get('status');

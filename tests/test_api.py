@@ -435,3 +435,15 @@ def _own_address() -> str | None:
             return None
         address = probe.getsockname()[0]
     return None if address.startswith("127.") else address
+
+
+async def test_detected_language_is_kept_with_the_task(idle_client: TestClient) -> None:
+    """With ``sourceLang: auto`` a person sees which language was found (and the quote)."""
+    headers = await add_user(idle_client)
+    text = ("The committee met on Tuesday to discuss the budget for next year. "
+            "Everyone agreed that the library needs new windows before the winter.\n") * 3
+    body = await create(idle_client, headers, content=text,
+                        params={"targetLang": "fr", "engine": "pseudo"})
+    assert body["task"]["detectedLang"] == "en" and body["quote"]["language"] == "en"
+    got = await (await idle_client.get(f"/api/tasks/{body['taskId']}", headers=headers)).json()
+    assert got["task"]["detectedLang"] == "en"

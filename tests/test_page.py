@@ -818,11 +818,14 @@ def test_task_numbers_are_the_users_own(page: Page, server: ZhiyiServer, tmp_pat
         create_task(server.url, other, doc, params={"targetLang": "fr", "engine": "pseudo"})
     log_in(page, server)
     mine = tmp_path / "mine.txt"
-    mine.write_text("Mine.")
+    mine.write_text("The committee met on Tuesday to discuss the budget for next year. "
+                    "Everyone agreed that the library needs new windows before the winter.")
     task = create_task(server.url, server.local_token, mine,
                        params={"targetLang": "fr", "engine": "pseudo"})
     assert task["taskId"] == 4 and task["userTaskNo"] == 1
-    expect(row(page, "mine.txt").locator("[data-role=kind]")).to_contain_text("#1 ·")
+    # The number is the user's own; with sourceLang auto the language found is shown.
+    expect(row(page, "mine.txt").locator("[data-role=kind]")).to_have_text(
+        "#1 · Translate · English → French · pseudo")
     expect(page.locator(".toast").first).to_have_text("1 credit charged for task #1")
 
 

@@ -72,6 +72,7 @@ async def test_older_schema_migrates_without_losing_rows(tmp_path: Path) -> None
         assert numbers == [("alice", 1), ("bob", 1), ("alice", 2)]
         made, _ = await store.create_processing_task(new_task("alice", cost=0))
         assert made.user_task_no == 3
+        assert task.detected_lang is None  # version 8: not known for tasks made before
         token = await store.issue_token("alice", kind="session")
         assert await store.user_for_token(token) == "alice"
         assert await store.events_pruned_through() == 0
