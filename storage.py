@@ -1083,12 +1083,15 @@ class TaskStore:
             valid.update(r["token_hash"] for r in rows)
         return valid
 
-    async def record_use(self, token_hash: str, session_lifetime: timedelta) -> None:
+    def queue_record_use(self, token_hash: str, session_lifetime: timedelta,
+                         ) -> asyncio.Future[None]:
         """A token in use: remember when; a session now expires ``session_lifetime`` from now.
 
-        Callers write this at most about once an hour per token, not per request.
+        Queued without waiting for the commit: bookkeeping must not hold up (or,
+        with the database locked by another process, fail) the request that
+        used the token. Callers write this at most about once an hour per token.
         """
-        def _op(txn: _Txn) -> Any:
+        def _op(txn: _Txn) -> None:
             expires = isoformat(parse_time(txn.now) + session_lifetime)
             txn.db.execute(
                 """UPDATE api_tokens SET last_used_at = ?,
@@ -1096,7 +1099,7 @@ class TaskStore:
                    WHERE token_hash = ?""",
                 (txn.now, expires, token_hash),
             )
-        await self._write(_op)
+        return self._writer.submit(_op)
 
     async def revoke_token(self, token: str) -> str:
         """Revoke one token or session by its secret; returns its hash."""

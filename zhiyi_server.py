@@ -574,7 +574,7 @@ async def current_credential(request: web.Request) -> Credential:
                        "User not authenticated: send 'Authorization: Bearer <token>' "
                        "or log in at the page.")
     assert token is not None  # a credential was found for it
-    await _record_use(request, credential, token)
+    _record_use(request, credential, token)
     return credential
 
 
@@ -587,22 +587,24 @@ def _slide_interval(lifetime: timedelta) -> timedelta:
     return min(timedelta(hours=1), lifetime / 10)
 
 
-async def _record_use(request: web.Request, credential: Credential, token: str) -> None:
+def _record_use(request: web.Request, credential: Credential, token: str) -> None:
     """Note the use (for ``zhiyi user tokens``); a session's expiry slides with it."""
     store = request.config_dict[STORE]
     lifetime = request.config_dict[CONFIG].session_lifetime
     last = parse_time(credential.last_used_at) if credential.last_used_at else None
     if last is not None and store.now() - last < _slide_interval(lifetime):
         return
-    try:
-        await store.record_use(credential.token_hash, lifetime)
-    except (StoreUnavailable, StoreFull) as e:
-        # Bookkeeping, not the request's purpose: a locked or full database must not turn
-        # a read into a 503. The next request notes the use.
-        logger.warning("could not note the use of a token of %s: %s", credential.user_id, e)
-        return
+    # Queued, not awaited: bookkeeping must neither delay a request nor, with the database
+    # locked or full, turn a read into a 503 (a failed note is logged; the next use retries).
+    written = store.queue_record_use(credential.token_hash, lifetime)
+    written.add_done_callback(_log_use_not_recorded)
     if credential.kind == "session" and request.cookies.get(SESSION_COOKIE) == token:
         request[SLID_SESSION] = token
+
+
+def _log_use_not_recorded(written: asyncio.Future[None]) -> None:
+    if not written.cancelled() and written.exception() is not None:
+        logger.warning("a token's last use was not recorded: %s", written.exception())
 
 
 async def _refresh_session_cookie(request: web.Request, response: web.StreamResponse) -> None:

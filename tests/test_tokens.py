@@ -38,6 +38,14 @@ async def zhiyi(*args: str, data: Path) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+async def writes_settled(client: TestClient) -> None:
+    """Wait until writes queued so far committed (a token's use is recorded unawaited).
+
+    Writes commit in queue order, so a harmless write queued now commits after them.
+    """
+    await client.app[STORE].set_user_disabled("alice", False)
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -106,6 +114,7 @@ async def test_cli_revoke_all_and_its_errors(app_client: MakeClient, config: Con
     code, _, err = await zhiyi("user", "revoke", "alice", "--token", "zy_nothing", data=data)
     assert code == 1 and "no token of alice starts with 'zy_nothing'" in err
     assert await status_of(client, headers) == 200
+    await writes_settled(client)
     # The listing shows first characters, never a whole secret; a use is recorded.
     code, out, err = await zhiyi("user", "tokens", "alice", data=data)
     assert code == 0, err
@@ -240,6 +249,7 @@ async def test_session_slides_on_use_with_bounded_writes(
     clock.advance(days=1, hours=12)
     resp = await client.get("/api/me", headers=session)
     assert resp.status == 200
+    await writes_settled(client)
     # Slid: the cookie is set again to live as long as the session.
     assert resp.cookies["zhiyi_session"].value == token
     assert resp.cookies["zhiyi_session"]["max-age"] == str(2 * 24 * 3600)
@@ -249,6 +259,7 @@ async def test_session_slides_on_use_with_bounded_writes(
     clock.advance(minutes=30)
     resp = await client.get("/api/me", headers=session)
     assert resp.status == 200 and "zhiyi_session" not in resp.cookies
+    await writes_settled(client)
     assert expiry() == slid
     # Without the slide it would have expired at 2026-01-03T00:00.
     clock.advance(days=1)
