@@ -272,6 +272,13 @@ class SSEHub:
             return
         self.close_credentials(held - valid)
 
+    def close_user(self, user_id: str) -> int:
+        """End every stream of the user (all their tokens were revoked); returns how many."""
+        ended = [sub for sub in self.subscribers() if sub.user_id == user_id]
+        for sub in ended:
+            sub.close()
+        return len(ended)
+
     def close_credentials(self, credentials: set[str]) -> int:
         """End the streams opened with these credentials (revoked); returns how many."""
         if not credentials:

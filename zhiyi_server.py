@@ -1943,6 +1943,8 @@ async def admin_revoke(request: web.Request) -> web.Response:
         count = await request.config_dict[STORE].revoke_tokens(name)
     except UserNotFound as e:
         raise ApiError(404, "user_not_found", f"There is no user named {name!r}.") from e
+    # This process's streams of the user end now; other processes' at their next heartbeat.
+    request.config_dict[HUB].close_user(name)
     return web.json_response({"success": True, "userId": name, "revoked": count})
 
 

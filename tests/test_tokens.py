@@ -197,9 +197,28 @@ async def test_user_commands_need_an_existing_database(tmp_path: Path) -> None:
     assert not data.exists()
 
 
+async def test_admin_revoke_ends_the_users_streams_at_once(app_client: MakeClient) -> None:
+    # No heartbeat (so no periodic re-check) within the test: the streams must end at once.
+    client = await app_client(sse_heartbeat_seconds=3600)
+    headers = await add_user(client)
+    store = client.app[STORE]
+    await store.add_user("root", 0, admin=True)
+    admin = bearer(await store.issue_token("root"))
+    stream = await open_stream(client, headers)
+    admins_stream = await open_stream(client, admin)
+    resp = await client.post("/api/admin/users/alice/revoke", headers=admin)
+    assert resp.status == 200 and (await resp.json())["revoked"] == 1
+    assert await stream.next(timeout=30) is None
+    assert await status_of(client, headers) == 401
+    await store.grant_credits("root", 3)  # the admin's own stream goes on
+    message = await admins_stream.next(timeout=30)
+    assert message is not None and message.payload["credits"] == 3
+
+
 # -------------------------------------------------------------------- sessions
 async def test_logout_ends_the_streams_of_that_session_only(app_client: MakeClient) -> None:
-    client = await app_client()  # heartbeat 5 s: the streams end at once, not at a check
+    # No heartbeat (so no periodic re-check) within the test: the streams must end at once.
+    client = await app_client(sse_heartbeat_seconds=3600)
     headers = await add_user(client)
     await login(client, headers["Authorization"][7:])
     by_cookie = await open_stream(client)
