@@ -50,12 +50,13 @@ from client import (
 from storage import (
     AmbiguousTokenPrefix,
     InsufficientCredits,
-    SQLiteTooOld,
+    StoreError,
     TaskStore,
     UserExists,
     UserNotFound,
     check_sqlite_version,
     isoformat,
+    open_store,
 )
 from worker import make_private_dirs
 from zhiyi_server import (
@@ -106,6 +107,8 @@ def _data_was_named(args: argparse.Namespace) -> bool:
 
 def _require_database(config: Config) -> None:
     """Refuse a data folder without a database: opening one would create it, empty."""
+    if config.database_url:
+        return  # PostgreSQL: the server made the tables; a wrong URL fails with its name
     check_sqlite_version()
     if not config.database.exists():
         raise CliError(
@@ -115,7 +118,7 @@ def _require_database(config: Config) -> None:
 
 
 async def _with_store(config: Config, action: Callable[[TaskStore], Awaitable[Any]]) -> Any:
-    store = await TaskStore.open(config.database)
+    store = await open_store(config.database, config.database_url)
     try:
         return await action(store)
     finally:
@@ -332,7 +335,8 @@ def _worker_command(args: argparse.Namespace) -> int:
 
 def _user_command(args: argparse.Namespace) -> int:
     config = _server_config(args)
-    creating = args.user_command == "add" and not config.database.exists()
+    creating = (args.user_command == "add" and not config.database_url
+                and not config.database.exists())
     # `user add` may start a database before the first `zhiyi serve`, but only in a folder
     # named on purpose: run from another folder, the ./data default would make an empty
     # one there and print a token the running server rejects.
@@ -1049,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
             # made 0600 by the store itself; client commands keep the user's umask.
             os.umask(0o077)
         return int(args.run(args) or 0)
-    except (CliError, ConfigError, SQLiteTooOld) as e:
+    except (CliError, ConfigError, StoreError) as e:  # StoreError: also an unreachable database
         print(f"zhiyi: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -58,6 +58,7 @@ __all__ = [
     "UserNotFound",
     "WriterStopped",
     "isoformat",
+    "open_store",
     "parse_time",
 ]
 
@@ -1166,7 +1167,7 @@ class TaskStore:
         rows = await self._fetchall(
             """SELECT u.id, u.credits, COALESCE(SUM(l.amount), 0) AS total
                FROM users u LEFT JOIN credit_ledger l ON l.user_id = u.id
-               GROUP BY u.id HAVING u.credits != total"""
+               GROUP BY u.id HAVING u.credits != COALESCE(SUM(l.amount), 0)"""
         )
         return {r["id"]: (r["credits"], r["total"]) for r in rows}
 
@@ -1822,7 +1823,7 @@ class TaskStore:
             txn.db.execute(
                 """INSERT INTO meta (key, value) VALUES ('events_pruned_through', ?)
                    ON CONFLICT (key) DO UPDATE SET
-                   value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))""",
+                   value = MAX(CAST(meta.value AS INTEGER), CAST(excluded.value AS INTEGER))""",
                 (str(top),),
             )
             return cursor.rowcount
@@ -1942,6 +1943,21 @@ PRAGMAS = (
     "PRAGMA foreign_keys = ON",
     "PRAGMA busy_timeout = 5000",
 )
+
+
+async def open_store(path: Path | str, url: str | None = None, *,
+                     clock: Callable[[], datetime] = utcnow) -> TaskStore:
+    """The one place the backend is chosen: PostgreSQL when ``url`` is
+    ``postgresql://...`` (its driver imported only then), else the SQLite file at ``path``.
+    """
+    if not url:
+        return await TaskStore.open(path, clock=clock)
+    scheme = url.split(":", 1)[0].lower()
+    if scheme not in ("postgresql", "postgres"):
+        raise StoreError(f"ZHIYI_DATABASE_URL must start with postgresql:// (got {scheme}://)")
+    import storage_pg
+
+    return await storage_pg.PgTaskStore.open_url(url, clock=clock)
 
 
 async def _connect_reader(path: Path) -> aiosqlite.Connection:

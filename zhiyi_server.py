@@ -94,6 +94,7 @@ from storage import (
     TooManyActiveTasks,
     UserExists,
     UserNotFound,
+    open_store,
     parse_time,
     utcnow,
 )
@@ -225,6 +226,9 @@ class Config:
         flag="--data", shown_default="./data")
     db_path: Path | None = setting(  # noqa: RUF009
         "ZHIYI_DB", None, "the SQLite file", shown_default="`$DATA_STORAGE_PATH/zhiyi.db`")
+    database_url: str | None = setting(
+        "ZHIYI_DATABASE_URL", None, "a `postgresql://` URL: the PostgreSQL store instead of "
+        "SQLite (files stay in DATA_STORAGE_PATH)", shown_default="none (SQLite)")
     host: str = setting("ZHIYI_HOST", "127.0.0.1", "where `zhiyi serve` listens",
                         flag="--host")
     port: int = setting("ZHIYI_PORT", 8080, "the port `zhiyi serve` listens on", minimum=0,
@@ -2078,7 +2082,9 @@ async def _save_text(out: Path, text: str, config: Config) -> None:
 def _store_ctx(config: Config, clock: Callable[[], datetime] = utcnow,
                ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = await TaskStore.open(config.database, clock=clock)
+        if config.database_url:  # (SQLite makes the folder with its file)
+            await asyncio.to_thread(make_private_dirs, config.data_path)
+        store = await open_store(config.database, config.database_url, clock=clock)
         store.result_url = lambda task_id: str(
             app.router["task_result"].url_for(taskId=str(task_id)))
         app[STORE] = store
@@ -2254,6 +2260,8 @@ def _worker_processes_ctx(count: int, config: Config,
         env = {**os.environ, "DATA_STORAGE_PATH": str(config.data_path)}
         if config.db_path is not None:
             env["ZHIYI_DB"] = str(config.db_path)
+        if config.database_url:
+            env["ZHIYI_DATABASE_URL"] = config.database_url
         children = [await asyncio.create_subprocess_exec(
             *command, env=env, stdout=asyncio.subprocess.PIPE) for _ in range(count)]
         logger.info("started %d worker processes: %s", count,

@@ -23,6 +23,8 @@ from zhiyi_server import (
     create_app,
 )
 
+pytestmark = pytest.mark.both_stores  # once on SQLite, once on PostgreSQL
+
 
 def files_under(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p.suffix not in {".db", ".db-wal",

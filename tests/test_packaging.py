@@ -253,7 +253,7 @@ def test_the_guarded_names_are_every_module_zhiyi_ships() -> None:
     import zhiyi_modules
 
     guarded = set(zhiyi_modules.EAGER_MODULES) | {
-        "cli", "client", "zhiyi_server", "zhiyi_modules"}
+        "cli", "client", "storage_pg", "zhiyi_server", "zhiyi_modules"}
     assert guarded == source_modules(), (
         "a new top-level module belongs in zhiyi_modules.EAGER_MODULES (or is imported "
         "lazily and checked where it is, like client)"

@@ -28,6 +28,8 @@ from sse import SSEHub, StreamPlan, encode_event, stream_events
 from storage import Event, TaskStatus
 from zhiyi_server import CONFIG, HUB, POOL, STORE
 
+pytestmark = pytest.mark.both_stores  # once on SQLite, once on PostgreSQL
+
 
 @pytest.fixture
 def gates() -> Gates:

@@ -33,11 +33,12 @@ from translation_memory import Entry, Scope, memory_key
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+pytestmark = pytest.mark.both_stores
+
+
 @pytest.fixture
-async def store(tmp_path: Path):
-    store = await TaskStore.open(tmp_path / "zhiyi.db")
-    yield store
-    await store.close()
+async def store(open_test_store):
+    return await open_test_store()
 
 
 async def ledger_sum(store: TaskStore, user: str) -> int:
@@ -228,6 +229,7 @@ async def everything(store: TaskStore, user: str) -> tuple[list, list, list, int
     return tasks, events, ledger, (await store.get_user(user)).credits
 
 
+@pytest.mark.sqlite_only  # the refusal is an SQLite trigger made from outside the store
 @pytest.mark.parametrize(("table", "when"), [
     # The event row cannot be written: the cancel, the refund and its ledger row go too.
     ("INSERT ON task_events", """NEW.task_id = 1 AND NEW.data LIKE '%"cancelled"%'"""),
@@ -281,6 +283,7 @@ async def test_ledger_pages_cover_every_entry_once(store: TaskStore) -> None:
         assert [e.id for p in pages for e in p] == [e.id for e in every]
 
 
+@pytest.mark.sqlite_only  # changes the balance through the SQLite file
 async def test_balance_drift_names_the_user_and_both_figures(
         tmp_path: Path, store: TaskStore) -> None:
     await store.add_user("alice", 5)

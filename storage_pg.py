@@ -1,0 +1,500 @@
+"""The PostgreSQL store: storage.py's TaskStore over psycopg 3, for several hosts.
+
+Imported only when ``ZHIYI_DATABASE_URL`` names a ``postgresql://`` database
+(see :func:`storage.open_store`). The write operations are storage.py's own
+small synchronous functions of a transaction, run unchanged: :class:`PgConnection`
+gives them the ``execute`` they expect (``?`` placeholders, ``lastrowid``, rows
+by name or position) and translates the few SQLite-only words. So there is one
+definition of every state change and of the ledger invariant, whichever database
+holds it.
+
+How the two stores differ:
+
+* Write transactions take one transaction-level advisory lock first
+  (``pg_advisory_xact_lock``), so event ids are allocated and committed in
+  order across every process: a reader that sees event 11 already sees 10.
+  It is SQLite's one-writer rule, kept on purpose; the GroupWriter's batching
+  (many writes under one COMMIT) is what keeps it cheap.
+* Claims read with ``FOR UPDATE SKIP LOCKED``.
+* A commit that appended events sends ``NOTIFY zhiyi_events``; every process
+  LISTENs and looks at once, with a periodic poll as the safety net and a
+  fresh listening connection after a lost one.
+* Reads go through a psycopg async connection pool.
+
+This module knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import psycopg.errors
+from psycopg.types.numeric import NumericLoader
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+import storage
+from storage import (
+    SCHEMA_VERSION,
+    Event,
+    GroupWriter,
+    StoreError,
+    StoreUnavailable,
+    TaskStore,
+    WriteOp,
+    _Done,
+    _Failed,
+    _run_op,
+    isoformat,
+    utcnow,
+)
+
+__all__ = ["PG_MIGRATIONS", "PgConnection", "PgTaskStore", "begin_write", "connect",
+           "hide_password", "pg_sql"]
+
+logger = logging.getLogger(__name__)
+
+#: the channel a commit with events notifies on
+CHANNEL = "zhiyi_events"
+#: the advisory lock every write transaction holds until it commits (any fixed number)
+WRITE_LOCK_KEY = 0x7A68_6979  # "zhiy"
+#: how often a process looks for other processes' commits when no notification came
+POLL_SECONDS = 1.0
+#: how long a lost listening connection waits before it connects again
+RECONNECT_SECONDS = 0.5
+
+#: Steps that move an older PostgreSQL database forward: version -> SQL. The first
+#: PostgreSQL schema is storage's version 6 (the DDL below); later versions add steps here.
+PG_MIGRATIONS: dict[int, str] = {}
+
+VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# ------------------------------------------------------------------ dialect
+def _scalar_min_max(sql: str) -> str:
+    """SQLite's two-argument ``MAX(a, b)``/``MIN(a, b)`` as ``GREATEST``/``LEAST``
+    (the one-argument aggregates stay)."""
+    out, i = [], 0
+    pattern = re.compile(r"\b(MAX|MIN)\(", re.IGNORECASE)
+    while (match := pattern.search(sql, i)) is not None:
+        depth, j, comma = 1, match.end(), False
+        while depth and j < len(sql):
+            depth += {"(": 1, ")": -1}.get(sql[j], 0)
+            comma = comma or (sql[j] == "," and depth == 1)
+            j += 1
+        word = match.group(1).upper()
+        name = ("GREATEST" if word == "MAX" else "LEAST") if comma else match.group(1)
+        out.append(sql[i:match.start()] + name + "(")
+        i = match.end()
+    return "".join(out) + sql[i:]
+
+
+@lru_cache(maxsize=1024)
+def pg_sql(sql: str) -> str:
+    """storage.py's SQL in PostgreSQL's dialect (the statements it uses, not SQLite at large)."""
+    text = sql.replace("%", "%%").replace("?", "%s")
+    text = _scalar_min_max(text)
+    # An empty list is SQLite-only; an empty subquery means the same (IN: false, NOT IN: true).
+    text = re.sub(r"\bIN \(\s*\)", "IN (SELECT NULL WHERE FALSE)", text)
+    if re.search(r"INSERT OR REPLACE INTO meta", text):
+        text = text.replace("INSERT OR REPLACE INTO", "INSERT INTO")
+        text += " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    if "INSERT OR IGNORE INTO" in text:
+        text = text.replace("INSERT OR IGNORE INTO", "INSERT INTO") + " ON CONFLICT DO NOTHING"
+    # The claim: a task another process is claiming is skipped, not waited for.
+    if re.search(r"FROM processing_tasks\s+WHERE status = 'pending' AND \(run_after", text) \
+            and text.rstrip().endswith("LIMIT 1"):
+        text += " FOR UPDATE SKIP LOCKED"
+    return text
+
+
+#: tables whose INSERT hands back ``lastrowid``
+_ID_TABLES = re.compile(r"^\s*INSERT INTO (processing_tasks|task_events|credit_ledger)\b",
+                        re.IGNORECASE)
+
+
+def schema_ddl() -> list[str]:
+    """schema.sql in PostgreSQL's types: one schema definition for both stores.
+
+    Ids become identity columns (never reused, like AUTOINCREMENT); integers
+    64-bit; times stay ISO-8601 text, compared byte-wise (``COLLATE "C"``) as
+    SQLite compares them.
+    """
+    text = storage._schema_sql()
+    text = re.sub(r"--[^\n]*", "", text)
+    text = text.replace("INTEGER PRIMARY KEY AUTOINCREMENT",
+                        "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+    text = re.sub(r"\bINTEGER\b", "BIGINT", text)
+    text = re.sub(r"\bREAL\b", "DOUBLE PRECISION", text)
+    text = re.sub(r"\b(\w+_at|run_after|lease_until|external_deadline)(\s+)TEXT\b",
+                  r'\1\2TEXT COLLATE "C"', text)
+    return [s.strip() for s in text.split(";") if s.strip()]
+
+
+# ------------------------------------------------------------ the adapter
+class Row(tuple):
+    """A result row read by column name or position, like ``sqlite3.Row``."""
+
+    _names: dict[str, int]
+
+    def __new__(cls, names: dict[str, int], values: Sequence[Any]) -> Row:
+        row = super().__new__(cls, values)
+        row._names = names
+        return row
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._names[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], Row]:
+    names = {c.name: i for i, c in enumerate(cursor.description or ())}
+    return lambda values: Row(names, values)
+
+
+class _WholeNumbers(NumericLoader):
+    """``SUM`` of integers is ``numeric`` in PostgreSQL: hand back an int, as SQLite does."""
+
+    def load(self, data: Any) -> Any:
+        value = super().load(data)
+        return int(value) if value == value.to_integral_value() else float(value)
+
+
+def _configure(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    conn.adapters.register_loader("numeric", _WholeNumbers)
+
+
+class PgCursor:
+    """What storage.py's write functions use of a ``sqlite3.Cursor``."""
+
+    def __init__(self, rows: list[Row], rowcount: int, lastrowid: int | None) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+        self.lastrowid = lastrowid
+
+    def fetchone(self) -> Row | None:
+        return self._rows.pop(0) if self._rows else None
+
+    def fetchall(self) -> list[Row]:
+        rows, self._rows = self._rows, []
+        return rows
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.fetchall())
+
+
+class PgConnection:
+    """A psycopg connection that speaks like the ``sqlite3.Connection`` storage.py writes to.
+
+    Constraint violations come out as ``sqlite3.IntegrityError`` because that
+    is what the write functions catch to name their refusals.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.raw = conn
+
+    def execute(self, sql: str, args: Iterable[Any] = ()) -> PgCursor:
+        text = pg_sql(sql)
+        wants_id = bool(_ID_TABLES.match(text)) and "RETURNING" not in text.upper()
+        if wants_id:
+            text += " RETURNING id"
+        try:
+            cursor = self.raw.execute(text, tuple(args))
+        except psycopg.errors.IntegrityError as e:
+            raise sqlite3.IntegrityError(str(e)) from e
+        rows = cursor.fetchall() if cursor.description is not None else []
+        if wants_id:
+            return PgCursor([], cursor.rowcount, rows[0][0] if rows else None)
+        return PgCursor(rows, cursor.rowcount, None)
+
+    def executemany(self, sql: str, seq: Iterable[Iterable[Any]]) -> PgCursor:
+        try:
+            with self.raw.cursor() as cursor:
+                cursor.executemany(pg_sql(sql), [tuple(a) for a in seq])
+                return PgCursor([], cursor.rowcount, None)
+        except psycopg.errors.IntegrityError as e:
+            raise sqlite3.IntegrityError(str(e)) from e
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+
+def connect(url: str) -> PgConnection:
+    """A synchronous connection in storage.py's terms (autocommit: BEGIN is explicit)."""
+    conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
+    _configure(conn)
+    return PgConnection(conn)
+
+
+def _lost(e: BaseException) -> bool:
+    """Whether ``e`` means the server is gone or refusing (not a bad statement)."""
+    return isinstance(e, psycopg.OperationalError | psycopg.errors.AdminShutdown)
+
+
+def _unavailable(url: str, e: BaseException) -> StoreUnavailable:
+    reason = " ".join(str(e).split())  # one line: psycopg's messages have several
+    return StoreUnavailable(f"PostgreSQL at {hide_password(url)} is not answering ({reason})")
+
+
+def begin_write(db: PgConnection) -> None:
+    """Open a write transaction: BEGIN, then the write lock, held until COMMIT or ROLLBACK.
+
+    The lock is what makes event ids commit in id order: an id is taken only by
+    the one transaction holding it, and the next holder's ids are larger.
+    """
+    db.raw.execute("BEGIN")
+    db.raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+
+
+# ---------------------------------------------------------------- migrate
+def _migrate(db: PgConnection) -> int:
+    """Create the tables, or move an older PostgreSQL database forward; return the last
+    event id. One transaction under the write lock, so processes starting together agree."""
+    db.execute("BEGIN")
+    try:
+        db.raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+        db.raw.execute(VERSION_TABLE)
+        row = db.raw.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        version = row[0] if row and row[0] is not None else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the database is version {version}, newer than this Zhiyi "
+                             f"({SCHEMA_VERSION}); upgrade Zhiyi")
+        if version == 0:
+            for statement in schema_ddl():
+                db.raw.execute(statement)
+        else:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                logger.info("migrating the PostgreSQL database to version %d", step)
+                db.raw.execute(PG_MIGRATIONS[step])
+        if version != SCHEMA_VERSION:
+            db.raw.execute("DELETE FROM schema_version")
+            db.raw.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+        last = db.raw.execute("SELECT COALESCE(MAX(id), 0) FROM task_events").fetchone()
+        db.raw.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.raw.execute("ROLLBACK")
+        raise
+    return int(last[0]) if last else 0
+
+
+# ------------------------------------------------------------------ writer
+class PgWriter(GroupWriter):
+    """storage.GroupWriter over one psycopg connection: batches under one COMMIT,
+    the write lock first, ``NOTIFY`` when events were appended."""
+
+    def __init__(self, url: str, clock: Callable[[], datetime],
+                 on_commit: Callable[[list[Event]], None],
+                 delivered_through: Callable[[], int]) -> None:
+        super().__init__(Path(), clock, on_commit, delivered_through)
+        self._url = url
+        self._pg: PgConnection | None = None
+        self.backend_pid = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._seen_event_id = await loop.run_in_executor(self._executor, self._open)
+
+    def _open(self) -> int:
+        self._pg = connect(self._url)
+        self.backend_pid = self._pg.raw.info.backend_pid
+        return _migrate(self._pg)
+
+    async def data_version(self) -> int:  # pragma: no cover - LISTEN replaces it
+        raise NotImplementedError("the PostgreSQL store is woken by NOTIFY")
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._pg is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._pg.raw.close)
+        self._executor.shutdown(wait=True)
+
+    def _connection(self) -> PgConnection:
+        """The writer's connection, made again if the last one was lost."""
+        if self._pg is None or self._pg.raw.closed:
+            self._pg = connect(self._url)
+            self.backend_pid = self._pg.raw.info.backend_pid
+        return self._pg
+
+    def _transaction(self, ops: list[WriteOp], *, isolate: bool) -> list[_Done | _Failed]:
+        try:
+            return self._locked_transaction(ops, isolate=isolate)
+        except Exception as e:
+            if _lost(e):
+                if self._pg is not None and not self._pg.raw.closed:
+                    self._pg.raw.close()
+                raise _unavailable(self._url, e) from e
+            raise
+
+    def _locked_transaction(self, ops: list[WriteOp], *,
+                            isolate: bool) -> list[_Done | _Failed]:
+        db = self._connection()
+        now = isoformat(self._clock())
+        outcomes: list[_Done | _Failed] = []
+        try:
+            begin_write(db)
+            for op in ops:
+                outcomes.append(_run_op(db, op, now, isolate))  # type: ignore[arg-type]
+            earlier, seen = self._events_before(db, outcomes)  # type: ignore[arg-type]
+            if any(isinstance(o, _Done) and o.events for o in outcomes):
+                db.raw.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+            db.raw.execute("COMMIT")
+        except BaseException:
+            if not db.raw.closed and db.in_transaction:
+                db.raw.execute("ROLLBACK")
+            raise
+        self._seen_event_id = seen
+        if earlier:
+            first = next(o for o in outcomes if isinstance(o, _Done))
+            first.events[:0] = earlier
+        return outcomes
+
+
+# ------------------------------------------------------------------- store
+class PgTaskStore(TaskStore):
+    """storage.TaskStore on PostgreSQL. Open with :meth:`open_url`."""
+
+    def __init__(self, url: str, *, clock: Callable[[], datetime] = utcnow,
+                 watch_seconds: float = POLL_SECONDS) -> None:
+        super().__init__(Path(), clock=clock, watch_seconds=watch_seconds)
+        self._url = url
+        self._writer = PgWriter(url, clock, self._own_commit, lambda: self._delivered_through)
+        self._pool: AsyncConnectionPool | None = None
+        self._notified = asyncio.Event()
+
+    @classmethod
+    async def open_url(cls, url: str, *, clock: Callable[[], datetime] = utcnow,
+                       watch_seconds: float = POLL_SECONDS) -> PgTaskStore:
+        """Connect to (creating or migrating) the database at ``url``.
+
+        Raises StoreUnavailable naming the URL (password hidden) when it does not answer.
+        """
+        store = cls(url, clock=clock, watch_seconds=max(watch_seconds, POLL_SECONDS))
+        try:
+            try:
+                await store._writer.start()
+            except psycopg.OperationalError as e:
+                raise _unavailable(url, e) from e
+            store._delivered_through = store._writer.start_event_id
+            store._pool = AsyncConnectionPool(
+                url, min_size=1, max_size=8, open=False, configure=_configure_async,
+                kwargs={"autocommit": True, "row_factory": _row_factory},
+                check=AsyncConnectionPool.check_connection)
+            await store._pool.open(wait=True, timeout=10)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        await self._writer.close()
+
+    def _own_commit(self, events: list[Event]) -> None:
+        self._publish(events)  # other processes hear the NOTIFY sent with the commit
+
+    async def _fetchall(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
+        if self._pool is None:
+            raise StoreUnavailable("the PostgreSQL store is closed")
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(pg_sql(sql), tuple(args))
+                return await cursor.fetchall() if cursor.description is not None else []
+        except psycopg.OperationalError as e:
+            raise _unavailable(self._url, e) from e
+        except PoolTimeout as e:
+            raise _unavailable(self._url, e) from e
+
+    # ---------------------------------------------------------- other processes
+    def _start_watching(self) -> None:
+        if self._watcher is None and self._pool is not None:
+            self._watcher = asyncio.get_running_loop().create_task(
+                self._watch(), name="zhiyi-pg-listen")
+
+    async def _watch(self) -> None:
+        """LISTEN for other processes' commits; look at each notification and at least
+        every ``watch_seconds``; connect again after a lost connection."""
+        poller = asyncio.get_running_loop().create_task(self._poll(), name="zhiyi-pg-poll")
+        try:
+            while True:
+                try:
+                    await self._listen()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    logger.warning("the PostgreSQL listening connection was lost (%s); "
+                                   "connecting again", e)
+                    self._notified.set()  # look now: a notification may have been missed
+                await asyncio.sleep(RECONNECT_SECONDS)
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+
+    async def _listen(self) -> None:
+        conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True)
+        async with conn:
+            await conn.execute(f"LISTEN {CHANNEL}")
+            self._notified.set()  # the first look catches up on what came before LISTEN
+            async for notify in conn.notifies():
+                if notify.pid != self._writer.backend_pid:  # type: ignore[attr-defined]
+                    self._notified.set()
+
+    async def _poll(self) -> None:
+        last_seen: int | None = None
+        while True:
+            try:
+                await asyncio.wait_for(self._notified.wait(), self._watch_seconds)
+                woken = True
+            except TimeoutError:
+                woken = False
+            self._notified.clear()
+            try:
+                if not woken:  # the safety net: did anything commit unheard?
+                    top = await self._fetchone("SELECT COALESCE(MAX(id), 0) AS m FROM task_events")
+                    current = top["m"] if top else 0
+                    if current == last_seen or current <= self._delivered_through:
+                        last_seen = current
+                        continue
+                    last_seen = current
+                await self._foreign_commit()
+            except Exception:
+                logger.exception("looking for other processes' commits failed")
+
+
+async def _configure_async(conn: psycopg.AsyncConnection[Any]) -> None:
+    _configure(conn)
+
+
+async def open_pg(url: str, *, clock: Callable[[], datetime] = utcnow) -> PgTaskStore:
+    """The store behind ``url`` (``postgresql://...``)."""
+    return await PgTaskStore.open_url(url, clock=clock)

@@ -1,0 +1,138 @@
+"""What only the PostgreSQL store has: event ids that commit in id order across
+connections (out-of-order commits on purpose), the URL's password kept out of errors,
+a lost connection made again, and the SQL dialect it speaks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+from helpers import eventually, new_task
+
+import storage_pg
+from storage import StoreUnavailable, TaskStore, _append_event, _Txn, isoformat, utcnow
+
+
+@pytest.fixture
+def store_kind() -> str:
+    """Every test here is about PostgreSQL (conftest's fixtures make its database)."""
+    return "postgres"
+
+
+def append(db, user: str, note: str) -> int:
+    """One event appended by ``db``'s open transaction; its id."""
+    return _append_event(_Txn(db, isoformat(utcnow())), None, user, "note", {"n": note}).id
+
+
+async def test_without_the_write_lock_a_later_id_can_commit_first(
+        database_url: str, open_test_store) -> None:
+    """The hazard the lock exists for, made on purpose: two transactions, the later id
+    commits first, and a reader then sees 11 without 10."""
+    store: TaskStore = await open_test_store()
+    await store.add_user("alice")
+    first, second = storage_pg.connect(database_url), storage_pg.connect(database_url)
+    try:
+        first.raw.execute("BEGIN")
+        early = append(first, "alice", "early")
+        second.raw.execute("BEGIN")
+        late = append(second, "alice", "late")
+        second.raw.execute("COMMIT")
+        assert late > early
+        seen = [e.id for e in await store.events_after(0, user_id="alice")]
+        assert late in seen and early not in seen
+        first.raw.execute("COMMIT")
+    finally:
+        first.raw.close()
+        second.raw.close()
+
+
+async def test_out_of_order_commit_cannot_hide_an_earlier_event(
+        database_url: str, open_test_store) -> None:
+    """The store's transactions: the second cannot take an id until the first commits,
+    so a reader (an SSE replay, a tailing process) that saw the later id saw the earlier."""
+    store: TaskStore = await open_test_store()
+    await store.add_user("alice")
+    delivered: list[int] = []
+    store.add_listener(lambda event: delivered.append(event.id))
+    first, second = storage_pg.connect(database_url), storage_pg.connect(database_url)
+    later: list[int] = []
+
+    def second_transaction() -> None:
+        storage_pg.begin_write(second)  # waits for the first's COMMIT
+        later.append(append(second, "alice", "late"))
+        second.raw.execute("COMMIT")
+
+    try:
+        storage_pg.begin_write(first)
+        early = append(first, "alice", "early")
+        racer = threading.Thread(target=second_transaction)
+        racer.start()
+        racer.join(0.5)
+        # The second transaction is still waiting: it has no id and nothing committed.
+        assert racer.is_alive() and later == []
+        assert await store.events_after(0, user_id="alice") == []
+        first.raw.execute("COMMIT")
+        racer.join(30)
+        assert not racer.is_alive()
+    finally:
+        first.raw.close()
+        second.raw.close()
+    assert later[0] > early
+    assert [e.id for e in await store.events_after(0, user_id="alice")] == [early, later[0]]
+    await store.catch_up()  # what the LISTEN wake-up does in another process
+    assert delivered == [early, later[0]]
+
+
+async def test_a_notification_wakes_another_process_store(open_test_store) -> None:
+    """Two stores (two processes' worth): the one that did not write hears of it."""
+    writer: TaskStore = await open_test_store()
+    reader: TaskStore = await open_test_store()
+    got = []
+    reader.add_listener(got.append)
+    await writer.add_user("alice", 3)
+    task, _ = await writer.create_processing_task(new_task("alice", cost=1))
+    await eventually(lambda: any(e.task_id == task.id for e in got),
+                     "the other store hears of the new task")
+    assert [e.id for e in got] == sorted(e.id for e in got)
+
+
+async def test_a_dropped_connection_is_made_again(database_url: str, open_test_store) -> None:
+    store: TaskStore = await open_test_store()
+    await store.add_user("alice", 1)
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    # The write that meets the dead connection is refused as unavailable; the next works.
+    try:
+        await store.grant_credits("alice", 1)
+    except StoreUnavailable:
+        await store.grant_credits("alice", 1)
+    assert (await store.get_user("alice")).credits == 2
+    assert await store.balance_drift() == {}
+
+
+def test_unreachable_database_is_one_line_without_the_password(tmp_path: Path) -> None:
+    env = {**os.environ, "ZHIYI_DATABASE_URL": "postgresql://bob:s3cret@127.0.0.1:1/x"}
+    done = subprocess.run(
+        [sys.executable, "-m", "zhiyi_server", "serve", "--data", str(tmp_path), "--port", "0"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "postgresql://bob:***@127.0.0.1:1/x" in lines[0] and "s3cret" not in done.stderr
+
+
+@pytest.mark.parametrize(("sqlite", "postgres"), [
+    ("SELECT MAX(a, ?) FROM t", "SELECT GREATEST(a, %s) FROM t"),
+    ("SELECT MAX(id) FROM t", "SELECT MAX(id) FROM t"),
+    ("UPDATE t SET n = MAX(MIN(a, 1), 0)", "UPDATE t SET n = GREATEST(LEAST(a, 1), 0)"),
+    ("SELECT 1 WHERE x IN ()", "SELECT 1 WHERE x IN (SELECT NULL WHERE FALSE)"),
+    ("SELECT '%' || ?", "SELECT '%%' || %s"),
+])
+def test_dialect(sqlite: str, postgres: str) -> None:
+    assert storage_pg.pg_sql(sqlite) == postgres
