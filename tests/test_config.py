@@ -12,7 +12,8 @@ from zhiyi_server import Config, ConfigError, settings_table
 #: Every setting's variable and default as they were before the table: a rename or a
 #: changed default breaks deployments, so it must be a deliberate edit here too.
 DEFAULTS = {
-    "DATA_STORAGE_PATH": Path("./data"), "ZHIYI_DB": None, "ZHIYI_HOST": "127.0.0.1",
+    "DATA_STORAGE_PATH": Path("./data"), "ZHIYI_DB": None, "ZHIYI_DATABASE_URL": None,
+    "ZHIYI_HOST": "127.0.0.1",
     "ZHIYI_PORT": 8080, "PUBLIC_URL": None, "WORKER_CONCURRENCY": 4, "ZHIYI_WORKERS": None,
     "MAX_ATTEMPTS": 3, "RETRY_BASE_SECONDS": 2.0, "TASK_TIMEOUT_SECONDS": 3600.0,
     "MAX_UPLOAD_MB": 50, "BODY_TIMEOUT_SECONDS": 30.0, "MAX_ACTIVE_TASKS_PER_USER": 100,
