@@ -1366,7 +1366,9 @@ class TaskStore:
 
         ``user_id`` None: every user's tasks (the admin API).
         """
-        sql = "SELECT * FROM processing_tasks WHERE (? IS NULL OR user_id = ?) AND id < ?"
+        # CAST: PostgreSQL must know a parameter's type; SQLite does not mind.
+        sql = ("SELECT * FROM processing_tasks"
+               " WHERE (CAST(? AS TEXT) IS NULL OR user_id = ?) AND id < ?")
         args: list[Any] = [user_id, user_id, cursor if cursor is not None else 2**63 - 1]
         if status is not None:
             sql += " AND status = ?"
@@ -1445,7 +1447,7 @@ class TaskStore:
             cursor = txn.db.execute(
                 """UPDATE processing_tasks SET lease_until = ?
                    WHERE id = ? AND attempts = ? AND status = 'processing'
-                   AND (? IS NULL OR lease_owner = ?)""",
+                   AND (CAST(? AS TEXT) IS NULL OR lease_owner = ?)""",
                 (lease, task_id, attempt, owner, owner),
             )
             return cursor.rowcount == 1
