@@ -33,10 +33,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("store_kind", STORES, indirect=True)
 
 
+#: the store of tests not marked ``both_stores``: ZHIYI_TEST_STORE=postgres runs them all there
+DEFAULT_STORE = os.environ.get("ZHIYI_TEST_STORE", "sqlite")
+
+
 @pytest.fixture
 def store_kind(request: pytest.FixtureRequest) -> str:
     """``sqlite`` or ``postgres``: which store this test runs on."""
-    return getattr(request, "param", "sqlite")
+    return getattr(request, "param", DEFAULT_STORE)
 
 
 @pytest.fixture(scope="session")

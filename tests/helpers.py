@@ -26,7 +26,7 @@ from page_helpers import free_port as free_port  # the one free_port, re-exporte
 from client import SSEMessage as WireMessage
 from client import SSEParser
 from processors import PermanentError, Registry, TaskContext, TransientError, default_registry
-from storage import NewTask, TaskStore
+from storage import NewTask, open_store
 from zhiyi_server import STORE
 
 
@@ -344,8 +344,8 @@ def peak_rss_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-async def make_user(data: Path, credits: int) -> str:
-    store = await TaskStore.open(data / "zhiyi.db")
+async def make_user(data: Path, credits: int, database_url: str | None = None) -> str:
+    store = await open_store(data / "zhiyi.db", database_url)
     try:
         await store.add_user("alice", credits)
         return await store.issue_token("alice")

@@ -23,10 +23,11 @@ import pytest
 from helpers import ServerProcess, SSEReader, StreamWatcher, free_port, make_user, new_task
 
 from processors import Registry, TaskContext, default_registry
-from storage import Event, NewTask, TaskStatus, TaskStore
+from storage import Event, NewTask, TaskStatus, TaskStore, open_store
 from worker import HOST, WorkerPool, WorkerSettings
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+# both_stores: the cluster tests (those taking ``cluster``) run on SQLite and on PostgreSQL.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.both_stores]
 
 HTTP_ENV = {"WORKER_CONCURRENCY": "0", "MAX_ACTIVE_TASKS_PER_USER": "1000",
             "SSE_MAX_PER_USER": "1000"}
@@ -139,16 +140,26 @@ async def test_recovery_takes_only_expired_or_provably_dead_leases(tmp_path: Pat
 class Cluster:
     """HTTP and worker processes on one data folder; stopped at the end by their PIDs."""
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, database_url: str | None) -> None:
         self.data = data
+        self.database_url = database_url
+        self.store_env = {"ZHIYI_DATABASE_URL": database_url} if database_url else {}
         self.processes: list[ServerProcess] = []
 
     def http(self) -> ServerProcess:
-        return self._start(ServerProcess(free_port(), self.data, env=HTTP_ENV))
+        return self._start(ServerProcess(free_port(), self.data,
+                                         env={**HTTP_ENV, **self.store_env}))
 
     def worker(self) -> ServerProcess:
-        return self._start(ServerProcess(free_port(), self.data, env=WORKER_ENV,
+        return self._start(ServerProcess(free_port(), self.data,
+                                         env={**WORKER_ENV, **self.store_env},
                                          args=("worker",)))
+
+    async def open_store(self) -> TaskStore:
+        return await open_store(self.data / "zhiyi.db", self.database_url)
+
+    async def make_user(self, credits: int) -> str:
+        return await make_user(self.data, credits, self.database_url)
 
     def _start(self, proc: ServerProcess) -> ServerProcess:
         self.processes.append(proc)
@@ -161,10 +172,10 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def cluster(tmp_path: Path, database_url: str | None) -> Iterator[Cluster]:
     data = tmp_path / "data"
     data.mkdir()
-    group = Cluster(data)
+    group = Cluster(data, database_url)
     yield group
     group.stop()
 
@@ -200,7 +211,7 @@ def steps_log(data: Path) -> list[str]:
 
 async def test_cancel_or_delete_through_an_http_process_stops_the_task_in_a_worker_process(
         cluster: Cluster) -> None:
-    token = await make_user(cluster.data, 10)
+    token = await cluster.make_user(10)
     http = cluster.http()
     cluster.worker()
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
@@ -230,8 +241,8 @@ async def _logged(data: Path, line: str) -> bool:
     return line in steps_log(data)
 
 
-async def _last_user_event(data: Path) -> int:
-    store = await TaskStore.open(data / "zhiyi.db")
+async def _last_user_event(cluster: Cluster) -> int:
+    store = await cluster.open_store()
     try:
         return await store.latest_event_id(user_id="alice")
     finally:
@@ -242,7 +253,7 @@ async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -
     """Every stream sees every event of its task once, in order, across a kill -9 of one
     HTTP process and one worker process; no task is lost and each is charged once."""
     tasks = 240
-    token = await make_user(cluster.data, 1000)
+    token = await cluster.make_user(1000)
     http_a, http_b = cluster.http(), cluster.http()
     worker_a, _ = cluster.worker(), cluster.worker()
     headers = {"Authorization": f"Bearer {token}"}
@@ -276,7 +287,7 @@ async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -
         await asyncio.wait_for(asyncio.gather(*runs), 240)
         for w in users:
             w.urls = [http_b.url]
-            w.until_id = await _last_user_event(cluster.data)
+            w.until_id = await _last_user_event(cluster)
         await asyncio.wait_for(asyncio.gather(*user_runs), 240)
         ledger = await get_json(session, f"{http_b.url}/api/me/ledger?limit=100")
         entries = ledger["entries"]
@@ -286,7 +297,7 @@ async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -
             entries += ledger["entries"]
         me = await get_json(session, f"{http_b.url}/api/me")
 
-    store = await TaskStore.open(cluster.data / "zhiyi.db")
+    store = await cluster.open_store()
     try:
         for w in watchers:
             assert w.final is not None and w.final["status"] == "completed", w.final
