@@ -381,6 +381,9 @@ def _user_command(args: argparse.Namespace) -> int:
 
 def _backup_command(args: argparse.Namespace) -> int:
     config = _server_config(args)
+    if config.database_url and not args.files_only:
+        raise CliError("the database is PostgreSQL (ZHIYI_DATABASE_URL): back it up with "
+                       "pg_dump, and the documents with `zhiyi backup DEST --files-only`")
     if not args.files_only:
         _require_database(config)
     database = None if args.files_only else config.database
@@ -398,6 +401,10 @@ def _backup_command(args: argparse.Namespace) -> int:
 
 def _restore_command(args: argparse.Namespace) -> int:
     config = _server_config(args)
+    if config.database_url:
+        raise CliError("the database is PostgreSQL (ZHIYI_DATABASE_URL): restore it with "
+                       "pg_restore or psql, and copy the documents of a --files-only "
+                       "backup into DATA_STORAGE_PATH")
     try:
         report = backup.restore(Path(args.src), config.data_path, config.database)
     except (backup.BackupError, OSError, sqlite3.Error) as e:

@@ -357,6 +357,16 @@ class PgWriter(GroupWriter):
         outcomes: list[_Done | _Failed] = []
         try:
             begin_write(db)
+        except psycopg.OperationalError as e:
+            # Lost while idle (a restart, a proxy's timeout): none of the batch was sent,
+            # so it runs on a new connection; if that fails too, the caller hears it.
+            logger.warning("the PostgreSQL write connection was lost (%s); connecting again",
+                           " ".join(str(e).split()))
+            db.raw.close()
+            db = self._pg = connect(self._url)
+            self.backend_pid = db.raw.info.backend_pid
+            begin_write(db)
+        try:
             for op in ops:
                 outcomes.append(_run_op(db, op, now, isolate))  # type: ignore[arg-type]
             earlier, seen = self._events_before(db, outcomes)  # type: ignore[arg-type]

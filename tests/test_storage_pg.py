@@ -15,7 +15,7 @@ import pytest
 from helpers import eventually, new_task
 
 import storage_pg
-from storage import StoreUnavailable, TaskStore, _append_event, _Txn, isoformat, utcnow
+from storage import TaskStore, _append_event, _Txn, isoformat, utcnow
 
 
 @pytest.fixture
@@ -102,18 +102,36 @@ async def test_a_notification_wakes_another_process_store(open_test_store) -> No
 
 
 async def test_a_dropped_connection_is_made_again(database_url: str, open_test_store) -> None:
+    """Every connection of the store killed by the server: writes, reads and the
+    listening connection come back, and no write is refused for it."""
     store: TaskStore = await open_test_store()
+    other: TaskStore = await open_test_store()
+    heard: list[int] = []
+    store.add_listener(lambda event: heard.append(event.id))
     await store.add_user("alice", 1)
     with psycopg.connect(database_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                       "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-    # The write that meets the dead connection is refused as unavailable; the next works.
-    try:
-        await store.grant_credits("alice", 1)
-    except StoreUnavailable:
-        await store.grant_credits("alice", 1)
+    await store.grant_credits("alice", 1)  # its connection died idle: a new one runs it
     assert (await store.get_user("alice")).credits == 2
     assert await store.balance_drift() == {}
+    # Another process's event still reaches this store's listener (LISTEN made again,
+    # or the poll): the connection it listened on was killed too.
+    before = len(heard)
+    await other.create_processing_task(new_task("alice", cost=1))
+    await eventually(lambda: len(heard) > before, "the listener hears the other store again")
+
+
+def test_backup_of_a_postgresql_store_points_to_pg_dump(tmp_path: Path,
+                                                        database_url: str) -> None:
+    env = {**os.environ, "ZHIYI_DATABASE_URL": database_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "zhiyi_server", "backup", str(tmp_path / "copy"),
+         "--data", str(tmp_path / "data")], env=env, capture_output=True, text=True,
+        timeout=60)
+    assert done.returncode == 1
+    assert "pg_dump" in done.stderr and "--files-only" in done.stderr
+    assert not (tmp_path / "copy").exists()
 
 
 def test_unreachable_database_is_one_line_without_the_password(tmp_path: Path) -> None:
