@@ -45,6 +45,7 @@ def files_under(folder: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------- quota
+@pytest.mark.both_stores
 async def test_an_upload_past_the_quota_is_refused_and_changes_nothing(
         app_client: MakeClient, config: Config, spec: dict) -> None:
     client = await app_client(max_storage_mb_per_user=1)
@@ -70,6 +71,7 @@ async def test_an_upload_past_the_quota_is_refused_and_changes_nothing(
     assert (await upload(client, bob, 600 * KB))[0] == 201
 
 
+@pytest.mark.both_stores
 async def test_concurrent_uploads_cannot_pass_the_quota_together(
         app_client: MakeClient) -> None:
     client = await app_client(max_storage_mb_per_user=1)
@@ -80,6 +82,7 @@ async def test_concurrent_uploads_cannot_pass_the_quota_together(
     assert await client.app[STORE].storage_used("alice") == 800 * KB
 
 
+@pytest.mark.both_stores
 async def test_results_count_toward_the_quota(app_client: MakeClient) -> None:
     client = await app_client(worker_concurrency=1)
     headers = await add_user(client)
@@ -100,6 +103,7 @@ async def test_a_quota_of_zero_means_none(app_client: MakeClient) -> None:
 
 
 # ------------------------------------------------------------------ retention
+@pytest.mark.both_stores
 async def test_failed_and_cancelled_uploads_go_after_the_grace(
         app_client: MakeClient, clock: FakeClock, config: Config, spec: dict) -> None:
     client = await app_client(failed_retention_hours=24)

@@ -197,6 +197,7 @@ async def test_user_commands_need_an_existing_database(tmp_path: Path) -> None:
     assert not data.exists()
 
 
+@pytest.mark.both_stores
 async def test_admin_revoke_ends_the_users_streams_at_once(app_client: MakeClient) -> None:
     # No heartbeat (so no periodic re-check) within the test: the streams must end at once.
     client = await app_client(sse_heartbeat_seconds=3600)
@@ -216,6 +217,7 @@ async def test_admin_revoke_ends_the_users_streams_at_once(app_client: MakeClien
 
 
 # -------------------------------------------------------------------- sessions
+@pytest.mark.both_stores
 async def test_logout_ends_the_streams_of_that_session_only(app_client: MakeClient) -> None:
     # No heartbeat (so no periodic re-check) within the test: the streams must end at once.
     client = await app_client(sse_heartbeat_seconds=3600)
@@ -235,6 +237,7 @@ async def test_logout_ends_the_streams_of_that_session_only(app_client: MakeClie
     assert message is not None
 
 
+@pytest.mark.both_stores
 async def test_session_expires_after_session_days(app_client: MakeClient,
                                                   clock: FakeClock) -> None:
     client = await app_client(session_days=2)
@@ -287,6 +290,7 @@ async def test_session_slides_on_use_with_bounded_writes(
     assert await status_of(client, session) == 401
 
 
+@pytest.mark.both_stores
 async def test_a_session_open_on_a_stream_slides_too(app_client: MakeClient,
                                                      clock: FakeClock) -> None:
     client = await app_client(session_days=2)
