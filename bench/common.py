@@ -87,6 +87,8 @@ class ServerProcess:
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     proc: subprocess.Popen[str] | None = None
+    #: the stdout line (its start) that says the server listens
+    ready_prefix: str = "READY"
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
@@ -100,7 +102,7 @@ class ServerProcess:
             line = self.proc.stdout.readline()
             if not line:
                 break
-            if line.strip() == "READY":
+            if line.strip().startswith(self.ready_prefix):
                 return self
         self.stop()
         raise RuntimeError(f"{self.name} did not start; see {self.log_path}")
