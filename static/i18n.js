@@ -53,6 +53,27 @@ const STRINGS = {
     'param.glossary': 'Glossary',
     'param.memory': 'Translation memory',
     'param.outputEncoding': 'Encoding of the result',
+    // The server's English texts (task types, cost rules, parameter hints), said here in
+    // the page's language; used only while the server's text is exactly the English one.
+    'desc.translate': 'Translates the document segment by segment, keeping its format',
+    'desc.analyze': 'A JSON report: characters, words, segments, language, credit quotes',
+    'desc.extract': 'The document’s plain text (UTF-8)',
+    'costRule.translate': '1 credit per 1,000 characters, at least 1',
+    'costRule.extract': '1 credit per 10,000 characters, at least 1',
+    'costRule.analyze': '1 credit',
+    'hint.translate.targetLang': 'Language to translate into, e.g. zh',
+    'hint.translate.sourceLang': 'Language of the document, or auto',
+    'hint.translate.engine': 'Translation engine',
+    'hint.translate.glossary': 'Name of one of your glossaries for this language pair: its terms come out as given',
+    'hint.translate.memory': 'use (the default): segments in your translation memory are not sent or charged; ignore: translate everything again',
+    'hint.translate.outputEncoding': 'source (the default): a text file comes back in its own encoding and byte-order mark; utf-8: as UTF-8',
+    'hint.analyze.targetLang': 'Quote a translation into this language (counts segments in your translation memory)',
+    'hint.analyze.sourceLang': 'Language of the document, or auto',
+    'hint.analyze.engine': 'Engine of the quoted translation',
+    'choice.memory.use': 'use',
+    'choice.memory.ignore': 'ignore',
+    'choice.outputEncoding.source': 'source',
+    'choice.outputEncoding.utf-8': 'utf-8',
     'upload.chooseFile': 'Choose at least one file.',
     'upload.fileError': '{name}: {message}',
     'param.targetLang': 'Target language',
@@ -239,6 +260,25 @@ const STRINGS = {
     'param.glossary': '术语表',
     'param.memory': '翻译记忆',
     'param.outputEncoding': '结果的编码',
+    'desc.translate': '逐段翻译文档，保留原有格式',
+    'desc.analyze': 'JSON 报告：字符数、词数、段数、语言和积分报价',
+    'desc.extract': '文档的纯文本（UTF-8 编码）',
+    'costRule.translate': '每 1,000 个字符 1 积分，至少 1 积分',
+    'costRule.extract': '每 10,000 个字符 1 积分，至少 1 积分',
+    'costRule.analyze': '1 积分',
+    'hint.translate.targetLang': '译入的语言',
+    'hint.translate.sourceLang': '文档的语言，或自动检测',
+    'hint.translate.engine': '翻译引擎',
+    'hint.translate.glossary': '您在此语言对上的术语表：其中的术语按给定译法输出',
+    'hint.translate.memory': '使用（默认）：翻译记忆中已有的段落不发送也不收费；不使用：全部重新翻译',
+    'hint.translate.outputEncoding': '与原文相同（默认）：文本文件按其原有编码和字节顺序标记返回；UTF-8：以 UTF-8 返回',
+    'hint.analyze.targetLang': '按此目标语言给出翻译报价（计入翻译记忆中的段落）',
+    'hint.analyze.sourceLang': '文档的语言，或自动检测',
+    'hint.analyze.engine': '报价所用的翻译引擎',
+    'choice.memory.use': '使用',
+    'choice.memory.ignore': '不使用',
+    'choice.outputEncoding.source': '与原文相同',
+    'choice.outputEncoding.utf-8': 'UTF-8',
     'upload.chooseFile': '请至少选择一个文件。',
     'upload.fileError': '{name}：{message}',
     'param.targetLang': '目标语言',
@@ -456,6 +496,17 @@ export function apiErrorText(error) {
   const own = error.code === 'network_error' || error.code === 'unauthenticated';
   if ((own || lang !== 'en' || !error.message) && has(key)) return t(key);
   return error.message;
+}
+
+/**
+ * A text the server wrote in English (a task type's description, a cost rule, a
+ * parameter's hint) in the page's language: the dictionary's, when its English
+ * matches the server's text (a server with other texts keeps its own), else as sent.
+ */
+export function sayServer(key, english) {
+  const known = STRINGS.en[key];
+  if (typeof known !== 'string' || known.replace(/’/g, "'") !== (english ?? '').replace(/’/g, "'")) return english ?? '';
+  return t(key);
 }
 
 /** Every key of the Chinese and English dictionaries (the tests check both are complete). */

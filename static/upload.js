@@ -4,7 +4,7 @@
 // Start; the form remembers its choices in localStorage.
 
 import * as api from './api.js';
-import { apiErrorText, has, t } from './i18n.js';
+import { apiErrorText, has, sayServer, t } from './i18n.js';
 import { langName } from './tasks.js';
 
 // Offered when the engine does not say which languages it has (pseudo: any).
@@ -130,11 +130,11 @@ export class UploadForm {
     box.replaceChildren();
     this.q('#quote-list').replaceChildren();
     if (!type) return;
-    this.q('#type-description').textContent = type.description ?? '';
+    this.q('#type-description').textContent = sayServer(`desc.${type.taskType}`, type.description);
     for (const [name, spec] of Object.entries(type.params ?? {})) {
       box.append(this.paramField(type, name, spec));
     }
-    this.q('#cost-rule').textContent = t('upload.cost', { rule: type.cost });
+    this.q('#cost-rule').textContent = t('upload.cost', { rule: sayServer(`costRule.${type.taskType}`, type.cost) });
     // Say what each file becomes where it changes kind (".pdf → .docx").
     const results = type.results ?? {};
     const accepted = type.extensions.map((ext) =>
@@ -178,7 +178,7 @@ export class UploadForm {
       this.fillLanguages(control, type, name, spec);
     } else if (spec.choices) {
       control = document.createElement('select');
-      for (const choice of spec.choices) control.append(new Option(choice, choice));
+      for (const choice of spec.choices) control.append(new Option(sayServer(`choice.${name}.${choice}`, choice), choice));
       control.value = this.values[name] ?? spec.default ?? spec.choices[0];
     } else {
       control = document.createElement('input');
@@ -204,7 +204,7 @@ export class UploadForm {
       const hint = document.createElement('small');
       hint.id = `${id}-hint`;
       hint.className = 'hint';
-      hint.textContent = spec.description;
+      hint.textContent = sayServer(`hint.${type.taskType}.${name}`, spec.description);
       control.setAttribute('aria-describedby', hint.id);
       field.append(hint);
     }

@@ -876,3 +876,21 @@ def test_no_serious_accessibility_violation(browser: Browser, server: ZhiyiServe
         assert any(p.startswith("button-name (critical)") for p in _axe_problems(page))
     finally:
         context.close()
+
+
+def test_server_texts_of_the_form_in_chinese(page: Page, server: ZhiyiServer) -> None:
+    """The task type's description, its cost rule, the parameters' hints and choices
+    the server sends in English are said in Chinese on a Chinese page."""
+    log_in(page, server)
+    expect(page.locator("#type-description")).to_have_text(
+        "Translates the document segment by segment, keeping its format")
+    page.click("#lang-switch")
+    expect(page.locator("#type-description")).to_have_text("逐段翻译文档，保留原有格式")
+    expect(page.locator("#cost-rule")).to_have_text("费用：每 1,000 个字符 1 积分，至少 1 积分")
+    form = page.locator("#upload-form")
+    hints = " ".join(form.locator(".hint").all_inner_texts())
+    choices = " ".join(form.locator("select:not(#param-targetLang):not(#param-sourceLang) "
+                                    "option").all_inner_texts())
+    assert not re.search(r"\b(the|of|to|or|use|ignore|source)\b", hints + " " + choices), (
+        hints, choices)
+    shot(page, "27-zh-form")
