@@ -69,6 +69,11 @@ CHANNEL = "zhiyi_events"
 WRITE_LOCK_KEY = 0x7A68_6979  # "zhiy"
 #: how often a process looks for other processes' commits when no notification came
 POLL_SECONDS = 1.0
+#: read connections per process, and how long a read waits for one before it answers
+#: StoreUnavailable (503) — reads take milliseconds, so a wait this long means the
+#: database is gone, and the client is told so rather than left hanging
+READ_POOL_SIZE = 16
+READ_WAIT_SECONDS = 5.0
 #: how long a lost listening connection waits before it connects again
 RECONNECT_SECONDS = 0.5
 
@@ -244,7 +249,7 @@ class PgConnection:
 
 def connect(url: str) -> PgConnection:
     """A synchronous connection in storage.py's terms (autocommit: BEGIN is explicit)."""
-    conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
+    conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory, connect_timeout=5)
     _configure(conn)
     return PgConnection(conn)
 
@@ -411,8 +416,10 @@ class PgTaskStore(TaskStore):
                 raise _unavailable(url, e) from e
             store._delivered_through = store._writer.start_event_id
             store._pool = AsyncConnectionPool(
-                url, min_size=1, max_size=8, open=False, configure=_configure_async,
-                kwargs={"autocommit": True, "row_factory": _row_factory},
+                url, min_size=1, max_size=READ_POOL_SIZE, open=False,
+                configure=_configure_async, timeout=READ_WAIT_SECONDS,
+                kwargs={"autocommit": True, "row_factory": _row_factory,
+                        "connect_timeout": 5},
                 check=AsyncConnectionPool.check_connection)
             await store._pool.open(wait=True, timeout=10)
         except BaseException:
@@ -471,7 +478,8 @@ class PgTaskStore(TaskStore):
             await asyncio.gather(poller, return_exceptions=True)
 
     async def _listen(self) -> None:
-        conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True,
+                                                     connect_timeout=5)
         async with conn:
             await conn.execute(f"LISTEN {CHANNEL}")
             self._notified.set()  # the first look catches up on what came before LISTEN

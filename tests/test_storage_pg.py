@@ -4,6 +4,7 @@ a lost connection made again, and the SQL dialect it speaks."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -154,3 +155,65 @@ def test_unreachable_database_is_one_line_without_the_password(tmp_path: Path) -
 ])
 def test_dialect(sqlite: str, postgres: str) -> None:
     assert storage_pg.pg_sql(sqlite) == postgres
+
+
+class CuttableProxy:
+    """A TCP relay on loopback to the PostgreSQL server that a test can cut, as a network
+    or a PostgreSQL failure would (the shared server itself must keep running)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+
+async def test_postgresql_lost_mid_run_answers_503_store_unavailable(
+        database_url: str, aiohttp_client, config) -> None:
+    from urllib.parse import urlsplit
+
+    from helpers import add_user
+
+    from zhiyi_server import create_app
+
+    parts = urlsplit(database_url)
+    proxy = CuttableProxy(parts.port or 5432)
+    port = await proxy.start()
+    via_proxy = database_url.replace(f":{parts.port}/", f":{port}/")
+    settings = {**config.__dict__, "database_url": via_proxy, "worker_concurrency": 0}
+    client = await aiohttp_client(create_app(type(config)(**settings)))
+    headers = await add_user(client, "alice", 10)
+    assert (await client.get("/api/me", headers=headers)).status == 200
+    await proxy.cut()
+    for path in ("/api/me", "/api/tasks"):
+        resp = await client.get(path, headers=headers)
+        assert resp.status == 503, (path, await resp.text())
+        body = await resp.json()
+        assert body["code"] == "store_unavailable" and body["success"] is False
