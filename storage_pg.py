@@ -77,8 +77,10 @@ READ_WAIT_SECONDS = 5.0
 #: how long a lost listening connection waits before it connects again
 RECONNECT_SECONDS = 0.5
 
-#: Steps that move an older PostgreSQL database forward: version -> SQL. The first
-#: PostgreSQL schema is storage's version 6 (the DDL below); later versions add steps here.
+#: the first schema version a PostgreSQL database was made at (schema.sql as it was then)
+PG_BASELINE = 8
+#: Steps that move an older PostgreSQL database forward: version -> SQL, one for every
+#: version of storage.MIGRATIONS above PG_BASELINE (tests/test_storage_pg.py holds this).
 PG_MIGRATIONS: dict[int, str] = {}
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
@@ -291,6 +293,10 @@ def _migrate(db: PgConnection) -> int:
             for statement in schema_ddl():
                 db.raw.execute(statement)
         else:
+            missing = [v for v in range(version + 1, SCHEMA_VERSION + 1) if v not in PG_MIGRATIONS]
+            if missing:
+                raise StoreError(f"the PostgreSQL database is version {version} and this Zhiyi "
+                                 f"has no PostgreSQL step to version {missing[0]}")
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 logger.info("migrating the PostgreSQL database to version %d", step)
                 db.raw.execute(PG_MIGRATIONS[step])
@@ -334,8 +340,9 @@ class PgWriter(GroupWriter):
     async def close(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
-        if self._pg is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._pg.raw.close)
+        if self._pg is not None:  # (a second close has nothing left to do)
+            pg, self._pg = self._pg, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, pg.raw.close)
         self._executor.shutdown(wait=True)
 
     def _connection(self) -> PgConnection:

@@ -217,3 +217,25 @@ async def test_postgresql_lost_mid_run_answers_503_store_unavailable(
         assert resp.status == 503, (path, await resp.text())
         body = await resp.json()
         assert body["code"] == "store_unavailable" and body["success"] is False
+
+
+def test_every_schema_step_after_the_baseline_has_a_postgresql_step() -> None:
+    """A new storage.MIGRATIONS step needs its PostgreSQL twin, or older PostgreSQL
+    databases could not move forward."""
+    from storage import SCHEMA_VERSION
+
+    assert SCHEMA_VERSION >= storage_pg.PG_BASELINE
+    assert set(range(storage_pg.PG_BASELINE + 1, SCHEMA_VERSION + 1)) <= set(
+        storage_pg.PG_MIGRATIONS)
+
+
+async def test_a_newer_postgresql_database_is_refused(database_url: str,
+                                                      open_test_store) -> None:
+    from storage import SCHEMA_VERSION, StoreError
+
+    store = await open_test_store()
+    await store.close()
+    with psycopg.connect(database_url, autocommit=True) as db:
+        db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match="newer than this Zhiyi"):
+        await open_test_store()
