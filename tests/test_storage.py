@@ -471,23 +471,19 @@ def test_old_sqlite_is_one_line_from_the_cli(tmp_path: Path, monkeypatch, capsys
     assert err.startswith("zhiyi: SQLite 3.31.1 is too old") and "\n" not in err
 
 
-async def test_memory_pages_cover_every_entry_once(tmp_path: Path) -> None:
-    store = await TaskStore.open(tmp_path / "z.db")
-    try:
-        await store.add_user("alice")
-        entries = [Entry("en", target, engine, f"Sentence {i}.", f"{target} {i}")
-                   for i in range(7) for target in ("de", "fr") for engine in ("pseudo",)]
-        assert await store.memory_remember("alice", entries) == 14
-        seen, after = [], None
-        while page := await store.memory_entries("alice", after=after, limit=3):
-            seen += [entry for _, entry in page]
-            after = page[-1][0]
-        assert sorted(seen, key=repr) == sorted(entries, key=repr)
-        assert await store.memory_clear("alice", Scope("en", "de", "pseudo")) == 7
-        assert [(s, n) for s, n in await store.memory_summary("alice")] == [
-            (Scope("en", "fr", "pseudo"), 7)]
-    finally:
-        await store.close()
+async def test_memory_pages_cover_every_entry_once(store: TaskStore) -> None:
+    await store.add_user("alice")
+    entries = [Entry("en", target, engine, f"Sentence {i}.", f"{target} {i}")
+               for i in range(7) for target in ("de", "fr") for engine in ("pseudo",)]
+    assert await store.memory_remember("alice", entries) == 14
+    seen, after = [], None
+    while page := await store.memory_entries("alice", after=after, limit=3):
+        seen += [entry for _, entry in page]
+        after = page[-1][0]
+    assert sorted(seen, key=repr) == sorted(entries, key=repr)
+    assert await store.memory_clear("alice", Scope("en", "de", "pseudo")) == 7
+    assert [(s, n) for s, n in await store.memory_summary("alice")] == [
+        (Scope("en", "fr", "pseudo"), 7)]
 
 
 async def test_task_numbers_are_per_user_and_never_reused(store: TaskStore) -> None:
