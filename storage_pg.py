@@ -54,6 +54,7 @@ from storage import (
     _Done,
     _Failed,
     _run_op,
+    _Txn,
     isoformat,
     utcnow,
 )
@@ -272,8 +273,7 @@ def begin_write(db: PgConnection) -> None:
     The lock is what makes event ids commit in id order: an id is taken only by
     the one transaction holding it, and the next holder's ids are larger.
     """
-    db.raw.execute("BEGIN")
-    db.raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+    db.raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")  # one round trip
 
 
 # ---------------------------------------------------------------- migrate
@@ -379,12 +379,25 @@ class PgWriter(GroupWriter):
             self.backend_pid = db.raw.info.backend_pid
             begin_write(db)
         try:
-            for op in ops:
-                outcomes.append(_run_op(db, op, now, isolate))  # type: ignore[arg-type]
+            if len(ops) == 1:
+                # Alone in its transaction: a failure rolls the transaction back, so the
+                # savepoint (two more round trips) is not needed.
+                txn = _Txn(db, now)  # type: ignore[arg-type]
+                try:
+                    outcomes.append(_Done(ops[0](txn), txn.events))
+                except Exception as e:
+                    if _lost(e):
+                        raise
+                    db.raw.execute("ROLLBACK")
+                    return [_Failed(e)]
+            else:
+                for op in ops:
+                    outcomes.append(_run_op(db, op, now, isolate))  # type: ignore[arg-type]
             earlier, seen = self._events_before(db, outcomes)  # type: ignore[arg-type]
             if any(isinstance(o, _Done) and o.events for o in outcomes):
-                db.raw.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
-            db.raw.execute("COMMIT")
+                db.raw.execute(f"SELECT pg_notify('{CHANNEL}', ''); COMMIT")
+            else:
+                db.raw.execute("COMMIT")
         except BaseException:
             if not db.raw.closed and db.in_transaction:
                 db.raw.execute("ROLLBACK")
