@@ -11,7 +11,7 @@ import aiohttp
 from helpers import add_user, create, eventually, wait_status
 
 from processors import Registry, TaskContext, default_registry
-from zhiyi_server import CONFIG
+from zhiyi_server import CONFIG, HUB
 
 STEPS = 40
 
@@ -92,6 +92,11 @@ async def test_streams_are_told_when_to_reconnect_and_closed(make_client) -> Non
         assert first == b"retry: 4321\n\n"
         snapshot = await resp.content.readuntil(b"\n\n")
         assert b"status_update" in snapshot
+        # Once live (replay done), the hub writes to the socket itself, the retry: included.
+        # A stream still replaying when the server stops ends with the retry: it began with.
+        hub = client.app[HUB]
+        await eventually(lambda: any(s.transport is not None for s in hub.subscribers()),
+                         "the stream is live")
         hub_live = asyncio.create_task(client.server.close())
         rest = await asyncio.wait_for(resp.content.read(), 30)
         await hub_live
