@@ -438,3 +438,15 @@ def small_docx() -> bytes:
     buffer = io.BytesIO()
     document.save(buffer)
     return buffer.getvalue()
+
+
+async def poll_until_ended(session: aiohttp.ClientSession, url: str,
+                           task_id: int) -> dict[str, Any]:
+    """The task (over HTTP, from a server subprocess) once it is no longer pending or
+    processing; callers bound the wait with their own timeout."""
+    while True:
+        async with session.get(f"{url}/api/tasks/{task_id}") as resp:
+            task = (await resp.json())["task"]
+        if task["taskStatus"] not in ("pending", "processing"):
+            return task
+        await asyncio.sleep(0.1)

@@ -23,6 +23,7 @@ from helpers import (
     free_port,
     get_task,
     make_user,
+    poll_until_ended,
     small_docx,
     wait_status,
     write_pdf,
@@ -139,12 +140,7 @@ async def test_kill_9_mid_translation_resumes_without_resending(tmp_path: Path,
             await asyncio.to_thread(proc.kill)
             sent_before_kill = len(fake.segments)
             await asyncio.to_thread(proc.start)
-            while True:
-                async with s.get(f"{proc.url}/api/tasks/{task_id}") as resp:
-                    task = (await resp.json())["task"]
-                if task["taskStatus"] not in ("pending", "processing"):
-                    break
-                await asyncio.sleep(0.1)
+            task = await poll_until_ended(s, proc.url, task_id)
             assert task["taskStatus"] == "completed", task
             async with s.get(f"{proc.url}{task['resultUrl']}") as resp:
                 result = await resp.text()

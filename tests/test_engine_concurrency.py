@@ -14,7 +14,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 from fakes import FakeLibreTranslate
-from helpers import ServerProcess, add_user, create, free_port, make_user, wait_status
+from helpers import (
+    ServerProcess,
+    add_user,
+    create,
+    free_port,
+    make_user,
+    poll_until_ended,
+    wait_status,
+)
 
 from engines import AdaptiveLimit, EngineSettings, make_engine
 
@@ -218,12 +226,7 @@ async def test_kill_9_during_concurrent_batches_resends_only_what_was_in_flight(
             fake.release()
             await asyncio.to_thread(proc.start)
             async with asyncio.timeout(60):
-                while True:
-                    async with s.get(f"{proc.url}/api/tasks/{task_id}") as resp:
-                        task = (await resp.json())["task"]
-                    if task["taskStatus"] not in ("pending", "processing"):
-                        break
-                    await asyncio.sleep(0.1)
+                task = await poll_until_ended(s, proc.url, task_id)
             assert task["taskStatus"] == "completed", task
             async with s.get(f"{proc.url}{task['resultUrl']}") as resp:
                 result = await resp.text()
