@@ -67,13 +67,17 @@ def scratch_dir(tag: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=base))
 
 
-def add_zhiyi_user(data_dir: Path, name: str, credits: int) -> str:
-    """``zhiyi user add NAME --credits N --data DIR``; the token is the last stdout line."""
+def add_zhiyi_user(data_dir: Path, name: str, credits: int,
+                   env: dict[str, str] | None = None) -> str:
+    """``zhiyi user add NAME --credits N --data DIR``; the token is the last stdout line.
+
+    ``env`` adds to the environment (``ZHIYI_DATABASE_URL`` for a PostgreSQL store).
+    """
     out = subprocess.run(
         [PYTHON, "-m", "zhiyi_server", "user", "add", name, "--credits", str(credits),
          "--data", str(data_dir)],
         cwd=REPO, check=True, capture_output=True, text=True,
-        env={**os.environ, "ZHIYI_LOG_LEVEL": "WARNING"},
+        env={**os.environ, "ZHIYI_LOG_LEVEL": "WARNING", **(env or {})},
     )
     return out.stdout.strip().splitlines()[-1]
 

@@ -16,7 +16,13 @@ Usage: ``.venv/bin/python bench/outside.py [--m 1000] [--c 50] [--rounds 3]``
   ``zhiyi-w0``: ``zhiyi serve --workers 0`` (workers in the HTTP process);
   ``zhiyi-default``: ``zhiyi serve`` with its default worker processes (one
   per core = 2, all on core 0 here); ``saq``: bench/ref_pubsub.py (aiohttp
-  front + SAQ worker + its own ``redis-server --save '' --appendonly no``).
+  front + SAQ worker + its own ``redis-server --save '' --appendonly no``);
+  ``zhiyi-pg`` (not in the default ``--servers``): ``zhiyi serve --workers 0`` on
+  the PostgreSQL store, a database of its own made on ``--pg``'s server for the
+  run and dropped after it. PostgreSQL's processes are the shared server's, not
+  ours to pin: they run on either core, and the CPU of the run's backends (the
+  postmaster's children serving the run's database) is counted apart, not in
+  ``server-side CPU``; the server's WAL writer and checkpointer are not counted.
 - Figures are ratios to ``saq`` of the same round; ranges over the rounds.
 """
 
@@ -37,6 +43,7 @@ from typing import Any
 
 import aiohttp
 import psutil
+import psycopg
 import redis
 from common import (
     PYTHON,
@@ -57,7 +64,9 @@ from loadgen import _follow
 logger = logging.getLogger(__name__)
 
 SERVER_CPU, DRIVER_CPU = "0", 1
-KINDS = ("zhiyi-w0", "zhiyi-default", "saq")
+KINDS = ("zhiyi-w0", "zhiyi-default", "saq", "zhiyi-pg")
+DEFAULT_SERVERS = ("zhiyi-w0", "zhiyi-default", "saq")
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 ZHIYI = str(Path(PYTHON).parent / "zhiyi")
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank. "
 #: 2 KB of plain text in 32 lines (segments), as an ordinary short document
@@ -73,6 +82,8 @@ class Deployment:
     headers: dict[str, str]
     work: Path
     redis_proc: subprocess.Popen[bytes] | None = None
+    #: (admin URL, database name) of a PostgreSQL database made for this run
+    pg: tuple[str, str] | None = None
 
     def pids(self) -> list[int]:
         """Every server-side PID now (worker processes and parse children included)."""
@@ -88,12 +99,38 @@ class Deployment:
                 continue
         return pids
 
+    def pg_backends(self) -> list[int]:
+        """PIDs of the PostgreSQL backends serving this run's database (children of the
+        postmaster; the query's own backend left out)."""
+        if self.pg is None:
+            return []
+        admin, name = self.pg
+        with psycopg.connect(admin, autocommit=True) as conn:
+            rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s "
+                                "AND pid <> pg_backend_pid()", (name,)).fetchall()
+        return [pid for (pid,) in rows]
+
     def stop(self) -> None:
         for proc in reversed(self.processes):
             proc.stop()
         if self.redis_proc is not None:
             self.redis_proc.terminate()
             self.redis_proc.wait(10)
+        if self.pg is not None:
+            drop_database(*self.pg)
+
+
+def create_database(admin: str) -> tuple[str, str]:
+    """A fresh database on the PostgreSQL server of ``admin``: (its URL, its name)."""
+    name = f"zhiyi_outside_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING \'UTF8\'')
+    return f"{admin.rsplit('/', 1)[0]}/{name}", name
+
+
+def drop_database(admin: str, name: str) -> None:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -120,17 +157,27 @@ def deploy(kind: str, opts: argparse.Namespace) -> Deployment:
     pin = ["taskset", "-c", SERVER_CPU]
     if kind.startswith("zhiyi"):
         data = work / "data"
-        token = add_zhiyi_user(data, "bench", 10**9)
         env = {"ZHIYI_LOG_LEVEL": "WARNING", "MAX_ACTIVE_TASKS_PER_USER": "100000",
                "SSE_MAX_PER_USER": "100000"}
-        argv = [*pin, ZHIYI, "serve", "--data", str(data), "--host", "127.0.0.1",
-                "--port", str(port)]
-        if kind == "zhiyi-w0":
-            argv += ["--workers", "0"]
-        server = ServerProcess(kind, argv, env, work / "server.log",
-                               ready_prefix="Zhiyi is running").start(timeout=90)
+        pg = None
+        if kind == "zhiyi-pg":
+            url, name = create_database(opts.pg)
+            pg = (opts.pg, name)
+            env["ZHIYI_DATABASE_URL"] = url
+        try:
+            token = add_zhiyi_user(data, "bench", 10**9, env)
+            argv = [*pin, ZHIYI, "serve", "--data", str(data), "--host", "127.0.0.1",
+                    "--port", str(port)]
+            if kind in ("zhiyi-w0", "zhiyi-pg"):
+                argv += ["--workers", "0"]
+            server = ServerProcess(kind, argv, env, work / "server.log",
+                                   ready_prefix="Zhiyi is running").start(timeout=90)
+        except BaseException:
+            if pg is not None:
+                drop_database(*pg)
+            raise
         return Deployment(kind, [server], f"http://127.0.0.1:{port}",
-                          {"Authorization": f"Bearer {token}"}, work)
+                          {"Authorization": f"Bearer {token}"}, work, pg=pg)
     redis_proc, url = start_redis(work)
     env = {"BENCH_QUEUE": f"outside-{uuid.uuid4().hex[:8]}", "REDIS_URL": url,
            "WORKER_CONCURRENCY": str(opts.saq_concurrency)}
@@ -202,14 +249,30 @@ def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
     return out
 
 
+def backend_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend (the shared server's processes: read only)."""
+    out = {}
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
 def measure(dep: Deployment, opts: argparse.Namespace, profile: bool) -> dict[str, float]:
     before = cpu_seconds(dep.pids())
+    pg_before = backend_cpu(dep.pg_backends())
     spy = start_profiler(dep) if profile else None
     rate, times = asyncio.run(drive(dep.base, dep.headers, opts.m, opts.c))
     if spy is not None:
         spy.send_signal(2)
         spy.wait(60)
     after = cpu_seconds(dep.pids())
+    # A backend that came and went during the run is missed (the pool keeps its own).
+    pg_after = backend_cpu(dep.pg_backends())
+    pg_cpu = sum(s - pg_before.get(pid, 0.0) for pid, s in pg_after.items())
     by_role: dict[str, float] = defaultdict(float)
     for pid, (name, seconds) in after.items():
         by_role[name] += seconds - before.get(pid, (name, 0.0))[1]
@@ -219,7 +282,8 @@ def measure(dep: Deployment, opts: argparse.Namespace, profile: bool) -> dict[st
             "p99_ms": percentile(times, 99), "alone_p50_ms": percentile(alone, 50),
             "cpu_ms_per_task": cpu / opts.m * 1e3,
             "sandbox_ms_per_task": by_role["sandbox"] / opts.m * 1e3,
-            "worker_procs_ms_per_task": by_role["worker"] / opts.m * 1e3}
+            "worker_procs_ms_per_task": by_role["worker"] / opts.m * 1e3,
+            "pg_backends_ms_per_task": pg_cpu / opts.m * 1e3}
 
 
 def start_profiler(dep: Deployment) -> subprocess.Popen[bytes]:
@@ -241,11 +305,14 @@ def report(rounds: list[dict[str, dict[str, float]]], opts: argparse.Namespace) 
         for kind in opts.servers:
             rows.append([i, kind, *(figures[kind][f] for f in FIGURES),
                          figures[kind]["sandbox_ms_per_task"],
-                         figures[kind]["worker_procs_ms_per_task"]])
+                         figures[kind]["worker_procs_ms_per_task"],
+                         figures[kind]["pg_backends_ms_per_task"]
+                         if kind == "zhiyi-pg" else "-"])
     print_table(f"Outside driver's pipeline: {opts.m} translate/pseudo tasks of 2 KB, "
                 f"{opts.c} in flight; server side on CPU 0, driver on CPU 1",
                 ["round", "server", "tasks/s", "p50 ms", "p99 ms", "p50 alone ms",
-                 "server-side CPU ms/task", "of which sandbox", "of which worker procs"], rows)
+                 "server-side CPU ms/task", "of which sandbox", "of which worker procs",
+                 "PostgreSQL backends ms/task (apart, unpinned)"], rows)
     ratios: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for figures in rounds:
         for kind in opts.servers:
@@ -256,7 +323,16 @@ def report(rounds: list[dict[str, dict[str, float]]], opts: argparse.Namespace) 
                 ["server", *FIGURES],
                 [[kind, *(f"{min(v):.2f}-{max(v):.2f} ({percentile(sorted(v), 50):.2f})"
                           for v in (ratios[kind][f] for f in FIGURES))] for kind in ratios])
-    return {"rounds": rounds, "ratios": {k: dict(v) for k, v in ratios.items()}}
+    on_pg: dict[str, list[float]] = defaultdict(list)
+    for figures in rounds:
+        if "zhiyi-pg" in figures and "zhiyi-w0" in figures:
+            for f in FIGURES:
+                on_pg[f].append(figures["zhiyi-pg"][f] / figures["zhiyi-w0"][f])
+    if on_pg:
+        print_table("zhiyi-pg / zhiyi-w0 (PostgreSQL / SQLite) in the same round: min-max",
+                    list(FIGURES), [[f"{min(v):.2f}-{max(v):.2f}" for v in on_pg.values()]])
+    return {"rounds": rounds, "ratios": {k: dict(v) for k, v in ratios.items()},
+            "pg_over_sqlite": dict(on_pg)}
 
 
 def main() -> int:
@@ -266,7 +342,9 @@ def main() -> int:
     parser.add_argument("--alone", type=int, default=100, help="tasks one at a time (p50)")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--servers", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--servers", nargs="+", choices=KINDS, default=list(DEFAULT_SERVERS))
+    parser.add_argument("--pg", default=PG_SERVER,
+                        help="PostgreSQL server for zhiyi-pg (a database is made per run there)")
     parser.add_argument("--saq-concurrency", type=int, default=10,
                         help="SAQ Worker concurrency (Zhiyi keeps its default, 4 per process)")
     parser.add_argument("--profile", choices=KINDS, default=None)
