@@ -81,10 +81,10 @@ class Metrics:
                                             "Streams ended because the client fell behind",
                                             registry=r)
         self.parses = Counter("zhiyi_document_parses",
-                              "Parser processes started, and how they ended", ["event"],
+                              "Document parses started, and how they ended", ["event"],
                               registry=r)
         self.parses_running = Gauge("zhiyi_document_parses_running",
-                                    "Parser processes running now", registry=r)
+                                    "Documents being read by a parser process now", registry=r)
         self.parses_waiting = Gauge("zhiyi_document_parses_waiting",
                                     "Document parses waiting for a parser slot", registry=r)
         self.webhooks = Counter("zhiyi_webhooks", "Webhook deliveries by outcome", ["outcome"],

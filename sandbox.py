@@ -2,26 +2,34 @@
 
 Every read of an uploaded document (pricing at create, and the parse, text
 extraction and write-back of a translation during processing) runs here, in
-a child process with its own limits: address space (``RLIMIT_AS``), CPU time
-(``RLIMIT_CPU``) and a wall time the parent enforces by killing the child. A
-child that dies or is killed becomes :class:`DocumentRefused` with a
+a parser process with its own limits: address space (``RLIMIT_AS``), CPU time
+(``RLIMIT_CPU``) and a wall time the parent enforces by killing the parser. A
+parser that dies or is killed becomes :class:`DocumentRefused` with a
 sentence naming the limit, so the server process never holds a hostile
 document's memory, and a parse never runs on the event loop's default
 executor (which aiohttp's own file responses use).
 
 Before a format parses anything, zip-based files are checked from their
 central directory (member count, declared sizes, compression ratio) and
-PDFs by page count. Those checks run in the child too: even listing a zip's
+PDFs by page count. Those checks run in the parser too: even listing a zip's
 directory allocates in proportion to it.
 
-Children are forked from multiprocessing's *forkserver*, which has this
-module (and so ``formats`` with lxml, python-docx and pypdf) imported once:
-a child starts in milliseconds, starts clean (no parent threads, no memory
-of an earlier document), and its CPU-time limit counts one document only.
-At most ``workers`` children run at once, and at most ``per_user`` of them
-for one user. Results come back as small picklable values; anything large
-(segments, text, the rebuilt document) goes through files in the task's
-folders.
+Parser processes are forked from multiprocessing's *forkserver*, which has
+this module (and so ``formats`` with lxml, python-docx and pypdf) imported
+once, and then kept warm: a parser reads one document at a time, for many
+documents, so a read costs a pipe round trip (well under a millisecond)
+rather than a fork, an import-free start and a reap (~15 ms of CPU each,
+three reads per translation). Before each document its soft limits are
+raised again from where the parser stands, so every document gets the whole
+memory and CPU allowance. A parser retires after a failure that may have left
+it unsound (out of memory, too deep, an unexpected error), after
+``_JOBS_PER_PARSER`` documents, or when its memory grew by 64 MB; one killed
+(wall time, an abandoned read) or dead is simply replaced. Parsers keep no
+state between documents: a job is a function of the file's path and its
+answer. At most ``workers`` documents are read at once, and at most
+``per_user`` of them for one user. Results come back as small picklable
+values; anything large (segments, text, the rebuilt document) goes through
+files in the task's folders.
 
 Nothing here knows of HTTP or the database: the server turns
 :class:`DocumentRefused` into ``422 bad_document``, processors into a failed
@@ -33,8 +41,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import logging
+import math
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -73,9 +83,15 @@ ZIP_EXTENSIONS = frozenset({".docx", ".pptx", ".xlsx", ".odt", ".ods", ".odp", "
 # A member smaller than this is not judged by its ratio: a small, very compressible part
 # (an XML file of repeated tags) is harmless whatever its ratio.
 _RATIO_FLOOR_BYTES = 1 << 20
-# A child's answer is a few hundred bytes; far under a pipe's buffer, so the child never
-# blocks writing it while the parent waits for its exit.
-_MAX_ANSWER_BYTES = 32 * 1024
+# A parser's answer is a few hundred bytes. Under 16 KB, multiprocessing sends it in one
+# write, far under a pipe's buffer: the parser never blocks on it, and once the parent
+# sees the pipe readable the whole answer is there.
+_MAX_ANSWER_BYTES = 16 * 1024 - 64
+# A parser process reads this many documents at most, then a fresh one takes its place:
+# a bound on whatever a long life accumulates (fragmented arenas, caches in libraries).
+_JOBS_PER_PARSER = 500
+# A parser whose address space grew this much past its start retires after the document.
+_RETIRE_GROWTH_BYTES = 64 * 1024 * 1024
 _POLL_SECONDS = 0.5
 _MB = 1024 * 1024
 
@@ -188,7 +204,7 @@ def _open(path: str, limits: ParseLimits) -> formats.Document:
     return formats.open_document(source)
 
 
-# ------------------------------------------------------------ jobs (in the child)
+# ------------------------------------------------------------ jobs (in a parser)
 @dataclass(frozen=True)
 class _Spooled:
     stats: formats.DocumentStats
@@ -256,45 +272,90 @@ def _address_space() -> int:
     return 0
 
 
-def _apply_limits(limits: ParseLimits) -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # The soft limit sends SIGXCPU, whose default action ends the process at once; the
-    # hard one (SIGKILL) is a backstop. A forked child's CPU time starts at zero.
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
-    # On top of what the child already maps (the interpreter, lxml, pypdf: ~45 MB), so
-    # the setting means the same on every machine: what one document may allocate.
-    ceiling = _address_space() + limits.memory_mb * _MB
-    resource.setrlimit(resource.RLIMIT_AS, (ceiling, ceiling))
+def _cpu_seconds_used() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
-def _child_main(conn: Connection, limits: ParseLimits, job: Callable[..., Any],
-                args: tuple[Any, ...]) -> None:
-    """The child: apply the limits, run the job, send one small answer, exit."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in a terminal is the server's
+def _set_soft_limit(kind: int, soft: int) -> None:
+    """Raise or lower a soft limit, never past the hard one (which only ever goes down)."""
+    _, hard = resource.getrlimit(kind)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(kind, (soft, hard))
+
+
+def _limit_next_job(limits: ParseLimits) -> None:
+    """Give the next document the whole of its limits, counted from where the parser is now.
+
+    The soft limits are raised per job: SIGXCPU (whose default action ends the
+    process at once) after ``cpu_seconds`` more CPU, MemoryError past
+    ``memory_mb`` more address space than the parser maps now (the interpreter,
+    lxml and pypdf are ~45 MB), so a setting means the same on every machine and
+    for every document a parser reads. The hard limits stay as inherited: a hard
+    limit can never be raised again, and the parent's wall-time kill is the
+    backstop of both.
+    """
+    _set_soft_limit(resource.RLIMIT_CPU, math.ceil(_cpu_seconds_used()) + limits.cpu_seconds)
+    _set_soft_limit(resource.RLIMIT_AS, _address_space() + limits.memory_mb * _MB)
+
+
+def _run_job(limits: ParseLimits, job: Callable[..., Any], args: tuple[Any, ...]
+             ) -> tuple[tuple[str, Any], bool]:
+    """One document's read: its answer, and whether this parser may read another after it.
+
+    A document refused in the format's own words leaves the parser as it was;
+    any other failure (out of memory, too deep, an unexpected error) may have left
+    the interpreter in a state no later document should meet, so the parser retires.
+    """
     try:
-        _apply_limits(limits)
-        answer: tuple[str, Any] = ("ok", job(limits, *args))
+        _limit_next_job(limits)
+        return ("ok", job(limits, *args)), True
     except (formats.BadDocument, DocumentRefused) as e:
-        answer = ("refused", str(e))
+        return ("refused", str(e)), True
     except MemoryError:
-        answer = ("memory_limit", limits.memory_sentence())
+        return ("memory_limit", limits.memory_sentence()), False
     except RecursionError:
-        answer = ("refused", "This document is nested too deeply to be read.")
+        return ("refused", "This document is nested too deeply to be read."), False
     except OSError as e:
         # The machine's trouble (a full disk), not the document's: the parent re-raises it.
-        answer = ("os_error", (e.errno, e.strerror or str(e)))
+        return ("os_error", (e.errno, e.strerror or str(e))), True
     except Exception as e:
         # The parent logs it with the task or request; the file is what was wrong.
-        answer = ("refused", f"This file could not be read ({type(e).__name__}: {e})."[:500])
-    try:
-        data = pickle.dumps(answer)
-        if len(data) > _MAX_ANSWER_BYTES:
-            data = pickle.dumps(("refused", "The document reader gave too long an answer."))
-        conn.send_bytes(data)
-    except MemoryError:
-        os._exit(3)
-    finally:
-        conn.close()
+        return ("refused", f"This file could not be read ({type(e).__name__}: {e})."[:500]), False
+
+
+def _parser_main(conn: Connection, limits: ParseLimits) -> None:
+    """A parser process: read one document per request, answer, until told to stop or retired.
+
+    A request is a pickled ``(job, args)``; an answer is a pickled
+    ``(status, value, retiring)``. The parser retires (answers, then exits) after
+    a failure that may have left it unsound, after ``_JOBS_PER_PARSER`` documents,
+    or when its address space grew by more than ``_RETIRE_GROWTH_BYTES`` (Python
+    keeps freed arenas; a fresh parser starts small again). End of file on the
+    pipe (the server closed it or died) ends it too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in a terminal is the server's
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    start_size = _address_space()
+    for served in itertools.count(1):
+        try:
+            job, args = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        (status, value), sound = _run_job(limits, job, args)
+        retiring = (not sound or served >= _JOBS_PER_PARSER
+                    or _address_space() - start_size > _RETIRE_GROWTH_BYTES)
+        try:
+            data = pickle.dumps((status, value, retiring))
+            if len(data) > _MAX_ANSWER_BYTES:
+                data = pickle.dumps(
+                    ("refused", "The document reader gave too long an answer.", retiring))
+            conn.send_bytes(data)
+        except MemoryError:
+            os._exit(3)
+        if retiring:
+            return
 
 
 # ---------------------------------------------------------------- the parent side
@@ -313,7 +374,7 @@ Observe = Callable[[str], None]
 class DocumentSandbox:
     """The pool of bounded parser processes of one app (or one worker pool).
 
-    ``workers`` children at most run at once (the pool size), and at most
+    ``workers`` documents at most are read at once (the pool size), and at most
     ``per_user`` of them for one user; the others wait their turn (first come,
     first served), so one user's documents never take every slot.
     """
@@ -325,21 +386,23 @@ class DocumentSandbox:
         self.per_user = max(1, per_user)
         #: told each event: started, then ok, refused, memory_limit, cpu_limit, wall_limit,
         #: crashed, os_error; or abandoned (the caller went away or was cancelled, waiting or
-        #: running; a running child is killed)
+        #: running; a running parser is killed)
         self._observe = observe or (lambda event: None)
         self._slots: asyncio.Semaphore | None = None
         self._users: dict[str, _UserSlots] = {}
-        self._children: set[BaseProcess] = set()
-        # Starting a child is a short blocking exchange with the forkserver: off the
+        #: warm parsers waiting for a document, and those reading one now
+        self._idle: list[_Parser] = []
+        self._busy: set[_Parser] = set()
+        # Starting a parser is a short blocking exchange with the forkserver: off the
         # loop, and off the default executor (aiohttp's file responses use that one).
         self._starter: ThreadPoolExecutor | None = None
-        self.started = 0  #: children started since the sandbox was made
+        self.started = 0  #: parser processes started since the sandbox was made
         self.waiting = 0  #: parses waiting for a slot (the user's or the pool's)
 
     @property
     def in_flight(self) -> int:
-        """Parser children running now."""
-        return len(self._children)
+        """Documents being read now (each by its own parser process)."""
+        return len(self._busy)
 
     async def start(self) -> None:
         """Start the forkserver (imports the parsers once) so the first upload waits less."""
@@ -347,8 +410,9 @@ class DocumentSandbox:
         await asyncio.get_running_loop().run_in_executor(self._starter, _ensure_forkserver)
 
     async def close(self) -> None:
-        for child in list(self._children):
-            _kill(child)
+        for parser in [*self._idle, *self._busy]:
+            parser.stop()
+        self._idle.clear()
         if self._starter is not None:
             self._starter.shutdown(wait=False, cancel_futures=True)
             self._starter = None
@@ -410,54 +474,43 @@ class DocumentSandbox:
         finally:
             self.waiting -= 1
         try:
-            return await self._run_child(job, args)
+            return await self._run_in_parser(job, args)
         finally:
             self._slots.release()
             slots.semaphore.release()
 
-    async def _run_child(self, job: Callable[..., T], args: tuple[Any, ...]) -> T:
-        loop = asyncio.get_running_loop()
+    async def _run_in_parser(self, job: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """Read one document in a warm parser (started if none is idle); see ``_Parser``."""
+        parser = self._idle.pop() if self._idle else await self._start_parser()
+        self._busy.add(parser)
+        self._observe("started")
+        keep = False
+        try:
+            answer = await parser.ask(job, args, self.limits.wall_seconds)
+            keep = answer is not None and not answer[2]
+        finally:
+            self._busy.discard(parser)
+            if keep and self._starter is not None:
+                self._idle.append(parser)
+            else:
+                await asyncio.shield(parser.retire())
+        return self._answer(parser, answer)
+
+    async def _start_parser(self) -> _Parser:
         if self._starter is None:
             await self.start()
-        receive, send = multiprocessing.Pipe(duplex=False)
-        child = _ParserProcess(target=_child_main, args=(send, self.limits, job, args),
-                                 name="zhiyi-parser", daemon=True)
-        try:
-            await loop.run_in_executor(self._starter, _start, child)
-        finally:
-            send.close()
-        self._children.add(child)
+        parser = await asyncio.get_running_loop().run_in_executor(
+            self._starter, _Parser.start, self.limits)
         self.started += 1
-        self._observe("started")
-        killed = False
-        try:
-            async with asyncio.timeout(self.limits.wall_seconds):
-                await _exited(child)
-        except TimeoutError:
-            killed = True
-        finally:
-            if child.exitcode is None:
-                _kill(child)
-                await asyncio.shield(_exited(child))
-            self._children.discard(child)
-        try:
-            return self._answer(child, receive, killed)
-        finally:
-            receive.close()
-            child.close()
+        return parser
 
-    def _answer(self, child: BaseProcess, receive: Connection, killed: bool) -> Any:
-        if killed:
+    def _answer(self, parser: _Parser, answer: tuple[str, Any, bool] | None) -> Any:
+        if parser.timed_out:
             self._observe("wall_limit")
             raise DocumentRefused(self.limits.wall_sentence())
-        try:
-            # Readable also at end of file: a child killed before answering sent nothing.
-            answer = pickle.loads(receive.recv_bytes()) if receive.poll() else None
-        except (EOFError, OSError, pickle.UnpicklingError):
-            answer = None
         if answer is None:
-            raise DocumentRefused(self._death_sentence(child.exitcode))
-        status, value = answer
+            raise DocumentRefused(self._death_sentence(parser.exitcode))
+        status, value, _ = answer
         self._observe(status)
         if status == "os_error":
             raise OSError(*value)
@@ -474,6 +527,76 @@ class DocumentSandbox:
                else f"exit status {exitcode}")
         logger.warning("a parser process ended without an answer (%s)", how)
         return self.limits.crash_sentence(how)
+
+
+class _Parser:
+    """One warm parser process and the parent's end of its pipe.
+
+    It reads one document at a time, for as many documents as it stays sound
+    (see ``_parser_main``), so a read costs a pipe round trip instead of a fork.
+    A parser that overruns the wall time, or whose caller gives up, is killed;
+    one that died or retired is replaced by a fresh one on the next read.
+    """
+
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self._process = process
+        self._conn = conn
+        self.timed_out = False
+        #: how the process ended, once it has been reaped (``retire``)
+        self.exitcode: int | None = None
+
+    @classmethod
+    def start(cls, limits: ParseLimits) -> _Parser:
+        """Fork a parser from the forkserver (blocking: run it in the starter thread)."""
+        _ensure_forkserver()  # restarts a forkserver that died (a cheap check when it lives)
+        ours, theirs = multiprocessing.Pipe(duplex=True)
+        process = _ParserProcess(target=_parser_main, args=(theirs, limits),
+                                 name="zhiyi-parser", daemon=True)
+        try:
+            process.start()
+        finally:
+            theirs.close()
+        return cls(process, ours)
+
+    async def ask(self, job: Callable[..., Any], args: tuple[Any, ...],
+                  wall_seconds: float) -> tuple[str, Any, bool] | None:
+        """Send one read; its answer, or None when the parser ended without one.
+
+        Past ``wall_seconds``, or when the caller is cancelled, the parser is killed.
+        """
+        try:
+            self._conn.send_bytes(pickle.dumps((job, args)))
+        except OSError:
+            return None  # it died while idle (killed from outside): its exit code says how
+        try:
+            async with asyncio.timeout(wall_seconds):
+                await _readable(self._conn.fileno(), self._process.sentinel)
+        except TimeoutError:
+            self.timed_out = True
+            return None
+        try:
+            # Readable also at end of file: a parser that died mid-read sent nothing.
+            return pickle.loads(self._conn.recv_bytes()) if self._conn.poll() else None
+        except (EOFError, OSError, pickle.UnpicklingError):
+            return None
+
+    def stop(self) -> None:
+        """Kill the process and close the pipe now (the server is closing)."""
+        _kill(self._process)
+        self._conn.close()
+
+    async def retire(self) -> None:
+        """End the process, reap it and release its pipe.
+
+        It may still be reading (killed: timed out, or its caller went away), have
+        died (its exit code says how), or be leaving of itself after its answer.
+        """
+        if self._process.exitcode is None:
+            _kill(self._process)
+        await _exited(self._process)
+        self.exitcode = self._process.exitcode
+        self._conn.close()
+        self._process.close()
 
 
 class ParsedDocument:
@@ -575,14 +698,27 @@ def _ensure_forkserver() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def _start(child: BaseProcess) -> None:
-    _ensure_forkserver()  # restarts a forkserver that died (a cheap check when it lives)
-    child.start()
-
-
 def _kill(child: BaseProcess) -> None:
     with contextlib.suppress(ProcessLookupError, ValueError, AttributeError):
         child.kill()
+
+
+async def _readable(*fds: int) -> None:
+    """Wait until one of the file descriptors is readable (data, end of file or exit)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    for fd in fds:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
 
 
 def _exited(child: BaseProcess) -> Awaitable[None]:
@@ -610,7 +746,7 @@ async def _reap_after(child: BaseProcess, done: asyncio.Future[None]) -> None:
 
 
 async def _unless_abandoned(work: Awaitable[T], still_wanted: Callable[[], bool] | None) -> T:
-    """Await ``work``; stop it (killing its child) if ``still_wanted()`` turns false."""
+    """Await ``work``; stop it (killing its parser) if ``still_wanted()`` turns false."""
     if still_wanted is None:
         return await work
     task = asyncio.ensure_future(work)

@@ -295,7 +295,8 @@ async def test_real_server_memory_stays_bounded(tmp_path: Path, issue_zip_bomb: 
 
 # --------------------------------------------------------------- balance first
 async def test_no_credits_refused_before_any_parse(make_client) -> None:
-    client = await make_client()
+    # No workers: a worker reading the created task's document would count a parse too.
+    client = await make_client(worker_concurrency=0)
     broke = await add_user(client, "broke", 0)
     rich = await add_user(client, "rich", 1_000_000)
     large = ("A sentence of the large document. " * 30 + "\n\n") * 5000  # ~5 MB
@@ -309,7 +310,7 @@ async def test_no_credits_refused_before_any_parse(make_client) -> None:
 
 
 async def test_exact_charge_still_checked_after_the_parse(make_client) -> None:
-    client = await make_client()
+    client = await make_client(worker_concurrency=0)
     poor = await add_user(client, "poor", 2)
     status, body = await post_create(client, poor, content="word " * 1000, name="x.txt")
     assert (status, body["code"]) == (402, "insufficient_credits"), body
@@ -367,3 +368,97 @@ asyncio.run(main())
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2", "2", "2"]
     assert runs.read_text() == "ran\n"
+
+
+# ------------------------------------------------------------------ warm parsers
+def _burn_cpu(limits: Any, seconds: float) -> tuple[int, float]:
+    """A sandbox job (run in a parser): spend ``seconds`` of CPU time; return the soft
+    CPU limit it ran under and the parser's CPU time when it began."""
+    import resource
+
+    def used() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    began = used()
+    while used() - began < seconds:
+        pass
+    return resource.getrlimit(resource.RLIMIT_CPU)[0], began
+
+
+async def test_one_parser_reads_document_after_document(tmp_path: Path) -> None:
+    from sandbox import DocumentSandbox
+
+    document = tmp_path / "doc.txt"
+    document.write_text("Hello world.\n")
+    sandbox = DocumentSandbox(workers=1)
+    await sandbox.start()
+    try:
+        for _ in range(5):
+            assert (await sandbox.stats(document, user="u")).words == 2
+        assert sandbox.started == 1
+    finally:
+        await sandbox.close()
+
+
+async def test_each_document_gets_the_whole_cpu_limit(tmp_path: Path) -> None:
+    """Two reads of 1.5 s of CPU each in one parser, under a 2 s limit: the limit is
+    counted per document, not over the parser's life (which would kill the second)."""
+    from sandbox import DocumentSandbox, ParseLimits
+
+    sandbox = DocumentSandbox(ParseLimits(cpu_seconds=2, wall_seconds=3600), workers=1)
+    await sandbox.start()
+    try:
+        first_limit, _ = await sandbox._run("u", _burn_cpu, (1.5,))
+        second_limit, second_began = await sandbox._run("u", _burn_cpu, (1.5,))
+        assert sandbox.started == 1  # the same warm parser read both
+        assert second_began >= 1.5
+        assert second_limit >= second_began + 2 > first_limit
+    finally:
+        await sandbox.close()
+
+
+async def test_a_parser_that_hit_a_limit_is_replaced(tmp_path: Path, zip_bomb: bytes) -> None:
+    from sandbox import DocumentRefused, DocumentSandbox, ParseLimits
+
+    bomb = tmp_path / "bomb.docx"
+    bomb.write_bytes(zip_bomb)
+    document = tmp_path / "doc.txt"
+    document.write_text("Hello world.\n")
+    events: list[str] = []
+    sandbox = DocumentSandbox(ParseLimits(memory_mb=50, max_zip_ratio=100_000,
+                                          max_zip_uncompressed_mb=100_000),
+                              workers=1, observe=events.append)
+    await sandbox.start()
+    try:
+        assert (await sandbox.stats(document, user="u")).words == 2
+        with pytest.raises(DocumentRefused, match="50 MB"):
+            await sandbox.stats(bomb, user="u")
+        # The parser that ran out of memory retired; a fresh one reads the next document
+        # with the whole memory limit again.
+        assert (await sandbox.stats(document, user="u")).words == 2
+        assert sandbox.started == 2
+        assert events == ["started", "ok", "started", "memory_limit", "started", "ok"]
+    finally:
+        await sandbox.close()
+
+
+async def test_a_parser_killed_while_idle_is_replaced(tmp_path: Path) -> None:
+    from sandbox import DocumentRefused, DocumentSandbox
+
+    document = tmp_path / "doc.txt"
+    document.write_text("Hello world.\n")
+    sandbox = DocumentSandbox(workers=1)
+    await sandbox.start()
+    try:
+        await sandbox.stats(document, user="u")
+        [parser] = sandbox._idle
+        os.kill(parser._process.pid, 9)
+        # The read sent to the dead parser is refused as a crash; the next one gets a
+        # fresh parser.
+        with pytest.raises(DocumentRefused, match="SIGKILL"):
+            await sandbox.stats(document, user="u")
+        assert (await sandbox.stats(document, user="u")).words == 2
+        assert sandbox.started == 2
+    finally:
+        await sandbox.close()
