@@ -212,6 +212,14 @@ def shown_default(field: dataclasses.Field[Any]) -> str:
     return str(field.default)
 
 
+def usable_cores() -> int:
+    """The number of cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting, parsed once (``from_env``) and passed to :func:`create_app`.
@@ -239,10 +247,11 @@ class Config:
     worker_concurrency: int = setting(
         "WORKER_CONCURRENCY", 4, "tasks processed at once in this process (0: none)")
     #: ``zhiyi serve`` starts this many ``zhiyi worker`` processes (0: workers in-process;
-    #: None: one per core)
+    #: None: one per core this process may use, and 0 with only one)
     worker_processes: int | None = setting(
         "ZHIYI_WORKERS", None, "`zhiyi worker` processes `zhiyi serve` starts "
-        "(0: workers in the HTTP process)", flag="--workers", shown_default="number of cores")
+        "(0: workers in the HTTP process)", flag="--workers",
+        shown_default="cores it may use (0 with one core)")
     max_attempts: int = setting(
         "MAX_ATTEMPTS", 3, "attempts of a task that fails with a transient error", minimum=1)
     retry_base_seconds: float = setting(
@@ -367,10 +376,17 @@ class Config:
 
     @property
     def worker_process_count(self) -> int:
-        """How many worker processes ``zhiyi serve`` starts (default: one per core)."""
+        """How many worker processes ``zhiyi serve`` starts.
+
+        The default is one per core this process may run on (its CPU affinity, which
+        ``taskset`` and container CPU sets narrow; not the machine's count). With one
+        core it is 0: a worker process would only take turns with the HTTP process on
+        that core, and each task would pay for crossing processes.
+        """
         if self.worker_processes is not None:
             return self.worker_processes
-        return os.cpu_count() or 1
+        cores = usable_cores()
+        return cores if cores > 1 else 0
 
     @property
     def database(self) -> Path:

@@ -148,3 +148,23 @@ def test_config_shows_the_values_in_use_without_secrets(
     assert "ZHIYI_PORT=9123" in lines and "DEEPL_API_KEY=(set)" in lines
     assert "WEBHOOK_SECRET=" in lines  # unset: empty
     assert not any("sekrit" in line for line in lines)
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [("0", "0"), ("0,1", "2")])
+def test_default_worker_processes_follow_the_cores_the_server_may_use(
+        cpus: str, expected: str) -> None:
+    """One per core the process may run on (taskset narrows it); none with one core."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2 and cpus != "0":
+        pytest.skip("this machine lets the tests use one core only")
+    assert shutil.which("taskset"), "taskset (util-linux) is part of every Debian install"
+    done = subprocess.run(
+        ["taskset", "-c", cpus, sys.executable, "-c",
+         "from zhiyi_server import Config; print(Config().worker_process_count)"],
+        capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == expected
+    assert Config(worker_processes=3).worker_process_count == 3  # an explicit count wins
