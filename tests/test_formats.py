@@ -16,6 +16,7 @@ from docx.oxml import OxmlElement
 from docx.oxml.ns import qn
 from helpers import write_pdf
 from hypothesis import given, settings
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pypdf import PdfWriter
 
@@ -881,3 +882,16 @@ def test_markdown_code_blocks_survive_translation(scratch: Path, blocks: list[st
     for block in blocks:
         if block.startswith(("```", "~~~")):
             assert block in result
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(
+    "abcXYZ éüßñ αβγ абвії אב عرب پ कख 中文日本 かな 한국 ١٢ 3_- \n'’Ⅻ𝔄"), max_size=60))
+def test_script_counts_match_the_character_by_character_definition(sample: str) -> None:
+    """The ASCII fast path counts what classifying every letter one by one counts."""
+    from collections import Counter
+
+    from formats import stats
+
+    slow = Counter(s for ch in sample if ch.isalpha() and (s := stats._script(ch)))
+    assert stats._script_counts(sample) == slow
