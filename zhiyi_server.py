@@ -59,6 +59,7 @@ from processors import (
     default_registry,
     glossary_problem,
     memory_scope,
+    parse_for_task,
     remembered,
     segment_keys,
     translate_cost,
@@ -67,6 +68,7 @@ from sandbox import (
     DocumentRefused,
     DocumentSandbox,
     ParseAbandoned,
+    ParsedDocument,
     ParseLimits,
 )
 from sse import (
@@ -1387,6 +1389,8 @@ class Upload:
     file_name: str | None = None
     file_path: Path | None = None
     file_size: int = 0
+    #: where pricing keeps its parse of the document for the task's attempts
+    work_dir: Path | None = None
 
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -1406,7 +1410,8 @@ async def create_task(request: web.Request) -> web.Response:
     task_dir_rel = task_folder(user_id, uuid.uuid4().hex)
     task_dir = config.data_path / task_dir_rel
     try:
-        upload = await _receive_upload(request, task_dir / "original", config, room)
+        upload = await _receive_upload(request, task_dir / "original", config, room,
+                                       work_dir=task_dir / "work")
         task_type, params = _validate_upload(request, upload)
         quote, cost = await _price(request, user_id, task_type, params, upload)
         task, created = await store.create_processing_task(NewTask(
@@ -1504,22 +1509,26 @@ async def _storage_room(store: TaskStore, user_id: str, declared: int | None,
 
 
 async def _receive_upload(request: web.Request, original_dir: Path, config: Config,
-                          room: StorageRoom | None = None) -> Upload:
-    """The multipart body, under the upload cap (plus slack) and the body deadline."""
+                          room: StorageRoom | None = None, *,
+                          work_dir: Path | None = None) -> Upload:
+    """The multipart body, under the upload cap (plus slack) and the body deadline.
+
+    ``work_dir`` (made with ``original_dir``) receives the parse made for pricing;
+    without it, the parse goes beside the file.
+    """
     async with metered_body(request, config.max_upload_bytes + MULTIPART_SLACK_BYTES,
                             rolling=True, too_large=_too_large(config)) as progress:
         return await _read_upload(request, original_dir, config, progress,
-                                  room or NO_QUOTA)
+                                  room or NO_QUOTA, Upload(work_dir=work_dir or original_dir))
 
 
 async def _read_upload(request: web.Request, original_dir: Path, config: Config,
-                       progress: Callable[[], None], room: StorageRoom) -> Upload:
+                       progress: Callable[[], None], room: StorageRoom, upload: Upload) -> Upload:
     # The raw header: aiohttp's parsed content_type costs ~0.5 ms per upload
     # (every multipart boundary is new, so its cache never hits).
     if not request.headers.get("Content-Type", "").lower().startswith("multipart/"):
         raise ApiError(400, "bad_request",
                        "Send multipart/form-data with the fields file, taskType and params.")
-    upload = Upload()
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
@@ -1567,7 +1576,7 @@ async def _save_file(part: aiohttp.BodyPartReader, filename: str | None, upload:
     if upload.file_path is not None:
         raise ApiError(400, "bad_request", "Send exactly one file per task.")
     upload.file_name = clean_file_name(filename)
-    await asyncio.to_thread(make_private_dirs, original_dir)
+    await asyncio.to_thread(_make_upload_dirs, original_dir, upload.work_dir)
     upload.file_path = original_dir / upload.file_name
     try:
         async with aiofiles.open(upload.file_path, "wb", opener=_private_opener) as f:
@@ -1584,6 +1593,12 @@ async def _save_file(part: aiohttp.BodyPartReader, filename: str | None, upload:
             logger.error("upload refused: the data folder's disk is full (%s)", e)
             raise _disk_full() from e
         raise
+
+
+def _make_upload_dirs(original_dir: Path, work_dir: Path | None) -> None:
+    make_private_dirs(original_dir)
+    if work_dir is not None:
+        make_private_dirs(work_dir)
 
 
 def _private_opener(path: str, flags: int) -> int:
@@ -1681,12 +1696,25 @@ async def _price(request: web.Request, user_id: str, task_type: TaskType,
     if check_balance:
         await _check_balance_floor(request, user_id, await _least_cost(
             request, user_id, task_type, params, upload.file_size))
-    stats = await request.config_dict[SANDBOX].stats(
-        upload.file_path, user=user_id, still_wanted=lambda: _client_connected(request))
-    quote = Quote(upload.file_size, stats)
+    assert upload.work_dir is not None
+    # One parse per task: what it spools is kept for the attempt (and the memory lookup).
+    document = await _parse_upload(request, user_id, upload.file_path, upload.work_dir)
+    quote = Quote(upload.file_size, document.stats)
     if task_type.cost is translate_cost:
-        quote = await _with_memory(request, user_id, params, upload.file_path, quote)
+        quote = await _with_memory(request, user_id, params, document, quote)
     return quote, task_type.cost(quote, params)
+
+
+async def _parse_upload(request: web.Request, user_id: str, path: Path,
+                        work_dir: Path) -> ParsedDocument:
+    try:
+        return await parse_for_task(request.config_dict[SANDBOX], path, user=user_id,
+                                    work_dir=work_dir,
+                                    still_wanted=lambda: _client_connected(request))
+    except OSError as e:
+        if is_disk_full(e):
+            raise _disk_full() from e
+        raise
 
 
 async def _least_cost(request: web.Request, user_id: str, task_type: TaskType,
@@ -1700,7 +1728,7 @@ async def _least_cost(request: web.Request, user_id: str, task_type: TaskType,
 
 
 async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any],
-                       path: Path, quote: Quote) -> Quote:
+                       document: ParsedDocument, quote: Quote) -> Quote:
     """The quote with the segments found in the user's translation memory."""
     assert quote.stats is not None
     store = request.config_dict[STORE]
@@ -1709,19 +1737,8 @@ async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any
     if scope is None or params.get("memory") == "ignore":
         return quote
     if not await store.memory_summary(user_id, scope):
-        return quote  # nothing remembered for this pair: no second read of the document
-    try:
-        document = await request.config_dict[SANDBOX].open(
-            path, user=user_id, work_dir=path.parent,
-            still_wanted=lambda: _client_connected(request))
-    except OSError as e:
-        if is_disk_full(e):
-            raise _disk_full() from e
-        raise
-    try:
-        keys = await asyncio.to_thread(segment_keys, document)
-    finally:
-        await asyncio.to_thread(document.discard)
+        return quote  # nothing remembered for this pair: no segment to hash and look up
+    keys = await asyncio.to_thread(segment_keys, document)
     found = await store.memory_lookup(user_id, scope, [key for key, _ in keys])
     hits, characters = remembered(keys, found)
     return dataclasses.replace(quote, remembered_segments=hits, remembered_characters=characters)

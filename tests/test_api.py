@@ -360,9 +360,15 @@ async def test_uploaded_name_is_cleaned_and_path_is_server_made(idle_client, con
     body = await create(idle_client, headers, name="../../escape.txt")
     assert body["task"]["fileName"] == "escape.txt"
     stored = files_under(config.data_path)
-    assert len(stored) == 1
-    assert stored[0].parent.name == "original"
-    assert stored[0].is_relative_to(config.data_path / "alice")
+    # Beside the upload, in the same task folder, the parse made for pricing (kept for the
+    # attempt): its segments and statistics.
+    uploaded = [p for p in stored if p.parent.name != "work"]
+    assert len(uploaded) == 1
+    assert uploaded[0].parent.name == "original"
+    assert uploaded[0].is_relative_to(config.data_path / "alice")
+    assert sorted(p.name for p in stored if p.parent.name == "work") == [
+        "escape.txt.parsed.json", "escape.txt.segments.jsonl"]
+    assert {p.parent.parent for p in stored} == {uploaded[0].parent.parent}
     json.dumps(body)
 
 

@@ -60,7 +60,9 @@ async def test_an_upload_past_the_quota_is_refused_and_changes_nothing(
     tasks = (await (await client.get("/api/tasks", headers=headers)).json())["tasks"]
     assert [t["taskId"] for t in tasks] == [first["taskId"]]
     assert (await (await client.get("/api/me", headers=headers)).json())["credits"] == 99
-    assert len(files_under(config.data_path / "alice")) == 1
+    # (the first task's folder also holds its parse, kept for its attempt, in work/)
+    assert [p.parent.name for p in files_under(config.data_path / "alice")
+            if p.parent.name != "work"] == ["original"]
     # A small file still fits; deleting a task makes room again.
     assert (await upload(client, headers, 100 * KB))[0] == 201
     resp = await client.delete(f"/api/tasks/{first['taskId']}", headers=headers)

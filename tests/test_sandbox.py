@@ -318,6 +318,55 @@ async def test_exact_charge_still_checked_after_the_parse(make_client) -> None:
     assert await metric(client, 'zhiyi_document_parses_total{event="started"}') == 1
 
 
+# ------------------------------------------------------- one parse per task (issue 13)
+PARSES = 'zhiyi_document_parses_total{event="started"}'
+TWO_LINES = "Hello world.\n\nSecond paragraph.\n"
+
+
+async def translated(client: TestClient, headers: dict[str, str], task_id: int) -> str:
+    task = await wait_status(client, headers, task_id, "completed", "failed")
+    assert task["taskStatus"] == "completed", task
+    resp = await client.get(f"/api/tasks/{task_id}/result", headers=headers)
+    assert resp.status == 200
+    return await resp.text()
+
+
+async def test_a_translation_reads_its_document_once_then_renders(make_client) -> None:
+    """Pricing parses the file; the attempt uses that parse, and only the render reads
+    the file again, also when the user's memory holds segments (looked up at create)."""
+    client = await make_client()
+    alice = await add_user(client, "alice", 1000)
+    first = await create(client, alice, content=TWO_LINES)
+    expected = await translated(client, alice, first["taskId"])
+    assert expected.count("\n") == 3 and "Hello" not in expected  # pseudo-translated
+    assert await metric(client, PARSES) == 2  # at create, then the render
+
+    again = await create(client, alice, content=TWO_LINES)  # both segments remembered now
+    assert again["quote"]["fromMemory"] == 2
+    assert await translated(client, alice, again["taskId"]) == expected
+    assert await metric(client, PARSES) == 4
+
+
+@pytest.mark.parametrize("damage", ["removed", "torn", "spool removed"])
+async def test_an_attempt_without_the_kept_parse_parses_again(make_client,
+                                                              damage: str) -> None:
+    idle = await make_client(worker_concurrency=0)
+    alice = await add_user(idle, "alice", 1000)
+    created = await create(idle, alice, content=TWO_LINES)
+    [kept] = idle.app[CONFIG].data_path.glob("alice/**/work/doc.txt.parsed.json")
+    if damage == "removed":
+        kept.unlink()
+    elif damage == "torn":
+        kept.write_text(kept.read_text()[:20])
+    else:
+        kept.with_name("doc.txt.segments.jsonl").unlink()
+
+    worker = await make_client(worker_concurrency=1)  # the same data, with a worker
+    text = await translated(worker, alice, created["taskId"])
+    assert text.count("\n") == 3 and "Hello" not in text
+    assert await metric(worker, PARSES) == 2  # parsed again, then the render
+
+
 # ------------------------------------------------------------------ processing
 async def test_bomb_met_during_processing_fails_the_task(make_client, zip_bomb: bytes) -> None:
     """A document that changed after pricing (or limits that did) fails with bad_document."""
