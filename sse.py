@@ -330,6 +330,10 @@ class StreamPlan:
     ends_on_final: bool
     #: the preamble already carried the final state
     already_final: bool = False
+    #: read the database for events after ``last_id`` before going live. Not needed
+    #: after a snapshot or reset: it was read after the subscriber was registered, so
+    #: every event past it reaches the buffer, and a replay would find only those.
+    replay_first: bool = True
 
 
 async def stream_events(
@@ -357,7 +361,7 @@ async def stream_events(
         await response.write(f"retry: {retry_ms}\n\n".encode() + b"".join(plan.preamble))
         if plan.already_final and plan.ends_on_final:
             return response
-        while True:
+        while plan.replay_first:
             events = await plan.replay(last_id)
             if events:
                 await response.write(b"".join(

@@ -47,6 +47,7 @@ __all__ = [
     "StoreError",
     "StoreFull",
     "StoreUnavailable",
+    "StreamStart",
     "Task",
     "TaskNotFound",
     "TaskStatus",
@@ -386,6 +387,18 @@ class LedgerEntry:
     task_id: int | None
     balance_after: int
     created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """Where an event stream starts, read in one statement (see :meth:`TaskStore.stream_start`)."""
+
+    #: the newest event id of the task (or user); 0 when there is none
+    latest: int
+    #: the data of its newest ``status_update``, or None (none, or pruned)
+    state: dict[str, Any] | None
+    #: events up to this id may have been pruned (``Last-Event-ID`` below it: a reset)
+    pruned_through: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -1861,22 +1874,32 @@ class TaskStore:
         )
         return [_event_from_row(r) for r in rows]
 
-    async def snapshot(
-        self, *, task_id: int | None = None, user_id: str | None = None
-    ) -> tuple[int, dict[str, Any] | None]:
-        """``(latest event id, data of the latest status_update)`` of a task or a user.
+    async def stream_start(self, *, user_id: str, task_id: int | None = None) -> StreamStart:
+        """The snapshot a stream of the user's events (or of one task of theirs) starts from.
 
-        One statement, so the two agree even while events are being committed.
+        One statement, so the latest id and the state agree even while events
+        commit; it also says how far events were pruned. With ``task_id``,
+        raises :class:`TaskNotFound` unless the task exists and is the user's.
         """
         column, value = ("task_id", task_id) if task_id is not None else ("user_id", user_id)
+        subject, args = ("processing_tasks WHERE id = ?", [task_id]) if task_id is not None \
+            else ("users WHERE id = ?", [user_id])
+        owner = "user_id" if task_id is not None else "id"
         row = await self._fetchone(
-            f"""SELECT (SELECT MAX(id) FROM task_events WHERE {column} = ?) AS latest,
+            f"""SELECT {owner} AS owner,
+                       (SELECT MAX(id) FROM task_events WHERE {column} = ?) AS latest,
                        (SELECT data FROM task_events WHERE {column} = ? AND type = 'status_update'
-                        ORDER BY id DESC LIMIT 1) AS data""",
-            (value, value),
+                        ORDER BY id DESC LIMIT 1) AS data,
+                       (SELECT value FROM meta WHERE key = 'events_pruned_through') AS pruned
+                FROM {subject}""",
+            (value, value, *args),
         )
-        assert row is not None
-        return row["latest"] or 0, json.loads(row["data"]) if row["data"] else None
+        if task_id is not None and (row is None or row["owner"] != user_id):
+            raise TaskNotFound(task_id)
+        if row is None:  # a user not in the table has no events either
+            return StreamStart(0, None, await self.events_pruned_through())
+        return StreamStart(row["latest"] or 0, json.loads(row["data"]) if row["data"] else None,
+                           int(row["pruned"] or 0))
 
     async def latest_event_id(
         self, *, task_id: int | None = None, user_id: str | None = None

@@ -89,6 +89,7 @@ from storage import (
     StoreError,
     StoreFull,
     StoreUnavailable,
+    StreamStart,
     Task,
     TaskNotFound,
     TaskStatus,
@@ -1828,24 +1829,26 @@ async def sse_task(request: web.Request) -> web.StreamResponse:
     user_id = credential.user_id
     store = request.config_dict[STORE]
     task_id = _task_id(request)
-    task = await store.get_task_by_id(task_id, user_id)
     last_id = _last_event_id(request)
     sub = _subscribe(request, credential, task_id)
     try:
         # Read after subscribing: whatever commits from now on is also in the buffer.
-        latest, state = await store.snapshot(task_id=task_id)
+        # The same statement checks the task is the user's (404 otherwise).
+        start = await store.stream_start(user_id=user_id, task_id=task_id)
+        state = start.state
         if state is None:  # history pruned: the task ended long ago and no longer changes
-            state = store.status_data(task)
+            state = store.status_data(await store.get_task_by_id(task_id, user_id))
         final = state["status"] in FINAL_STATUS_VALUES
-        if last_id is not None and final and last_id >= latest:
+        if last_id is not None and final and last_id >= start.latest:
             return web.Response(status=204)  # tells EventSource to stop reconnecting
 
         async def replay(after: int) -> list[Any]:
             return await store.events_after(after, task_id=task_id, limit=REPLAY_PAGE)
 
-        preamble, start = await _preamble(store, last_id, latest, state)
-        plan = StreamPlan(preamble, start, replay, ends_on_final=True,
-                          already_final=bool(preamble) and final)
+        preamble, after = _preamble(last_id, start, state)
+        plan = StreamPlan(preamble, after, replay, ends_on_final=True,
+                          already_final=bool(preamble) and final,
+                          replay_first=last_id is not None)
         return await _serve(request, sub, plan)
     finally:
         request.config_dict[HUB].unsubscribe(sub)
@@ -1859,7 +1862,8 @@ async def sse_notifications(request: web.Request) -> web.StreamResponse:
     last_id = _last_event_id(request)
     sub = _subscribe(request, credential, None)
     try:
-        latest, state = await store.snapshot(user_id=user_id)
+        start = await store.stream_start(user_id=user_id)
+        state = start.state
         if state is None:  # history pruned: the newest task ended long ago
             recent, _ = await store.get_user_tasks(user_id, limit=1)
             state = store.status_data(recent[0]) if recent else None
@@ -1867,9 +1871,10 @@ async def sse_notifications(request: web.Request) -> web.StreamResponse:
         async def replay(after: int) -> list[Any]:
             return await store.events_after(after, user_id=user_id, limit=REPLAY_PAGE)
 
-        preamble, start = await _preamble(store, last_id, latest, state)
-        return await _serve(request, sub, StreamPlan(preamble, start, replay,
-                                                     ends_on_final=False))
+        preamble, after = _preamble(last_id, start, state)
+        return await _serve(request, sub, StreamPlan(preamble, after, replay,
+                                                     ends_on_final=False,
+                                                     replay_first=last_id is not None))
     finally:
         request.config_dict[HUB].unsubscribe(sub)
 
@@ -1877,16 +1882,17 @@ async def sse_notifications(request: web.Request) -> web.StreamResponse:
 FINAL_STATUS_VALUES = frozenset(s.value for s in TaskStatus if s.is_final)
 
 
-async def _preamble(store: TaskStore, last_id: int | None, latest: int,
-                    state: dict[str, Any] | None) -> tuple[list[bytes], int]:
+def _preamble(last_id: int | None, start: StreamStart,
+              state: dict[str, Any] | None) -> tuple[list[bytes], int]:
     """The snapshot (no Last-Event-ID) or a reset (history pruned), and where replay starts.
 
-    ``latest`` and ``state`` come from one statement, so the snapshot's id and
+    ``start.latest`` and ``state`` come from one statement, so the snapshot's id and
     its content agree and the live events after it are exactly those > latest.
     """
+    latest = start.latest
     if last_id is None:
         return ([encode_event(latest, "status_update", state)] if state else []), latest
-    if last_id < await store.events_pruned_through():
+    if last_id < start.pruned_through:
         return ([encode_event(latest, "reset", state)] if state else []), latest
     return [], last_id
 

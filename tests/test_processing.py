@@ -95,6 +95,39 @@ async def test_first_message_is_snapshot_with_latest_event_id(tclient, gates) ->
     assert all(int(m.id) > latest for m in rest)
 
 
+async def test_a_new_stream_reads_its_start_once_and_misses_nothing(tclient, gates,
+                                                                   monkeypatch) -> None:
+    """Without Last-Event-ID a task's stream reads the database once for its start (the
+    snapshot, its owner and the pruning mark in one statement) and no replay: what commits
+    after that read reaches it live, once, in order."""
+    headers = await add_user(tclient)
+    task_id = (await create(tclient, headers, task_type="gate", params={}))["taskId"]
+    await gates.started.wait()
+    store = tclient.app[STORE]
+    statements: list[str] = []
+    read = store._fetchall
+
+    async def counted(sql: str, args=()):
+        statements.append(sql)
+        return await read(sql, args)
+
+    monkeypatch.setattr(store, "_fetchall", counted)
+    resp = await tclient.get(sse_url(task_id), headers=headers)
+    reader = SSEReader(resp)
+    first = await reader.next()
+    assert first.payload["status"] == "processing"
+    about_tasks = [sql for sql in statements
+                   if "task_events" in sql or "processing_tasks" in sql or "meta" in sql]
+    assert len(about_tasks) == 1, about_tasks
+    gates.release.set()
+    rest = await reader.collect_until_final()
+    ids = [int(first.id), *(int(m.id) for m in rest)]
+    assert ids == sorted(set(ids))
+    assert rest[-1].payload["status"] == "completed"
+    committed = [e.id for e in await store.events_after(ids[0], task_id=task_id)]
+    assert committed == ids[1:]  # every later event, none twice
+
+
 async def test_exact_bytes_of_an_event() -> None:
     assert encode_event(7, "status_update", {"taskId": 1, "status": "pending"}) == (
         b'id: 7\ndata: {"type":"status_update","data":{"taskId":1,"status":"pending"}}\n\n')

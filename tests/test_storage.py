@@ -21,6 +21,7 @@ from storage import (
     InsufficientCredits,
     InvalidTransition,
     SQLiteTooOld,
+    StreamStart,
     TaskNotFound,
     TaskStatus,
     TaskStore,
@@ -375,6 +376,30 @@ async def test_event_rows_keep_task_user_and_stored_text(store: TaskStore) -> No
     gone = (await store.events_after(events[-1].id, user_id="alice"))[-1]
     assert (gone.type, gone.task_id, gone.data, gone.is_final) == (
         "task_deleted", task.id, {"taskId": task.id}, True)
+
+
+async def test_a_stream_starts_from_one_read_of_owner_snapshot_and_pruning(
+        store: TaskStore) -> None:
+    await store.add_user("alice", 5)
+    await store.add_user("bob", 5)
+    task, _ = await store.create_processing_task(new_task("alice", cost=1))
+    await store.grant_credits("alice", 1)  # a notification: the user's newest event
+    events = await store.events_after(0, user_id="alice")
+    start = await store.stream_start(user_id="alice", task_id=task.id)
+    assert start.latest == events[1].id == await store.latest_event_id(task_id=task.id)
+    assert (start.state["taskId"], start.state["status"]) == (task.id, "pending")
+    assert start.pruned_through == 0
+    mine = await store.stream_start(user_id="alice")
+    assert (mine.latest, mine.state) == (events[-1].id, start.state)
+    assert await store.stream_start(user_id="bob") == StreamStart(0, None, 0)
+    for user, task_id in (("bob", task.id), ("alice", task.id + 1)):
+        with pytest.raises(TaskNotFound):
+            await store.stream_start(user_id=user, task_id=task_id)
+    await store.cancel_task(task.id, "alice")
+    assert await store.prune_events(datetime(2099, 1, 1, tzinfo=UTC)) > 0  # all of them
+    pruned = await store.stream_start(user_id="alice", task_id=task.id)
+    assert (pruned.latest, pruned.state) == (0, None)
+    assert pruned.pruned_through == await store.events_pruned_through() > 0
 
 
 async def test_listeners_get_each_event_once_in_id_order(store: TaskStore) -> None:
