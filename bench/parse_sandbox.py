@@ -2,8 +2,10 @@
 
 Prices the same files the way create does: ``formats.document_stats`` of
 ``formats.open_document``, (a) in a thread of this process (the old way) and
-(b) in a sandbox child (``DocumentSandbox.stats``). Both run in the same
-process and the same run; the figure is the ratio of the medians.
+(b) in a sandbox parser (``DocumentSandbox.stats``, warm parser processes). Both run
+in the same process and the same run; the figures are the ratio of the median
+elapsed times, and the CPU per read of everything involved (this process's
+threads, plus for (b) the parser processes and the forkserver, by psutil).
 
     .venv/bin/python bench/parse_sandbox.py [--rounds 30]
 """
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import docx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,13 +51,28 @@ def in_process(path: Path) -> formats.DocumentStats:
     return formats.document_stats(formats.open_document(path))
 
 
-async def timed(make: object, rounds: int) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of every process below it, live or
+    reaped (a parser that retired was reaped by the forkserver, which counts it)."""
+    total = 0.0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+async def timed(make: object, rounds: int) -> tuple[float, float]:
+    """(median elapsed seconds, mean CPU seconds) of one read."""
     samples = []
+    cpu_before = cpu_seconds()
     for _ in range(rounds):
         start = time.perf_counter()
         await make()  # type: ignore[operator]
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return statistics.median(samples), (cpu_seconds() - cpu_before) / rounds
 
 
 async def main() -> None:
@@ -66,11 +84,16 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = documents(Path(tmp))
         await sandbox.stats(files["small .txt (60 B)"], user="warm-up")
-        print(f"{'document':24} {'thread ms':>10} {'sandbox ms':>11} {'ratio':>6}")
+        print(f"{'document':24} {'thread ms':>10} {'sandbox ms':>11} {'ratio':>6}"
+              f" {'thread CPU ms':>14} {'sandbox CPU ms':>15} {'ratio':>6}")
         for name, path in files.items():
-            thread = await timed(lambda p=path: asyncio.to_thread(in_process, p), args.rounds)
-            child = await timed(lambda p=path: sandbox.stats(p, user="bench"), args.rounds)
-            print(f"{name:24} {thread * 1000:10.1f} {child * 1000:11.1f} {child / thread:6.2f}")
+            thread, thread_cpu = await timed(
+                lambda p=path: asyncio.to_thread(in_process, p), args.rounds)
+            child, child_cpu = await timed(
+                lambda p=path: sandbox.stats(p, user="bench"), args.rounds)
+            print(f"{name:24} {thread * 1000:10.1f} {child * 1000:11.1f} {child / thread:6.2f}"
+                  f" {thread_cpu * 1000:14.2f} {child_cpu * 1000:15.2f}"
+                  f" {child_cpu / thread_cpu:6.2f}")
     await sandbox.close()
 
 
