@@ -87,6 +87,9 @@ _RATIO_FLOOR_BYTES = 1 << 20
 # write, far under a pipe's buffer: the parser never blocks on it, and once the parent
 # sees the pipe readable the whole answer is there.
 _MAX_ANSWER_BYTES = 16 * 1024 - 64
+# A request (a job, its paths and options, maybe a short document's translations) stays
+# under this, so sending it into a parser's empty pipe (64 KB) never blocks the loop.
+_MAX_REQUEST_BYTES = 32 * 1024
 # A parser process reads this many documents at most, then a fresh one takes its place:
 # a bound on whatever a long life accumulates (fragmented arenas, caches in libraries).
 _JOBS_PER_PARSER = 500
@@ -248,6 +251,11 @@ def _render_job(limits: ParseLimits, path: str, translations_path: str, out: str
                 *options: Any) -> Any:
     document = _open(path, limits)
     return document.render(_read_jsonl(Path(translations_path)), Path(out), *options)
+
+
+def _render_given_job(limits: ParseLimits, path: str, translations: list[str], out: str,
+                      *options: Any) -> Any:
+    return _open(path, limits).render(iter(translations), Path(out), *options)
 
 
 def _extract_job(limits: ParseLimits, path: str, out: str) -> None:
@@ -435,6 +443,12 @@ class DocumentSandbox:
         """Write the document's plain text to ``out`` (UTF-8)."""
         await self._run(user, _extract_job, (str(path), str(out)))
 
+    async def render_given(self, path: Path, translations: list[str], out: Path,
+                           *options: Any, user: str) -> Any:
+        """``render`` with the translations sent along with the request (a short list)."""
+        return await self._run(
+            user, _render_given_job, (str(path), translations, str(out), *options))
+
     async def render(self, path: Path, translations_path: Path, out: Path, *options: Any,
                      user: str) -> Any:
         """Write the document to ``out`` with segment i replaced by line i of the file.
@@ -481,26 +495,36 @@ class DocumentSandbox:
 
     async def _run_in_parser(self, job: Callable[..., T], args: tuple[Any, ...]) -> T:
         """Read one document in a warm parser (started if none is idle); see ``_Parser``."""
-        parser = self._idle.pop() if self._idle else await self._start_parser()
-        self._busy.add(parser)
         self._observe("started")
-        keep = False
-        try:
-            answer = await parser.ask(job, args, self.limits.wall_seconds)
-            keep = answer is not None and not answer[2]
-        finally:
-            self._busy.discard(parser)
-            if keep and self._starter is not None:
-                self._idle.append(parser)
-            else:
-                await asyncio.shield(parser.retire())
-        return self._answer(parser, answer)
+        while True:
+            parser = await self._idle_parser()
+            self._busy.add(parser)
+            keep = False
+            try:
+                answer = await parser.ask(job, args, self.limits.wall_seconds)
+                keep = answer is not None and not answer[2]
+            finally:
+                self._busy.discard(parser)
+                if keep and self._starter is not None:
+                    self._idle.append(parser)
+                else:
+                    await asyncio.shield(parser.retire())
+            if answer is None and parser.dead and not parser.received:
+                continue  # it had died while idle and never saw this document: not its fault
+            return self._answer(parser, answer)
 
-    async def _start_parser(self) -> _Parser:
+    async def _idle_parser(self) -> _Parser:
+        """A warm parser that is alive, or a new one."""
+        while self._idle:
+            parser = self._idle.pop()
+            if not parser.dead:
+                return parser
+            await parser.retire()  # died while idle (killed from outside): reap it
         if self._starter is None:
             await self.start()
         parser = await asyncio.get_running_loop().run_in_executor(
             self._starter, _Parser.start, self.limits)
+        parser.watch()
         self.started += 1
         return parser
 
@@ -534,20 +558,33 @@ class _Parser:
 
     It reads one document at a time, for as many documents as it stays sound
     (see ``_parser_main``), so a read costs a pipe round trip instead of a fork.
-    A parser that overruns the wall time, or whose caller gives up, is killed;
-    one that died or retired is replaced by a fresh one on the next read.
+    The pipe stays registered with the event loop for the parser's life (no
+    register and unregister per read); its answer, or its end of file when it
+    dies, is read in the loop's callback. A parser that overruns the wall time,
+    or whose caller gives up, is killed; one that died or retired is replaced by
+    a fresh one on the next read.
     """
 
     def __init__(self, process: BaseProcess, conn: Connection) -> None:
         self._process = process
         self._conn = conn
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._answer: asyncio.Future[tuple[str, Any, bool] | None] | None = None
         self.timed_out = False
+        #: the pipe reached end of file: the process has ended (or is ending)
+        self.dead = False
+        #: the last request was handed to the process (a dead one's pipe refuses it)
+        self.received = False
         #: how the process ended, once it has been reaped (``retire``)
         self.exitcode: int | None = None
 
     @classmethod
     def start(cls, limits: ParseLimits) -> _Parser:
-        """Fork a parser from the forkserver (blocking: run it in the starter thread)."""
+        """Fork a parser from the forkserver (blocking: run it in the starter thread).
+
+        The forkserver closes its copy of the parser's pipe end after the fork, so
+        the parser's death is end of file on ours.
+        """
         _ensure_forkserver()  # restarts a forkserver that died (a cheap check when it lives)
         ours, theirs = multiprocessing.Pipe(duplex=True)
         process = _ParserProcess(target=_parser_main, args=(theirs, limits),
@@ -558,32 +595,61 @@ class _Parser:
             theirs.close()
         return cls(process, ours)
 
+    def watch(self) -> None:
+        """Register the pipe with the running loop (once, from the loop's thread)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._conn.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            answer = pickle.loads(self._conn.recv_bytes())
+        except (EOFError, OSError, pickle.UnpicklingError):
+            # End of file: the parser died (mid-read, or while idle). Unregister, or the
+            # loop would call again at once forever.
+            answer = None
+            self.dead = True
+            self._unwatch()
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(answer)
+
+    def _unwatch(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._conn.fileno())
+            self._loop = None
+
     async def ask(self, job: Callable[..., Any], args: tuple[Any, ...],
                   wall_seconds: float) -> tuple[str, Any, bool] | None:
         """Send one read; its answer, or None when the parser ended without one.
 
-        Past ``wall_seconds``, or when the caller is cancelled, the parser is killed.
+        Past ``wall_seconds``, or when the caller is cancelled, the parser is killed
+        (by ``retire``). The request is at most a few KB (paths, options, a short
+        document's translations), far under a pipe's buffer, so sending never blocks.
         """
+        assert self._loop is not None, "watch() the parser before asking it"
+        self._answer = self._loop.create_future()
+        self.received = False
         try:
             self._conn.send_bytes(pickle.dumps((job, args)))
         except OSError:
-            return None  # it died while idle (killed from outside): its exit code says how
+            self.dead = True  # it died while idle, before its end of file was seen
+            return None
+        self.received = True
         try:
             async with asyncio.timeout(wall_seconds):
-                await _readable(self._conn.fileno(), self._process.sentinel)
+                return await self._answer
         except TimeoutError:
             self.timed_out = True
             return None
-        try:
-            # Readable also at end of file: a parser that died mid-read sent nothing.
-            return pickle.loads(self._conn.recv_bytes()) if self._conn.poll() else None
-        except (EOFError, OSError, pickle.UnpicklingError):
-            return None
+        finally:
+            self._answer = None
 
     def stop(self) -> None:
         """Kill the process and close the pipe now (the server is closing)."""
+        self._unwatch()
         _kill(self._process)
         self._conn.close()
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(None)  # a read in progress ends without an answer
 
     async def retire(self) -> None:
         """End the process, reap it and release its pipe.
@@ -591,6 +657,7 @@ class _Parser:
         It may still be reading (killed: timed out, or its caller went away), have
         died (its exit code says how), or be leaving of itself after its answer.
         """
+        self._unwatch()
         if self._process.exitcode is None:
             _kill(self._process)
         await _exited(self._process)
@@ -633,8 +700,14 @@ class ParsedDocument:
         ``options`` (the output encoding) go to the format's ``render``; returns what it
         returns (segments that lost their inline formatting).
         """
+        given = list(translations)
+        if _fits_in_a_request(given):
+            # A short document's translations go with the request: no file to write,
+            # read back and remove (three thread hops and a file per task).
+            return await self._sandbox.render_given(self._source, given, out, *options,
+                                                    user=self._user)
         feed = self._work_dir / f"{self._source.name}.translations.jsonl"
-        await asyncio.to_thread(_write_jsonl, feed, translations)
+        await asyncio.to_thread(_write_jsonl, feed, given)
         try:
             return await self._sandbox.render(self._source, feed, out, *options,
                                               user=self._user)
@@ -644,6 +717,15 @@ class ParsedDocument:
     def discard(self) -> None:
         """Remove the spooled segments (blocking file I/O: run it in a thread)."""
         self._segments_path.unlink(missing_ok=True)
+
+
+def _fits_in_a_request(translations: list[str]) -> bool:
+    """Whether the translations, pickled, surely stay under ``_MAX_REQUEST_BYTES``.
+
+    A character is at most 4 bytes of UTF-8 and a string's pickle adds at most 9.
+    """
+    return (4 * sum(map(len, translations)) + 9 * len(translations)
+            <= _MAX_REQUEST_BYTES - 1024)
 
 
 def _write_jsonl(path: Path, items: Iterable[str]) -> None:
@@ -701,24 +783,6 @@ def _ensure_forkserver() -> None:
 def _kill(child: BaseProcess) -> None:
     with contextlib.suppress(ProcessLookupError, ValueError, AttributeError):
         child.kill()
-
-
-async def _readable(*fds: int) -> None:
-    """Wait until one of the file descriptors is readable (data, end of file or exit)."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    for fd in fds:
-        loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        for fd in fds:
-            loop.remove_reader(fd)
 
 
 def _exited(child: BaseProcess) -> Awaitable[None]:

@@ -493,7 +493,9 @@ async def test_a_parser_that_hit_a_limit_is_replaced(tmp_path: Path, zip_bomb: b
 
 
 async def test_a_parser_killed_while_idle_is_replaced(tmp_path: Path) -> None:
-    from sandbox import DocumentRefused, DocumentSandbox
+    """A parser that dies between documents is replaced; the next document, which it
+    never saw, is read by a fresh one rather than refused."""
+    from sandbox import DocumentSandbox
 
     document = tmp_path / "doc.txt"
     document.write_text("Hello world.\n")
@@ -503,11 +505,56 @@ async def test_a_parser_killed_while_idle_is_replaced(tmp_path: Path) -> None:
         await sandbox.stats(document, user="u")
         [parser] = sandbox._idle
         os.kill(parser._process.pid, 9)
-        # The read sent to the dead parser is refused as a crash; the next one gets a
-        # fresh parser.
-        with pytest.raises(DocumentRefused, match="SIGKILL"):
-            await sandbox.stats(document, user="u")
+        while not parser.dead:  # its end of file reaches the loop
+            await asyncio.sleep(0.01)
         assert (await sandbox.stats(document, user="u")).words == 2
         assert sandbox.started == 2
+        assert parser.exitcode == -9  # reaped
+    finally:
+        await sandbox.close()
+
+
+async def test_a_parser_that_dies_reading_is_a_refused_document(tmp_path: Path) -> None:
+    """Death mid-read (here: the process ends itself) is the document's refusal, with
+    the way it ended; the parser after it is a fresh one."""
+    from sandbox import DocumentRefused, DocumentSandbox
+
+    document = tmp_path / "doc.txt"
+    document.write_text("Hello world.\n")
+    sandbox = DocumentSandbox(workers=1)
+    await sandbox.start()
+    try:
+        with pytest.raises(DocumentRefused, match="exit status 7"):
+            await sandbox._run("u", _exit_now, (7,))
+        assert (await sandbox.stats(document, user="u")).words == 2
+        assert sandbox.started == 2
+    finally:
+        await sandbox.close()
+
+
+def _exit_now(limits: Any, status: int) -> None:
+    """A sandbox job (run in a parser) that ends the process without an answer."""
+    os._exit(status)
+
+
+@pytest.mark.parametrize("paragraphs", [3, 3000])
+async def test_render_sends_short_translations_along_and_long_ones_by_file(
+        tmp_path: Path, paragraphs: int) -> None:
+    """3 paragraphs go with the request, 3,000 (~60 KB) through a file: the same result."""
+    import sandbox as sandbox_module
+    from sandbox import DocumentSandbox
+
+    document = tmp_path / "doc.txt"
+    document.write_text("".join(f"Paragraph number {n}.\n\n" for n in range(paragraphs)))
+    translations = [f"Paragraphe {n}." for n in range(paragraphs)]
+    assert sandbox_module._fits_in_a_request(translations) == (paragraphs == 3)
+    sandbox = DocumentSandbox(workers=1)
+    await sandbox.start()
+    try:
+        parsed = await sandbox.open(document, user="u", work_dir=tmp_path)
+        out = tmp_path / "out.txt"
+        await parsed.render(translations, out)
+        assert out.read_text() == "".join(f"{t}\n\n" for t in translations)
+        assert not list(tmp_path.glob("*.translations.jsonl"))  # the file, if any, is gone
     finally:
         await sandbox.close()
