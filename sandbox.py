@@ -22,8 +22,8 @@ rather than a fork, an import-free start and a reap (~15 ms of CPU each,
 three reads per translation). Before each document its soft limits are
 raised again from where the parser stands, so every document gets the whole
 memory and CPU allowance. A parser retires after a failure that may have left
-it unsound (out of memory, too deep, an unexpected error), after
-``_JOBS_PER_PARSER`` documents, or when its memory grew by 64 MB; one killed
+it unsound (out of memory, too deep, an unexpected error), after 500
+documents, or when its memory grew by 64 MB (``ParseLimits``); one killed
 (wall time, an abandoned read) or dead is simply replaced. Parsers keep no
 state between documents: a job is a function of the file's path and its
 answer. At most ``workers`` documents are read at once, and at most
@@ -90,11 +90,6 @@ _MAX_ANSWER_BYTES = 16 * 1024 - 64
 # A request (a job, its paths and options, maybe a short document's translations) stays
 # under this, so sending it into a parser's empty pipe (64 KB) never blocks the loop.
 _MAX_REQUEST_BYTES = 32 * 1024
-# A parser process reads this many documents at most, then a fresh one takes its place:
-# a bound on whatever a long life accumulates (fragmented arenas, caches in libraries).
-_JOBS_PER_PARSER = 500
-# A parser whose address space grew this much past its start retires after the document.
-_RETIRE_GROWTH_BYTES = 64 * 1024 * 1024
 _POLL_SECONDS = 0.5
 _MB = 1024 * 1024
 
@@ -121,6 +116,11 @@ class ParseLimits:
     max_zip_uncompressed_mb: int = 512
     max_zip_ratio: int = 200
     max_pdf_pages: int = 2_000
+    #: a parser process reads this many documents at most, then a fresh one takes its
+    #: place: a bound on whatever a long life accumulates (fragmented arenas, caches)
+    parser_documents: int = 500
+    #: a parser whose address space grew this much past its start retires after the document
+    parser_growth_mb: int = 64
 
     def memory_sentence(self) -> str:
         return (f"Reading this document needs more than the {self.memory_mb} MB memory limit "
@@ -338,9 +338,10 @@ def _parser_main(conn: Connection, limits: ParseLimits) -> None:
 
     A request is a pickled ``(job, args)``; an answer is a pickled
     ``(status, value, retiring)``. The parser retires (answers, then exits) after
-    a failure that may have left it unsound, after ``_JOBS_PER_PARSER`` documents,
-    or when its address space grew by more than ``_RETIRE_GROWTH_BYTES`` (Python
-    keeps freed arenas; a fresh parser starts small again). End of file on the
+    a failure that may have left it unsound, after ``limits.parser_documents``
+    documents, or when its address space grew by more than
+    ``limits.parser_growth_mb`` (Python keeps freed arenas; a fresh parser starts
+    small again). End of file on the
     pipe (the server closed it or died) ends it too.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in a terminal is the server's
@@ -352,8 +353,8 @@ def _parser_main(conn: Connection, limits: ParseLimits) -> None:
         except (EOFError, OSError):
             return
         (status, value), sound = _run_job(limits, job, args)
-        retiring = (not sound or served >= _JOBS_PER_PARSER
-                    or _address_space() - start_size > _RETIRE_GROWTH_BYTES)
+        retiring = (not sound or served >= limits.parser_documents
+                    or _address_space() - start_size > limits.parser_growth_mb * _MB)
         try:
             data = pickle.dumps((status, value, retiring))
             if len(data) > _MAX_ANSWER_BYTES:

@@ -558,3 +558,48 @@ async def test_render_sends_short_translations_along_and_long_ones_by_file(
         assert not list(tmp_path.glob("*.translations.jsonl"))  # the file, if any, is gone
     finally:
         await sandbox.close()
+
+
+async def test_parsers_retire_after_their_share_of_documents(tmp_path: Path) -> None:
+    from sandbox import DocumentSandbox, ParseLimits
+
+    small = tmp_path / "small.txt"
+    small.write_text("Hello world.\n")
+    sandbox = DocumentSandbox(ParseLimits(parser_documents=3), workers=1)
+    await sandbox.start()
+    try:
+        for _ in range(7):
+            await sandbox.stats(small, user="u")
+        assert sandbox.started == 3  # 3 + 3 + 1 documents
+    finally:
+        await sandbox.close()
+
+
+async def test_a_parser_that_grew_retires_after_the_document(tmp_path: Path) -> None:
+    from sandbox import DocumentSandbox, ParseLimits
+
+    small = tmp_path / "small.txt"
+    small.write_text("Hello world.\n")
+    sandbox = DocumentSandbox(ParseLimits(parser_growth_mb=64), workers=1)
+    await sandbox.start()
+    try:
+        for _ in range(3):
+            await sandbox.stats(small, user="u")
+        # Under the growth limit (with this module, which the parser imports to run the
+        # job): the parser stays.
+        await sandbox._run("u", _keep_memory, (1,))
+        await sandbox.stats(small, user="u")
+        assert sandbox.started == 1
+        await sandbox._run("u", _keep_memory, (100,))  # past it: retires after answering
+        await sandbox.stats(small, user="u")
+        assert sandbox.started == 2
+    finally:
+        await sandbox.close()
+
+
+_KEPT: list[bytearray] = []
+
+
+def _keep_memory(limits: Any, megabytes: int) -> None:
+    """A sandbox job (run in a parser) that allocates memory and keeps it, as a leak would."""
+    _KEPT.append(bytearray(megabytes * MB))
