@@ -11,6 +11,14 @@ differ only in where the workers run:
 
 The figure that matters is the ratio of 2 processes to 1, measured in the same
 run. Usage: ``.venv/bin/python bench/workers.py [--m 400] [--c 16] [--rounds 2]``.
+
+It also prints the CPU per task of each role (the HTTP process, the worker
+processes, and this driver, which shares the machine's cores), and the ceiling
+those figures put on the ratio: with ``w`` ms of CPU per task in a worker process
+and ``o`` ms everywhere else (HTTP process and driver), one worker process runs
+at most ``1000 / w`` tasks/s and two share the cores with everything else, at
+most ``cores * 1000 / (w + o)`` tasks/s: the ratio is at most
+``cores * w / (w + o)`` however well the workers scale.
 """
 
 from __future__ import annotations
@@ -18,12 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import time
 from pathlib import Path
 
 from common import (
     BENCH_DIR,
     PYTHON,
+    CpuMeter,
     ServerProcess,
     add_zhiyi_user,
     free_port,
@@ -56,8 +66,9 @@ def start_mode(processes: int, data: Path, concurrency: int) -> list[ServerProce
     return started
 
 
-def measure(processes: int, opts: argparse.Namespace) -> tuple[float, float]:
-    """(tasks/s with ``c`` in flight, p50 completion in ms with one in flight)."""
+def measure(processes: int, opts: argparse.Namespace) -> tuple[float, float, dict[str, float]]:
+    """(tasks/s with ``c`` in flight, p50 completion in ms with one in flight, CPU ms per
+    task by role during the ``c`` in flight)."""
     data = scratch_dir(f"workers{processes}")
     try:
         token = add_zhiyi_user(data, "bench", 10 * (opts.m + opts.warmup))
@@ -66,9 +77,15 @@ def measure(processes: int, opts: argparse.Namespace) -> tuple[float, float]:
             base = f"http://127.0.0.1:{servers[0].port}"  # type: ignore[attr-defined]
             headers = {"Authorization": f"Bearer {token}"}
             asyncio.run(run_tasks(base, headers, opts.warmup, opts.c))
+            http, workers = CpuMeter([servers[0].pid]), CpuMeter([s.pid for s in servers[1:]])
+            http.mark()
+            workers.mark()
+            driver = time.process_time()
             start = time.monotonic()
             results = asyncio.run(run_tasks(base, headers, opts.m, opts.c))
             elapsed = time.monotonic() - start
+            cpu = {"http": http.elapsed(), "workers": workers.elapsed(),
+                   "driver": time.process_time() - driver}
             alone = asyncio.run(run_tasks(base, headers, opts.latency_m, 1))
         finally:
             for server in reversed(servers):
@@ -77,9 +94,26 @@ def measure(processes: int, opts: argparse.Namespace) -> tuple[float, float]:
         if bad:
             raise RuntimeError(f"{len(bad)} tasks did not complete: {bad[:3]}")
         latencies = sorted((r.end_ns - r.start_ns) / 1e6 for r in alone)
-        return opts.m / elapsed, percentile(latencies, 50)
+        per_task = {role: seconds / opts.m * 1e3 for role, seconds in cpu.items()}
+        return opts.m / elapsed, percentile(latencies, 50), per_task
     finally:
         remove_tree(data)
+
+
+def print_cpu(cpus: dict[str, list[dict[str, float]]]) -> None:
+    """CPU per task by role (medians over the rounds), and the ceiling on the ratio."""
+    median = {mode: {role: statistics.median(c[role] for c in rounds) for role in rounds[0]}
+              for mode, rounds in cpus.items()}
+    rows = [[mode, f"{m['http']:.1f}", f"{m['workers']:.1f}", f"{m['driver']:.1f}"]
+            for mode, m in median.items()]
+    print_table("CPU ms per task by role (medians over the rounds)",
+                ["workers", "HTTP process", "worker processes", "driver"], rows)
+    two = median["2 processes"]
+    worker, other = two["workers"], two["http"] + two["driver"]
+    cores = len(os.sched_getaffinity(0))
+    ceiling = min(2.0, cores * worker / (worker + other))
+    print(f"ceiling of 2 processes vs 1 on {cores} cores with these figures: "
+          f"{cores} x {worker:.1f} / ({worker:.1f} + {other:.1f}) = {ceiling:.2f}")
 
 
 def main() -> int:
@@ -94,11 +128,13 @@ def main() -> int:
     opts = parser.parse_args()
     figures: dict[str, list[float]] = {mode: [] for mode in MODES}
     p50s: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpus: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     for _ in range(opts.rounds):  # interleaved, so drifting load hits every mode alike
         for mode, processes in MODES.items():
-            rate, p50 = measure(processes, opts)
+            rate, p50, cpu = measure(processes, opts)
             figures[mode].append(rate)
             p50s[mode].append(p50)
+            cpus[mode].append(cpu)
     best = {mode: max(values) for mode, values in figures.items()}
     p50 = {mode: min(values) for mode, values in p50s.items()}
     rows = [[mode, " / ".join(f"{v:.1f}" for v in figures[mode]), f"{best[mode]:.1f}",
@@ -109,8 +145,10 @@ def main() -> int:
                 f"cores={os.cpu_count()}, load average {os.getloadavg()[0]:.1f}",
                 ["workers", "tasks/s per round", "best", "vs 1 process",
                  "p50 ms alone per round", "p50 vs in-process"], rows)
+    print_cpu(cpus)
     write_results("workers", {"machine": machine(), "m": opts.m, "c": opts.c,
-                              "figures": figures, "best": best, "p50_ms": p50s})
+                              "figures": figures, "best": best, "p50_ms": p50s,
+                              "cpu_ms_per_task": cpus})
     return 0
 
 
