@@ -1570,6 +1570,13 @@ async def _read_field(part: aiohttp.BodyPartReader, name: str,
     return bytes(data).decode("utf-8", errors="replace")
 
 
+#: a file up to this size is written in one thread hop (its folders, open, write, close)
+#: once its last byte arrived, rather than streamed with a hop per step: most documents
+#: are small, and each hop costs a thread's and the event loop's wake-ups
+WRITE_AT_ONCE_BYTES = 256 * 1024
+UPLOAD_CHUNK_BYTES = 256 * 1024
+
+
 async def _save_file(part: aiohttp.BodyPartReader, filename: str | None, upload: Upload,
                      original_dir: Path, config: Config, progress: Callable[[], None],
                      room: StorageRoom) -> None:
@@ -1577,23 +1584,48 @@ async def _save_file(part: aiohttp.BodyPartReader, filename: str | None, upload:
     if upload.file_path is not None:
         raise ApiError(400, "bad_request", "Send exactly one file per task.")
     upload.file_name = clean_file_name(filename)
-    await asyncio.to_thread(_make_upload_dirs, original_dir, upload.work_dir)
-    upload.file_path = original_dir / upload.file_name
+    upload.file_path = path = original_dir / upload.file_name
+    head = bytearray()
     try:
-        async with aiofiles.open(upload.file_path, "wb", opener=_private_opener) as f:
-            while chunk := await part.read_chunk(256 * 1024):
-                progress()
-                upload.file_size += len(chunk)
-                if upload.file_size > config.max_upload_bytes:
-                    raise _too_large(config)
-                if upload.file_size > room.free:
-                    raise room.refuse()
-                await f.write(chunk)
+        while chunk := await part.read_chunk(UPLOAD_CHUNK_BYTES):
+            _count_upload(upload, len(chunk), config, room, progress)
+            head += chunk
+            if len(head) > WRITE_AT_ONCE_BYTES:
+                await asyncio.to_thread(_make_upload_dirs, original_dir, upload.work_dir)
+                await _stream_rest(part, path, bytes(head), upload, config, room, progress)
+                return
+        await asyncio.to_thread(_write_small_upload, path, bytes(head), upload.work_dir)
     except OSError as e:
         if is_disk_full(e):
             logger.error("upload refused: the data folder's disk is full (%s)", e)
             raise _disk_full() from e
         raise
+
+
+def _count_upload(upload: Upload, size: int, config: Config, room: StorageRoom,
+                  progress: Callable[[], None]) -> None:
+    progress()
+    upload.file_size += size
+    if upload.file_size > config.max_upload_bytes:
+        raise _too_large(config)
+    if upload.file_size > room.free:
+        raise room.refuse()
+
+
+async def _stream_rest(part: aiohttp.BodyPartReader, path: Path, head: bytes, upload: Upload,
+                       config: Config, room: StorageRoom, progress: Callable[[], None]) -> None:
+    """A large file: what arrived so far, then each chunk as it arrives."""
+    async with aiofiles.open(path, "wb", opener=_private_opener) as f:
+        await f.write(head)
+        while chunk := await part.read_chunk(UPLOAD_CHUNK_BYTES):
+            _count_upload(upload, len(chunk), config, room, progress)
+            await f.write(chunk)
+
+
+def _write_small_upload(path: Path, data: bytes, work_dir: Path | None) -> None:
+    _make_upload_dirs(path.parent, work_dir)
+    with open(path, "wb", opener=_private_opener) as f:
+        f.write(data)
 
 
 def _make_upload_dirs(original_dir: Path, work_dir: Path | None) -> None:

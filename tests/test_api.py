@@ -17,6 +17,7 @@ from zhiyi_server import (
     CONFIG,
     NOT_SET_UP,
     STORE,
+    WRITE_AT_ONCE_BYTES,
     Config,
     clean_file_name,
     content_disposition,
@@ -370,6 +371,19 @@ async def test_uploaded_name_is_cleaned_and_path_is_server_made(idle_client, con
         "escape.txt.parsed.json", "escape.txt.segments.jsonl"]
     assert {p.parent.parent for p in stored} == {uploaded[0].parent.parent}
     json.dumps(body)
+
+
+@pytest.mark.parametrize("size", [1, WRITE_AT_ONCE_BYTES, WRITE_AT_ONCE_BYTES + 1,
+                                  3 * WRITE_AT_ONCE_BYTES + 7])
+async def test_an_upload_is_stored_byte_for_byte_and_private(idle_client, config,
+                                                             size: int) -> None:
+    """Written at once when small, streamed past ``WRITE_AT_ONCE_BYTES``: the same bytes."""
+    headers = await add_user(idle_client, credits=10_000)
+    content = "".join(f"line {i}\n" for i in range(size))[:size]
+    await create(idle_client, headers, content=content)
+    [stored] = [p for p in files_under(config.data_path) if p.parent.name == "original"]
+    assert stored.read_text() == content
+    assert stored.stat().st_mode & 0o777 == 0o600
 
 
 # ------------------------------------------------ what a page learns about engines
