@@ -600,17 +600,17 @@ class SegmentTranslation:
         self._journal_lock = asyncio.Lock()
 
     async def run(self) -> Path:
-        self.total = await asyncio.to_thread(_count, self.doc.segments())
-        self.translations = await asyncio.to_thread(self._load_journal)
+        # One hop off the loop for the count, the journal and the first chunk (for most
+        # documents, all their segments) rather than one for each.
+        self.total, self.translations, segments, first = await asyncio.to_thread(self._begin)
         if self.translations:
             logger.info("task %s resumes with %d of %d segments done", self.ctx.task_id,
                         len(self.translations), self.total)
         await self._report()
         await self._load_glossary()
         await self._choose_memory_scope()
-        segments = enumerate(self.doc.segments())
         resumed = frozenset(self.translations)
-        await _bounded_gather(self._batches(segments, resumed), self._translate_batch,
+        await _bounded_gather(self._batches(segments, resumed, first), self._translate_batch,
                               max(1, self.ctx.engine_concurrency))
         summary = await self._summary()
         await self.ctx.progress(99, f"writing the translated document{summary}",
@@ -628,17 +628,26 @@ class SegmentTranslation:
                 "(the engine broke its tags); the text is complete", stage="writing")
         return out
 
-    async def _batches(self, segments: Iterator[tuple[int, str]],
-                       resumed: frozenset[int]) -> AsyncIterator[_Batch]:
+    def _begin(self) -> tuple[int, dict[int, str], Iterator[tuple[int, str]], _Chunk]:
+        """(segments in all, the journal, the segments' reader, its first chunk): blocking."""
+        total = _count(self.doc.segments())
+        journal = self._load_journal()
+        segments = enumerate(self.doc.segments())
+        return total, journal, segments, _next_chunk(segments, frozenset(journal), MEMORY_CHUNK)
+
+    async def _batches(self, segments: Iterator[tuple[int, str]], resumed: frozenset[int],
+                       first: _Chunk) -> AsyncIterator[_Batch]:
         """Batches of the segments to send: not journalled earlier, not in the memory.
 
-        Segments are read (off the loop) in chunks of ``MEMORY_CHUNK``; each chunk is
-        looked up in the memory at once and its hits journalled, so the batches sent
-        hold only misses: a revised document's few changed paragraphs travel together.
+        Segments are read (off the loop) in chunks of ``MEMORY_CHUNK``, ``first``
+        already read; each chunk is looked up in the memory at once and its hits
+        journalled, so the batches sent hold only misses: a revised document's few
+        changed paragraphs travel together.
         """
         batch: _Batch = []
         size = 0
-        while chunk := await asyncio.to_thread(_next_chunk, segments, resumed, MEMORY_CHUNK):
+        chunk, more = first
+        while chunk:
             known = await self._recall([text for _, text in chunk])
             if known:
                 await self._journal_batch([(chunk[pos][0], text) for pos, text in known.items()])
@@ -650,6 +659,8 @@ class SegmentTranslation:
                 if len(batch) >= BATCH_MAX_ITEMS or size >= BATCH_MAX_CHARS:
                     yield batch
                     batch, size = [], 0
+            chunk, more = (await asyncio.to_thread(_next_chunk, segments, resumed, MEMORY_CHUNK)
+                           if more else ([], False))
         if batch:
             yield batch
 
@@ -784,6 +795,8 @@ class SegmentTranslation:
 
 
 _Batch = list[tuple[int, str]]
+#: segments read at once, and whether the document may hold more
+_Chunk = tuple[_Batch, bool]
 _Item = TypeVar("_Item")
 
 
@@ -848,12 +861,12 @@ def _count_terms(terms: memory.TermPlan, segments: Iterator[str]) -> list[str]:
 
 
 def _next_chunk(segments: Iterator[tuple[int, str]], done: frozenset[int],
-                size: int) -> _Batch:
-    """The next ``size`` segments not in ``done``."""
+                size: int) -> _Chunk:
+    """The next ``size`` segments not in ``done``; False once the document ended."""
     chunk: _Batch = []
     for index, segment in segments:
         if index not in done:
             chunk.append((index, segment))
             if len(chunk) >= size:
-                break
-    return chunk
+                return chunk, True
+    return chunk, False

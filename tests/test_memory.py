@@ -10,10 +10,12 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import TestClient
 from fakes import FakeLibreTranslate
 from helpers import add_user, create, form, wait_status
 
+import processors
 from zhiyi_server import CONFIG
 
 PARAMS = {"targetLang": "fr", "sourceLang": "en", "engine": "libretranslate"}
@@ -99,6 +101,21 @@ async def test_a_revised_document_sends_and_charges_only_the_changed_paragraphs(
     assert before - await balance(client, headers) == revised_quote["credits"]
     assert sorted(fake.segments) == sorted(revised[i] for i in (5, 50, 95))
     assert result.strip().split("\n\n") == [f"<fr>{p}" for p in revised]
+
+
+@pytest.mark.parametrize("chunk", [7, 10, 100, 101])
+async def test_chunks_of_any_size_send_each_changed_segment_once_in_order(
+        make_client, aiohttp_server, monkeypatch, chunk: int) -> None:
+    """Segments are read in chunks (the first with the count and the journal): a chunk
+    size that divides the document, one that does not, the whole and more."""
+    monkeypatch.setattr(processors, "MEMORY_CHUNK", chunk)
+    fake, client, headers = await setup(make_client, aiohttp_server)
+    original = hundred()
+    await translate(client, headers, document(original[::2]))  # the even ones remembered
+    fake.requests.clear()
+    _, result = await translate(client, headers, document(original))
+    assert sorted(fake.segments) == sorted(original[1::2])
+    assert result.strip().split("\n\n") == [f"<fr>{p}" for p in original]
 
 
 async def test_analyze_quotes_like_create_and_memory_can_be_ignored(make_client,
