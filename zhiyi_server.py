@@ -1726,15 +1726,16 @@ async def _price(request: web.Request, user_id: str, task_type: TaskType,
     if not task_type.parses_document:
         quote = Quote(upload.file_size, None)
         return quote, task_type.cost(quote, params)
+    held: MemoryHeld = None
     if check_balance:
-        await _check_balance_floor(request, user_id, await _least_cost(
-            request, user_id, task_type, params, upload.file_size))
+        least, held = await _least_cost(request, user_id, task_type, params, upload.file_size)
+        await _check_balance_floor(request, user_id, least)
     assert upload.work_dir is not None
     # One parse per task: what it spools is kept for the attempt (and the memory lookup).
     document = await _parse_upload(request, user_id, upload.file_path, upload.work_dir)
     quote = Quote(upload.file_size, document.stats)
     if task_type.cost is translate_cost:
-        quote = await _with_memory(request, user_id, params, document, quote)
+        quote = await _with_memory(request, user_id, params, document, quote, held)
     return quote, task_type.cost(quote, params)
 
 
@@ -1750,18 +1751,26 @@ async def _parse_upload(request: web.Request, user_id: str, path: Path,
         raise
 
 
+#: what the user's translation memory holds per scope, when it was read already
+MemoryHeld = list[tuple[Scope, int]] | None
+
+
 async def _least_cost(request: web.Request, user_id: str, task_type: TaskType,
-                      params: dict[str, Any], file_size: int) -> int:
-    """What the task costs at the least, whatever the document holds."""
+                      params: dict[str, Any], file_size: int) -> tuple[int, MemoryHeld]:
+    """What the task costs at the least, whatever the document holds; and the memory's
+    summary if it was read for that (the quote needs it next)."""
     least = task_type.cost(Quote(file_size, NO_TEXT), params)
+    held = None
     if least and task_type.cost is translate_cost and params.get("memory") != "ignore":
-        if await request.config_dict[STORE].memory_summary(user_id):
+        held = await request.config_dict[STORE].memory_summary(user_id)
+        if held:
             least = 0  # every segment may be remembered, and then it costs nothing
-    return least
+    return least, held
 
 
 async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any],
-                       document: ParsedDocument, quote: Quote) -> Quote:
+                       document: ParsedDocument, quote: Quote, held: MemoryHeld = None,
+                       ) -> Quote:
     """The quote with the segments found in the user's translation memory."""
     assert quote.stats is not None
     store = request.config_dict[STORE]
@@ -1769,7 +1778,8 @@ async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any
     scope = memory_scope(params, quote.stats.language, glossary)
     if scope is None or params.get("memory") == "ignore":
         return quote
-    if not await store.memory_summary(user_id, scope):
+    if not (dict(held).get(scope) if held is not None
+            else await store.memory_summary(user_id, scope)):
         return quote  # nothing remembered for this pair: no segment to hash and look up
     keys = await asyncio.to_thread(segment_keys, document)
     found = await store.memory_lookup(user_id, scope, [key for key, _ in keys])
@@ -1794,6 +1804,8 @@ async def _glossary_of(request: web.Request, user_id: str, params: dict[str, Any
 
 
 async def _check_balance_floor(request: web.Request, user_id: str, floor: int) -> None:
+    if floor <= 0:
+        return  # a balance is never below 0 (schema.sql: CHECK (credits >= 0))
     user = await request.config_dict[STORE].get_user(user_id)
     balance = user.credits if user is not None else 0
     if balance < floor:

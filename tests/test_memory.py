@@ -16,7 +16,7 @@ from fakes import FakeLibreTranslate
 from helpers import add_user, create, form, wait_status
 
 import processors
-from zhiyi_server import CONFIG
+from zhiyi_server import CONFIG, STORE
 
 PARAMS = {"targetLang": "fr", "sourceLang": "en", "engine": "libretranslate"}
 
@@ -116,6 +116,30 @@ async def test_chunks_of_any_size_send_each_changed_segment_once_in_order(
     _, result = await translate(client, headers, document(original))
     assert sorted(fake.segments) == sorted(original[1::2])
     assert result.strip().split("\n\n") == [f"<fr>{p}" for p in original]
+
+
+async def test_pricing_reads_the_memory_summary_once_and_no_balance_it_needs_not(
+        make_client, monkeypatch) -> None:
+    """The summary read for the least cost also says whether the pair has segments to look
+    up; with a memory the least cost is 0, which any balance covers: the user is not read."""
+    client = await make_client()
+    headers = await add_user(client, credits=1000)
+    pseudo = {"targetLang": "fr", "engine": "pseudo"}
+    text = document(hundred()[:10])
+    await translate(client, headers, text, params=pseudo)
+    store = client.app[STORE]
+    statements: list[str] = []
+    read = store._fetchall
+
+    async def counted(sql: str, args=()):
+        statements.append(" ".join(sql.split()))
+        return await read(sql, args)
+
+    monkeypatch.setattr(store, "_fetchall", counted)
+    created = await create(client, headers, content=text, params=pseudo)
+    assert created["quote"]["fromMemory"] == 10 and created["quote"]["credits"] == 0
+    assert len([sql for sql in statements if "COUNT(*) AS n FROM translation_memory" in sql]) == 1
+    assert not [sql for sql in statements if sql.startswith("SELECT * FROM users")]
 
 
 async def test_analyze_quotes_like_create_and_memory_can_be_ignored(make_client,
