@@ -422,10 +422,10 @@ async def _parsed(ctx: TaskContext, work: Callable[[sandbox.DocumentSandbox], Aw
 
 
 async def _open(ctx: TaskContext) -> sandbox.ParsedDocument:
-    await ctx.progress(0, "reading the document", stage="parsing")
     if ctx._sandbox is not None and (kept := await asyncio.to_thread(
             _kept_parse, ctx._sandbox, ctx.input_path, ctx.user_id, ctx.work_dir)):
-        return kept  # read once at create (pricing): no second parse of the same file
+        return kept  # read once at create (pricing): no second parse, nothing to report
+    await ctx.progress(0, "reading the document", stage="parsing")
     return await _parsed(ctx, lambda documents: documents.open(
         ctx.input_path, user=ctx.user_id, work_dir=ctx.work_dir))
 

@@ -36,7 +36,7 @@ from helpers import (
 from pypdf import PdfWriter
 from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
-from zhiyi_server import CONFIG
+from zhiyi_server import CONFIG, STORE
 
 MB = 1024 * 1024
 #: the issue's zip bomb: a ~650 KB .docx whose body is 600 MB of spaces (the slow test)
@@ -331,6 +331,12 @@ async def translated(client: TestClient, headers: dict[str, str], task_id: int) 
     return await resp.text()
 
 
+async def stages(client: TestClient, task_id: int) -> list[str]:
+    """The stages the task's events went through, in order."""
+    events = await client.app[STORE].events_after(0, task_id=task_id)
+    return [e.data["stage"] for e in events if e.data.get("stage")]
+
+
 async def test_a_translation_reads_its_document_once_then_renders(make_client) -> None:
     """Pricing parses the file; the attempt uses that parse, and only the render reads
     the file again, also when the user's memory holds segments (looked up at create)."""
@@ -340,6 +346,7 @@ async def test_a_translation_reads_its_document_once_then_renders(make_client) -
     expected = await translated(client, alice, first["taskId"])
     assert expected.count("\n") == 3 and "Hello" not in expected  # pseudo-translated
     assert await metric(client, PARSES) == 2  # at create, then the render
+    assert "parsing" not in await stages(client, first["taskId"])  # nothing parsed
 
     again = await create(client, alice, content=TWO_LINES)  # both segments remembered now
     assert again["quote"]["fromMemory"] == 2
@@ -365,6 +372,7 @@ async def test_an_attempt_without_the_kept_parse_parses_again(make_client,
     text = await translated(worker, alice, created["taskId"])
     assert text.count("\n") == 3 and "Hello" not in text
     assert await metric(worker, PARSES) == 2  # parsed again, then the render
+    assert "parsing" in await stages(worker, created["taskId"])
 
 
 # ------------------------------------------------------------------ processing
