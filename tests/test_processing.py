@@ -771,4 +771,7 @@ async def test_a_completed_task_keeps_one_sharded_folder_without_work_files(
     user, shard, key = task.file_path.split("/")
     assert (user, shard) == ("alice", key[:2]) and len(key) == 32
     base = client.app[CONFIG].data_path / task.file_path
+    # The worker removes the work folder right after the completion commits (which
+    # wait_status may see first).
+    await eventually(lambda: not (base / "work").exists(), "the work folder removed")
     assert sorted(p.name for p in base.iterdir()) == ["original", "result"]
