@@ -563,7 +563,8 @@ async def test_render_sends_short_translations_along_and_long_ones_by_file(
         out = tmp_path / "out.txt"
         await parsed.render(translations, out)
         assert out.read_text() == "".join(f"{t}\n\n" for t in translations)
-        assert not list(tmp_path.glob("*.translations.jsonl"))  # the file, if any, is gone
+        leftovers = await asyncio.to_thread(lambda: list(tmp_path.glob("*.translations.jsonl")))
+        assert not leftovers  # the file, if any, is gone
     finally:
         await sandbox.close()
 
@@ -611,3 +612,43 @@ _KEPT: list[bytearray] = []
 def _keep_memory(limits: Any, megabytes: int) -> None:
     """A sandbox job (run in a parser) that allocates memory and keeps it, as a leak would."""
     _KEPT.append(bytearray(megabytes * MB))
+
+
+async def test_parsers_killed_under_load_lose_no_read_and_leak_nothing(tmp_path: Path) -> None:
+    """60 reads over 2 parsers while parsers are killed from outside: every read ends
+    (an answer, or a refusal naming SIGKILL for a document being read when its parser
+    died), nothing stays running, and every parser process is reaped."""
+    import psutil
+
+    from sandbox import DocumentRefused, DocumentSandbox
+
+    document = tmp_path / "doc.txt"
+    document.write_text("Hello world. " * 2000 + "\n")
+    sandbox = DocumentSandbox(workers=2, per_user=2)
+    await sandbox.start()
+    try:
+        reads = [asyncio.ensure_future(sandbox.stats(document, user=f"u{n % 3}"))
+                 for n in range(60)]
+        kills = 0
+        while not all(read.done() for read in reads) and kills < 5:
+            running = [p for p in sandbox._busy | set(sandbox._idle) if not p.dead]
+            if running:
+                os.kill(running[0]._process.pid, 9)
+                kills += 1
+            await asyncio.sleep(0.005)
+        results = await asyncio.gather(*reads, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, DocumentRefused)]
+        print(f"{kills} parsers killed, {len(refused)} reads refused, {sandbox.started} started")
+        assert all("SIGKILL" in str(r) for r in refused), refused
+        assert len(refused) <= kills
+        assert [r.words for r in results if not isinstance(r, BaseException)] == [4000] * (
+            60 - len(refused))
+        assert sandbox.in_flight == 0 and len(sandbox._idle) <= 2
+        assert (await sandbox.stats(document, user="u")).words == 4000
+    finally:
+        await sandbox.close()
+    # Every parser (a child of the forkserver) has been killed and reaped: none lives on.
+    [forkserver] = [child for child in psutil.Process().children()
+                    if "forkserver" in " ".join(child.cmdline())]
+    _, alive = psutil.wait_procs(forkserver.children(), timeout=10)
+    assert not alive
