@@ -249,6 +249,13 @@ async def _last_user_event(cluster: Cluster) -> int:
         await store.close()
 
 
+async def _holds_a_lease(store: TaskStore, process: ServerProcess) -> bool:
+    """Whether ``process`` (a worker) holds a task now (lease owners are host:pid:nonce)."""
+    assert process.proc is not None
+    return any(owner.split(":")[1] == str(process.proc.pid)
+               for owner in await store.lease_owners())
+
+
 async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -> None:
     """Every stream sees every event of its task once, in order, across a kill -9 of one
     HTTP process and one worker process; no task is lost and each is charged once."""
@@ -258,45 +265,52 @@ async def test_two_http_and_two_worker_processes_with_kill_9(cluster: Cluster) -
     worker_a, _ = cluster.worker(), cluster.worker()
     headers = {"Authorization": f"Bearer {token}"}
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
-        watchers: list[StreamWatcher] = []
-        runs: list[asyncio.Task[None]] = []
-        # The user's notification stream on each HTTP process, from before the first task.
-        users = [StreamWatcher(session, None, [http_a.url, http_b.url]),
-                 StreamWatcher(session, None, [http_b.url])]
-        user_runs = [asyncio.create_task(w.run()) for w in users]
-        a_alive = True
-        for n in range(tasks):
-            # Tasks are created and followed on A and B in turn; once A is killed, its
-            # clients move to B and new tasks go to B.
-            first = http_a if n % 2 == 0 and a_alive else http_b
-            urls = [first.url, http_b.url] if first is http_a else [http_b.url]
-            task_id = await create_task(session, first.url, "quick")
-            watcher = StreamWatcher(session, task_id, urls)
-            watchers.append(watcher)
-            runs.append(asyncio.create_task(watcher.run()))
-            if n == tasks // 3:
-                worker_a.kill()
-            if n == tasks // 2:
-                http_a.kill()
-                a_alive = False
-                for w in (*watchers, *users):
-                    w.urls = [http_b.url]
-        for w in watchers:
-            w.urls = [http_b.url]
-        await asyncio.wait_for(asyncio.gather(*runs), 240)
-        for w in users:
-            w.urls = [http_b.url]
-            w.until_id = await _last_user_event(cluster)
-        await asyncio.wait_for(asyncio.gather(*user_runs), 240)
-        ledger = await get_json(session, f"{http_b.url}/api/me/ledger?limit=100")
-        entries = ledger["entries"]
-        while ledger["nextCursor"] is not None:
-            ledger = await get_json(
-                session, f"{http_b.url}/api/me/ledger?limit=100&cursor={ledger['nextCursor']}")
-            entries += ledger["entries"]
-        me = await get_json(session, f"{http_b.url}/api/me")
-
+    probe = await cluster.open_store()  # to see which worker holds a task
+    try:
+        async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
+            watchers: list[StreamWatcher] = []
+            runs: list[asyncio.Task[None]] = []
+            # The user's notification stream on each HTTP process, from before the first task.
+            users = [StreamWatcher(session, None, [http_a.url, http_b.url]),
+                     StreamWatcher(session, None, [http_b.url])]
+            user_runs = [asyncio.create_task(w.run()) for w in users]
+            a_alive = worker_a_alive = True
+            for n in range(tasks):
+                # Tasks are created and followed on A and B in turn; once A is killed, its
+                # clients move to B and new tasks go to B.
+                first = http_a if n % 2 == 0 and a_alive else http_b
+                urls = [first.url, http_b.url] if first is http_a else [http_b.url]
+                task_id = await create_task(session, first.url, "quick")
+                watcher = StreamWatcher(session, task_id, urls)
+                watchers.append(watcher)
+                runs.append(asyncio.create_task(watcher.run()))
+                # Killed from a third of the way on, once it holds a task (else nothing of its
+                # would need resuming: quick tasks are often all done between two creates).
+                if n >= tasks // 3 and worker_a_alive and await _holds_a_lease(probe, worker_a):
+                    worker_a.kill()
+                    worker_a_alive = False
+                if n == tasks // 2:
+                    http_a.kill()
+                    a_alive = False
+                    for w in (*watchers, *users):
+                        w.urls = [http_b.url]
+            for w in watchers:
+                w.urls = [http_b.url]
+            await asyncio.wait_for(asyncio.gather(*runs), 240)
+            for w in users:
+                w.urls = [http_b.url]
+                w.until_id = await _last_user_event(cluster)
+            await asyncio.wait_for(asyncio.gather(*user_runs), 240)
+            ledger = await get_json(session, f"{http_b.url}/api/me/ledger?limit=100")
+            entries = ledger["entries"]
+            while ledger["nextCursor"] is not None:
+                ledger = await get_json(
+                    session, f"{http_b.url}/api/me/ledger?limit=100&cursor={ledger['nextCursor']}")
+                entries += ledger["entries"]
+            me = await get_json(session, f"{http_b.url}/api/me")
+    finally:
+        await probe.close()
+    assert not worker_a_alive
     store = await cluster.open_store()
     try:
         for w in watchers:
