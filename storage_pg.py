@@ -439,8 +439,7 @@ class PgTaskStore(TaskStore):
                 url, min_size=1, max_size=READ_POOL_SIZE, open=False,
                 configure=_configure_async, timeout=READ_WAIT_SECONDS,
                 kwargs={"autocommit": True, "row_factory": _row_factory,
-                        "connect_timeout": 5},
-                check=AsyncConnectionPool.check_connection)
+                        "connect_timeout": 5})
             await store._pool.open(wait=True, timeout=10)
         except BaseException:
             await store.close()
@@ -463,14 +462,24 @@ class PgTaskStore(TaskStore):
     async def _fetchall(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
         if self._pool is None:
             raise StoreUnavailable("the PostgreSQL store is closed")
+        text, values = pg_sql(sql), tuple(args)
         try:
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(pg_sql(sql), tuple(args))
-                return await cursor.fetchall() if cursor.description is not None else []
-        except psycopg.OperationalError as e:
+            try:
+                return await self._read(text, values)
+            except psycopg.OperationalError:
+                # A pooled connection found dead (a restart, a proxy's timeout): the pool
+                # drops it. The pool does not test each connection it lends (a round trip
+                # per read), so test the idle ones now and read once more.
+                await self._pool.check()
+                return await self._read(text, values)
+        except (psycopg.OperationalError, PoolTimeout) as e:
             raise _unavailable(self._url, e) from e
-        except PoolTimeout as e:
-            raise _unavailable(self._url, e) from e
+
+    async def _read(self, text: str, values: tuple[Any, ...]) -> list[Any]:
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(text, values)
+            return await cursor.fetchall() if cursor.description is not None else []
 
     # ---------------------------------------------------------- other processes
     def _start_watching(self) -> None:

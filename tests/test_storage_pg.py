@@ -123,6 +123,21 @@ async def test_a_dropped_connection_is_made_again(database_url: str, open_test_s
     await eventually(lambda: len(heard) > before, "the listener hears the other store again")
 
 
+async def test_reads_on_pooled_connections_the_server_dropped_are_answered(
+        database_url: str, open_test_store) -> None:
+    """The pool does not test a connection before lending it (a round trip per read):
+    a read that meets a dead one tests the idle ones and reads once more."""
+    store: TaskStore = await open_test_store()
+    await store.add_user("alice", 1)
+    # Several readers at once, so that the pool holds several connections.
+    await asyncio.gather(*(store.get_user("alice") for _ in range(8)))
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    users = await asyncio.gather(*(store.get_user("alice") for _ in range(8)))
+    assert [u.credits if u else None for u in users] == [1] * 8
+
+
 def test_backup_of_a_postgresql_store_points_to_pg_dump(tmp_path: Path,
                                                         database_url: str) -> None:
     env = {**os.environ, "ZHIYI_DATABASE_URL": database_url}
