@@ -1537,8 +1537,7 @@ async def _read_upload(request: web.Request, original_dir: Path, config: Config,
             if not isinstance(part, aiohttp.BodyPartReader):
                 continue
             # Parsed once here: aiohttp re-parses the header on every .name/.filename.
-            _, disposition = parse_content_disposition(
-                part.headers.get(hdrs.CONTENT_DISPOSITION))
+            disposition = disposition_params(part.headers.get(hdrs.CONTENT_DISPOSITION))
             name = content_disposition_filename(disposition, "name")
             if name == "file":
                 filename = content_disposition_filename(disposition, "filename")
@@ -1555,6 +1554,33 @@ async def _read_upload(request: web.Request, original_dir: Path, config: Config,
         reason = getattr(e, "message", None) or str(e)
         raise ApiError(400, "bad_request", f"The multipart body is malformed: {reason}") from e
     return upload
+
+
+# What browsers, curl and aiohttp send: form-data; name="..."; filename="..."
+_SIMPLE_DISPOSITION = re.compile(r'form-data((?:\s*;\s*[A-Za-z]+="[^"\\;]*")*)\s*',
+                                 re.IGNORECASE)
+_SIMPLE_PARAM = re.compile(r'\s*;\s*([A-Za-z]+)="([^"\\;]*)"')
+
+
+def disposition_params(header: str | None) -> dict[str, str]:
+    """The parameters of a part's Content-Disposition, as aiohttp's parser gives them.
+
+    The common simple form is read with one regular expression; anything else
+    (escapes, RFC 5987 ``filename*``, continuations, a repeated or odd parameter)
+    goes to aiohttp's parser, which rebuilds its escape pattern on every call and
+    was ~4 % of the server's CPU per task. The results are the same (a property
+    test holds them to aiohttp's), down to the leading ``/`` it strips from values.
+    """
+    if header and (simple := _SIMPLE_DISPOSITION.fullmatch(header)):
+        params: dict[str, str] = {}
+        for key, value in _SIMPLE_PARAM.findall(simple.group(1)):
+            key = key.lower()
+            if key in params:
+                break  # aiohttp refuses the whole header: let it say so
+            params[key] = value.lstrip("/")
+        else:
+            return params
+    return parse_content_disposition(header)[1]
 
 
 async def _read_field(part: aiohttp.BodyPartReader, name: str,

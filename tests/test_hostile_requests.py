@@ -21,6 +21,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import add_user, create, form, get_task, wait_status
+from hypothesis import example, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from external import sign
 from processors import default_registry
@@ -318,3 +321,48 @@ async def test_redirecting_result_url_is_refused(aiohttp_client, aiohttp_server,
     me = await (await client.get("/api/me", headers=auth)).json()
     assert me["credits"] == 10  # refunded
     assert await client.app[STORE].latest_event_id(task_id=task_id) > 0
+
+
+_DISPOSITION_CHARS = 'aZ09 ;="\\/*\'%é\t.-_'
+
+
+@hypothesis_settings(max_examples=500, deadline=None)
+@example('form-data; name="/file"; filename="//etc/passwd"')
+@example('form-data; name="a\\"b"')
+@example('form-data; name="file"; name="params"')
+@given(st.one_of(
+    st.text(alphabet=_DISPOSITION_CHARS, max_size=40),
+    st.lists(st.tuples(st.sampled_from(["; ", ";", " ; ", ";\t"]),
+                       st.sampled_from(["name", "filename", "NAME", "filename*", "name*0", "x"]),
+                       st.sampled_from(["=", " = ", "="]),
+                       st.one_of(st.text(alphabet=_DISPOSITION_CHARS, max_size=12),
+                                 st.text(alphabet="aZ0 /é.-_\t%*'", max_size=12)),
+                       st.booleans()),
+             max_size=4).map(lambda params: "form-data" + "".join(
+                 f'{sep}{key}{eq}"{value}"' if quoted else f"{sep}{key}{eq}{value}"
+                 for sep, key, eq, value, quoted in params)),
+    st.lists(st.tuples(st.sampled_from(["name", "filename"]),
+                       st.text(alphabet="aZ0 /é.-_\t%*'", max_size=12)),
+             max_size=3).map(lambda params: "form-data" + "".join(
+                 f'; {key}="{value}"' for key, value in params))))
+def test_content_disposition_read_as_aiohttp_reads_it(header: str) -> None:
+    """The fast path for simple multipart headers gives what aiohttp's parser gives."""
+    import warnings
+
+    from aiohttp.multipart import parse_content_disposition
+
+    from zhiyi_server import disposition_params
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert disposition_params(header) == parse_content_disposition(header)[1]
+
+
+@pytest.mark.parametrize("header", [
+    'form-data; name="file"; filename="doc.txt"', 'form-data; name="taskType"',
+    'FORM-DATA;name="params"', 'form-data; name="file"; filename="/etc/passwd"'])
+def test_content_disposition_fast_path_is_taken(header: str) -> None:
+    from zhiyi_server import _SIMPLE_DISPOSITION, disposition_params
+
+    assert _SIMPLE_DISPOSITION.fullmatch(header)
+    assert disposition_params(header)["name"] in ("file", "taskType", "params")
