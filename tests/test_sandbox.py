@@ -9,13 +9,14 @@ memory stays bounded, and a user who cannot pay is refused before any parse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import re
 import subprocess
 import sys
 import zipfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from helpers import (
 from pypdf import PdfWriter
 from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
+import sandbox as sandbox_module
+from sandbox import DocumentRefused, DocumentSandbox, ParseLimits
 from zhiyi_server import CONFIG, STORE
 
 MB = 1024 * 1024
@@ -428,6 +431,25 @@ asyncio.run(main())
 
 
 # ------------------------------------------------------------------ warm parsers
+@contextlib.asynccontextmanager
+async def running_sandbox(limits: ParseLimits | None = None, *, workers: int = 1,
+                          **kwargs: Any) -> AsyncIterator[DocumentSandbox]:
+    sandbox = DocumentSandbox(limits, workers=workers, **kwargs)
+    await sandbox.start()
+    try:
+        yield sandbox
+    finally:
+        await sandbox.close()
+
+
+@pytest.fixture
+def note(tmp_path: Path) -> Path:
+    """A two-word .txt."""
+    path = tmp_path / "note.txt"
+    path.write_text("Hello world.\n")
+    return path
+
+
 def _burn_cpu(limits: Any, seconds: float) -> tuple[int, float]:
     """A sandbox job (run in a parser): spend ``seconds`` of CPU time; return the soft
     CPU limit it ran under and the parser's CPU time when it began."""
@@ -443,101 +465,63 @@ def _burn_cpu(limits: Any, seconds: float) -> tuple[int, float]:
     return resource.getrlimit(resource.RLIMIT_CPU)[0], began
 
 
-async def test_one_parser_reads_document_after_document(tmp_path: Path) -> None:
-    from sandbox import DocumentSandbox
-
-    document = tmp_path / "doc.txt"
-    document.write_text("Hello world.\n")
-    sandbox = DocumentSandbox(workers=1)
-    await sandbox.start()
-    try:
+async def test_one_parser_reads_document_after_document(note: Path) -> None:
+    async with running_sandbox() as sandbox:
         for _ in range(5):
-            assert (await sandbox.stats(document, user="u")).words == 2
+            assert (await sandbox.stats(note, user="u")).words == 2
         assert sandbox.started == 1
-    finally:
-        await sandbox.close()
 
 
-async def test_each_document_gets_the_whole_cpu_limit(tmp_path: Path) -> None:
+async def test_each_document_gets_the_whole_cpu_limit() -> None:
     """Two reads of 1.5 s of CPU each in one parser, under a 2 s limit: the limit is
     counted per document, not over the parser's life (which would kill the second)."""
-    from sandbox import DocumentSandbox, ParseLimits
-
-    sandbox = DocumentSandbox(ParseLimits(cpu_seconds=2, wall_seconds=3600), workers=1)
-    await sandbox.start()
-    try:
+    async with running_sandbox(ParseLimits(cpu_seconds=2, wall_seconds=3600)) as sandbox:
         first_limit, _ = await sandbox._run("u", _burn_cpu, (1.5,))
         second_limit, second_began = await sandbox._run("u", _burn_cpu, (1.5,))
         assert sandbox.started == 1  # the same warm parser read both
         assert second_began >= 1.5
         assert second_limit >= second_began + 2 > first_limit
-    finally:
-        await sandbox.close()
 
 
-async def test_a_parser_that_hit_a_limit_is_replaced(tmp_path: Path, zip_bomb: bytes) -> None:
-    from sandbox import DocumentRefused, DocumentSandbox, ParseLimits
-
+async def test_a_parser_that_hit_a_limit_is_replaced(tmp_path: Path, note: Path,
+                                                     zip_bomb: bytes) -> None:
     bomb = tmp_path / "bomb.docx"
     bomb.write_bytes(zip_bomb)
-    document = tmp_path / "doc.txt"
-    document.write_text("Hello world.\n")
     events: list[str] = []
-    sandbox = DocumentSandbox(ParseLimits(memory_mb=50, max_zip_ratio=100_000,
-                                          max_zip_uncompressed_mb=100_000),
-                              workers=1, observe=events.append)
-    await sandbox.start()
-    try:
-        assert (await sandbox.stats(document, user="u")).words == 2
+    limits = ParseLimits(memory_mb=50, max_zip_ratio=100_000, max_zip_uncompressed_mb=100_000)
+    async with running_sandbox(limits, observe=events.append) as sandbox:
+        assert (await sandbox.stats(note, user="u")).words == 2
         with pytest.raises(DocumentRefused, match="50 MB"):
             await sandbox.stats(bomb, user="u")
         # The parser that ran out of memory retired; a fresh one reads the next document
         # with the whole memory limit again.
-        assert (await sandbox.stats(document, user="u")).words == 2
+        assert (await sandbox.stats(note, user="u")).words == 2
         assert sandbox.started == 2
         assert events == ["started", "ok", "started", "memory_limit", "started", "ok"]
-    finally:
-        await sandbox.close()
 
 
-async def test_a_parser_killed_while_idle_is_replaced(tmp_path: Path) -> None:
+async def test_a_parser_killed_while_idle_is_replaced(note: Path) -> None:
     """A parser that dies between documents is replaced; the next document, which it
     never saw, is read by a fresh one rather than refused."""
-    from sandbox import DocumentSandbox
-
-    document = tmp_path / "doc.txt"
-    document.write_text("Hello world.\n")
-    sandbox = DocumentSandbox(workers=1)
-    await sandbox.start()
-    try:
-        await sandbox.stats(document, user="u")
+    async with running_sandbox() as sandbox:
+        await sandbox.stats(note, user="u")
         [parser] = sandbox._idle
         os.kill(parser._process.pid, 9)
         while not parser.dead:  # its end of file reaches the loop
             await asyncio.sleep(0.01)
-        assert (await sandbox.stats(document, user="u")).words == 2
+        assert (await sandbox.stats(note, user="u")).words == 2
         assert sandbox.started == 2
         assert parser.exitcode == -9  # reaped
-    finally:
-        await sandbox.close()
 
 
-async def test_a_parser_that_dies_reading_is_a_refused_document(tmp_path: Path) -> None:
+async def test_a_parser_that_dies_reading_is_a_refused_document(note: Path) -> None:
     """Death mid-read (here: the process ends itself) is the document's refusal, with
     the way it ended; the parser after it is a fresh one."""
-    from sandbox import DocumentRefused, DocumentSandbox
-
-    document = tmp_path / "doc.txt"
-    document.write_text("Hello world.\n")
-    sandbox = DocumentSandbox(workers=1)
-    await sandbox.start()
-    try:
+    async with running_sandbox() as sandbox:
         with pytest.raises(DocumentRefused, match="exit status 7"):
             await sandbox._run("u", _exit_now, (7,))
-        assert (await sandbox.stats(document, user="u")).words == 2
+        assert (await sandbox.stats(note, user="u")).words == 2
         assert sandbox.started == 2
-    finally:
-        await sandbox.close()
 
 
 def _exit_now(limits: Any, status: int) -> None:
@@ -549,61 +533,38 @@ def _exit_now(limits: Any, status: int) -> None:
 async def test_render_sends_short_translations_along_and_long_ones_by_file(
         tmp_path: Path, paragraphs: int) -> None:
     """3 paragraphs go with the request, 3,000 (~60 KB) through a file: the same result."""
-    import sandbox as sandbox_module
-    from sandbox import DocumentSandbox
-
     document = tmp_path / "doc.txt"
     document.write_text("".join(f"Paragraph number {n}.\n\n" for n in range(paragraphs)))
     translations = [f"Paragraphe {n}." for n in range(paragraphs)]
     assert sandbox_module._fits_in_a_request(translations) == (paragraphs == 3)
-    sandbox = DocumentSandbox(workers=1)
-    await sandbox.start()
-    try:
+    async with running_sandbox() as sandbox:
         parsed = await sandbox.open(document, user="u", work_dir=tmp_path)
         out = tmp_path / "out.txt"
         await parsed.render(translations, out)
         assert out.read_text() == "".join(f"{t}\n\n" for t in translations)
         leftovers = await asyncio.to_thread(lambda: list(tmp_path.glob("*.translations.jsonl")))
         assert not leftovers  # the file, if any, is gone
-    finally:
-        await sandbox.close()
 
 
-async def test_parsers_retire_after_their_share_of_documents(tmp_path: Path) -> None:
-    from sandbox import DocumentSandbox, ParseLimits
-
-    small = tmp_path / "small.txt"
-    small.write_text("Hello world.\n")
-    sandbox = DocumentSandbox(ParseLimits(parser_documents=3), workers=1)
-    await sandbox.start()
-    try:
+async def test_parsers_retire_after_their_share_of_documents(note: Path) -> None:
+    async with running_sandbox(ParseLimits(parser_documents=3)) as sandbox:
         for _ in range(7):
-            await sandbox.stats(small, user="u")
+            await sandbox.stats(note, user="u")
         assert sandbox.started == 3  # 3 + 3 + 1 documents
-    finally:
-        await sandbox.close()
 
 
-async def test_a_parser_that_grew_retires_after_the_document(tmp_path: Path) -> None:
-    from sandbox import DocumentSandbox, ParseLimits
-
-    small = tmp_path / "small.txt"
-    small.write_text("Hello world.\n")
-    sandbox = DocumentSandbox(ParseLimits(parser_growth_mb=64), workers=1)
-    await sandbox.start()
-    try:
+async def test_a_parser_that_grew_retires_after_the_document(note: Path) -> None:
+    async with running_sandbox(ParseLimits(parser_growth_mb=64)) as sandbox:
         for _ in range(3):
-            await sandbox.stats(small, user="u")
+            await sandbox.stats(note, user="u")
         # Under the growth limit (with this module, which the parser imports to run the
         # job): the parser stays.
         await sandbox._run("u", _keep_memory, (1,))
-        await sandbox.stats(small, user="u")
+        await sandbox.stats(note, user="u")
         assert sandbox.started == 1
         await sandbox._run("u", _keep_memory, (100,))  # past it: retires after answering
-        await sandbox.stats(small, user="u")
+        await sandbox.stats(note, user="u")
         assert sandbox.started == 2
-    finally:
-        await sandbox.close()
 
 
 _KEPT: list[bytearray] = []
@@ -620,13 +581,9 @@ async def test_parsers_killed_under_load_lose_no_read_and_leak_nothing(tmp_path:
     died), nothing stays running, and every parser process is reaped."""
     import psutil
 
-    from sandbox import DocumentRefused, DocumentSandbox
-
     document = tmp_path / "doc.txt"
     document.write_text("Hello world. " * 2000 + "\n")
-    sandbox = DocumentSandbox(workers=2, per_user=2)
-    await sandbox.start()
-    try:
+    async with running_sandbox(workers=2, per_user=2) as sandbox:
         reads = [asyncio.ensure_future(sandbox.stats(document, user=f"u{n % 3}"))
                  for n in range(60)]
         kills = 0
@@ -645,8 +602,6 @@ async def test_parsers_killed_under_load_lose_no_read_and_leak_nothing(tmp_path:
             60 - len(refused))
         assert sandbox.in_flight == 0 and len(sandbox._idle) <= 2
         assert (await sandbox.stats(document, user="u")).words == 4000
-    finally:
-        await sandbox.close()
     # Every parser (a child of the forkserver) has been killed and reaped: none lives on.
     [forkserver] = [child for child in psutil.Process().children()
                     if "forkserver" in " ".join(child.cmdline())]
