@@ -15,6 +15,13 @@ How the two stores differ:
   order across every process: a reader that sees event 11 already sees 10.
   It is SQLite's one-writer rule, kept on purpose; the GroupWriter's batching
   (many writes under one COMMIT) is what keeps it cheap.
+* Every statement is a round trip to the server, so the writer sends what it
+  need not wait for with the next one, in one message: BEGIN and the lock
+  travel with the transaction's first statement, and the rows nobody reads
+  back in the same write (events, ledger entries) with whatever comes next
+  (the COMMIT at the latest). An event's id is given by the writer itself,
+  which may, because it holds the lock: it reads the id sequence when it
+  takes the lock and moves the sequence on with the COMMIT.
 * Claims read with ``FOR UPDATE SKIP LOCKED``.
 * A commit that appended events sends ``NOTIFY zhiyi_events``; every process
   LISTENs and looks at once, with a periodic poll as the safety net and a
@@ -31,6 +38,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -53,7 +61,7 @@ from storage import (
     WriteOp,
     _Done,
     _Failed,
-    _run_op,
+    _RetryIsolated,
     _Txn,
     isoformat,
     utcnow,
@@ -137,6 +145,40 @@ def pg_sql(sql: str) -> str:
 #: tables whose INSERT hands back ``lastrowid``
 _ID_TABLES = re.compile(r"^\s*INSERT INTO (processing_tasks|task_events|credit_ledger)\b",
                         re.IGNORECASE)
+#: An event: in a write transaction its id is given by the writer, so nothing is waited for.
+_EVENT_INSERT = re.compile(r"^\s*INSERT INTO task_events \(([^)]*)\) VALUES \(",
+                           re.IGNORECASE)
+#: A ledger entry: storage.py never reads it back in the write that makes it.
+_LEDGER_INSERT = re.compile(r"^\s*INSERT INTO credit_ledger\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How :class:`PgConnection` runs one of storage.py's statements."""
+
+    #: the statement in PostgreSQL's dialect (``RETURNING id`` added when ``wants_id``)
+    text: str
+    wants_id: bool
+    #: In a write transaction, the form sent without waiting for its answer (None: wait).
+    #: Only statements whose rows no write function reads back and that fail only on a
+    #: bug (no constraint a caller catches): their errors arrive with a later answer.
+    deferred: str | None = None
+    #: ``deferred`` takes the event id (given by the writer) as its first argument
+    takes_id: bool = False
+
+
+@lru_cache(maxsize=1024)
+def _plan(sql: str) -> _Plan:
+    text = pg_sql(sql)
+    if "RETURNING" in text.upper() or not _ID_TABLES.match(text):
+        return _Plan(text, False)
+    if (match := _EVENT_INSERT.match(text)) is not None:
+        columns, rest = match.group(1), text[match.end():]
+        return _Plan(text + " RETURNING id", True,
+                     f"INSERT INTO task_events (id, {columns}) VALUES (%s, {rest}", True)
+    if _LEDGER_INSERT.match(text):
+        return _Plan(text + " RETURNING id", True, text)
+    return _Plan(text + " RETURNING id", True)
 
 
 def schema_ddl() -> list[str]:
@@ -218,26 +260,73 @@ class PgConnection:
 
     Constraint violations come out as ``sqlite3.IntegrityError`` because that
     is what the write functions catch to name their refusals.
+
+    In a write transaction (:meth:`begin`) the statements whose answer is not
+    needed at once (BEGIN and the lock, ``_Plan.deferred``, the COMMIT's
+    companions) wait in a queue, as text with their values inlined, and go in
+    one message with the next statement whose answer is needed: one round trip
+    for the lot (PostgreSQL's simple query protocol runs them in order and stops
+    at the first error, which is then raised).
     """
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.raw = conn
+        #: inlines values into statement text (the connection's own quoting rules)
+        self._literal = psycopg.ClientCursor(conn)
+        #: statements waiting for the next send, and whether to keep their first row;
+        #: None outside a write transaction
+        self._queue: list[tuple[str, bool]] | None = None
+        self._sequence_row: Any = None
+        self._next_event_id: int | None = None
+        self._last_event_id: int | None = None
+        #: whether this transaction's COMMIT was sent (if lost after, its outcome is unknown)
+        self.committing = False
 
     def execute(self, sql: str, args: Iterable[Any] = ()) -> PgCursor:
-        text = pg_sql(sql)
-        wants_id = bool(_ID_TABLES.match(text)) and "RETURNING" not in text.upper()
-        if wants_id:
-            text += " RETURNING id"
+        plan = _plan(sql)
         try:
-            cursor = self.raw.execute(text, tuple(args))
+            if self._queue is None:
+                return _answer(self.raw.execute(plan.text, tuple(args)), plan.wants_id)
+            return self._in_write(plan, tuple(args))
         except psycopg.errors.IntegrityError as e:
             raise sqlite3.IntegrityError(str(e)) from e
-        rows = cursor.fetchall() if cursor.description is not None else []
-        if wants_id:
-            return PgCursor([], cursor.rowcount, rows[0][0] if rows else None)
-        return PgCursor(rows, cursor.rowcount, None)
+
+    def _in_write(self, plan: _Plan, args: tuple[Any, ...]) -> PgCursor:
+        if plan.deferred is not None:
+            if plan.takes_id:
+                event_id = self._take_event_id()
+                self._enqueue(plan.deferred, (event_id, *args))
+                return PgCursor([], 1, event_id)
+            self._enqueue(plan.deferred, args)
+            return PgCursor([], 1, None)
+        if not self._queue:  # nothing waiting: a prepared statement as usual
+            return _answer(self.raw.execute(plan.text, args), plan.wants_id)
+        cursor = self._send(self._literal.mogrify(plan.text, args))
+        assert cursor is not None
+        return _answer(cursor, plan.wants_id)
+
+    def _enqueue(self, text: str, args: tuple[Any, ...] = (), *, keep: bool = False) -> None:
+        assert self._queue is not None
+        self._queue.append((self._literal.mogrify(text, args) if args else text, keep))
+
+    def _send(self, last: str | None = None) -> psycopg.Cursor[Any] | None:
+        """Send the queue (and ``last``) as one message; the cursor is left on the answer
+        to ``last``. The first statement that fails raises, and nothing after it runs."""
+        assert self._queue is not None
+        queued, self._queue = self._queue, []
+        texts = [text for text, _ in queued] + ([last] if last is not None else [])
+        if not texts:
+            return None
+        cursor = self.raw.execute("; ".join(texts))
+        for _, keep in queued:
+            if keep:
+                self._sequence_row = cursor.fetchone()
+            cursor.nextset()
+        return cursor
 
     def executemany(self, sql: str, seq: Iterable[Iterable[Any]]) -> PgCursor:
+        if self._queue:
+            self.sync()
         try:
             with self.raw.cursor() as cursor:
                 cursor.executemany(pg_sql(sql), [tuple(a) for a in seq])
@@ -248,6 +337,85 @@ class PgConnection:
     @property
     def in_transaction(self) -> bool:
         return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    # ------------------------------------------------- the writer's transactions
+    def begin(self, sequence: str) -> None:
+        """Open a write transaction: BEGIN, the write lock and the read of ``sequence``
+        (task_events' ids) are queued, to go with its first statement whose answer is
+        needed. End it with :meth:`commit` or :meth:`abort`."""
+        self.committing = False
+        self._next_event_id = self._last_event_id = self._sequence_row = None
+        self._queue = []
+        self._enqueue("BEGIN")
+        self._enqueue(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+        # After the lock: no other writer takes an id until this one commits.
+        self._enqueue(f"SELECT last_value, is_called FROM {sequence}", keep=True)
+
+    def sync(self) -> None:
+        """Send what is queued and wait for the answer; the first error is raised."""
+        try:
+            self._send()
+        except psycopg.errors.IntegrityError as e:
+            raise sqlite3.IntegrityError(str(e)) from e
+
+    def settle(self) -> None:
+        """:meth:`sync` with a statement's error dropped (the caller is already failing)."""
+        try:
+            self.sync()
+        except (psycopg.Error, sqlite3.Error):
+            if self.raw.closed:
+                raise
+
+    def _take_event_id(self) -> int:
+        """The next event id: the sequence as read with the lock, then one more each time."""
+        if self._next_event_id is None:
+            if self._sequence_row is None:
+                self.sync()  # (only when a transaction's first statement is an event)
+            last, called = self._sequence_row
+            self._next_event_id = last + 1 if called else last
+        event_id = self._last_event_id = self._next_event_id
+        self._next_event_id += 1
+        return event_id
+
+    def commit(self, sequence: str, *, notify: bool) -> None:
+        """Send what is queued, move the id sequence past the ids given, ``NOTIFY`` if
+        asked, and COMMIT: one round trip; returns once PostgreSQL committed."""
+        if self._last_event_id is not None:
+            # Not transactional, like nextval(): if the COMMIT then fails, ids are skipped.
+            self._enqueue(f"SELECT setval('{sequence}', %s)", (self._last_event_id,))
+        if notify:
+            self._enqueue(f"SELECT pg_notify('{CHANNEL}', '')")
+        self._enqueue("COMMIT")
+        self.committing = True
+        try:
+            self.sync()
+        finally:
+            self._queue = None
+
+    def roll_back_to(self, savepoint: str) -> None:
+        """Undo one write of the batch."""
+        self.settle()
+        self.execute(f"ROLLBACK TO {savepoint}")
+        self.execute(f"RELEASE {savepoint}")
+
+    def abort(self) -> None:
+        """Roll the transaction back, dropping what is queued; quiet on a lost connection
+        (the server rolls back a transaction whose connection is gone)."""
+        self._queue = None
+        try:
+            if not self.raw.closed and self.in_transaction:
+                self.raw.execute("ROLLBACK")
+        except psycopg.Error as e:
+            if not self.raw.closed:
+                logger.warning("rolling back a PostgreSQL write transaction failed: %s", e)
+
+
+def _answer(cursor: psycopg.Cursor[Any], wants_id: bool) -> PgCursor:
+    """A statement's answer in storage.py's terms."""
+    rows = cursor.fetchall() if cursor.description is not None else []
+    if wants_id:
+        return PgCursor([], cursor.rowcount, rows[0][0] if rows else None)
+    return PgCursor(rows, cursor.rowcount, None)
 
 
 def connect(url: str) -> PgConnection:
@@ -324,6 +492,8 @@ class PgWriter(GroupWriter):
         self._url = url
         self._pg: PgConnection | None = None
         self.backend_pid = 0
+        #: task_events' id sequence (the writer gives event ids itself, under the lock)
+        self._sequence = ""
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -332,7 +502,11 @@ class PgWriter(GroupWriter):
     def _open(self) -> int:
         self._pg = connect(self._url)
         self.backend_pid = self._pg.raw.info.backend_pid
-        return _migrate(self._pg)
+        last = _migrate(self._pg)
+        row = self._pg.raw.execute("SELECT pg_get_serial_sequence('task_events', 'id')").fetchone()
+        assert row is not None and row[0]
+        self._sequence = row[0]
+        return last
 
     async def data_version(self) -> int:  # pragma: no cover - LISTEN replaces it
         raise NotImplementedError("the PostgreSQL store is woken by NOTIFY")
@@ -353,31 +527,32 @@ class PgWriter(GroupWriter):
         return self._pg
 
     def _transaction(self, ops: list[WriteOp], *, isolate: bool) -> list[_Done | _Failed]:
-        try:
-            return self._locked_transaction(ops, isolate=isolate)
-        except Exception as e:
-            if _lost(e):
+        """The batch in one transaction; once more on a new connection if the connection
+        was found lost before the COMMIT was sent (then nothing of it was committed)."""
+        for attempt in (1, 2):
+            try:
+                return self._locked_transaction(ops, isolate=isolate)
+            except Exception as e:
+                if not _lost(e):
+                    raise
+                gone = self._pg is None or self._pg.raw.closed
+                committing = self._pg is not None and self._pg.committing
                 if self._pg is not None and not self._pg.raw.closed:
                     self._pg.raw.close()
-                raise _unavailable(self._url, e) from e
-            raise
+                if committing or not gone or attempt == 2:
+                    raise _unavailable(self._url, e) from e
+                # Lost while idle (a restart, a proxy's timeout), found by the batch's
+                # first answer: the server rolled back what was sent.
+                logger.warning("the PostgreSQL write connection was lost (%s); connecting "
+                               "again", " ".join(str(e).split()))
+        raise AssertionError("unreachable")
 
     def _locked_transaction(self, ops: list[WriteOp], *,
                             isolate: bool) -> list[_Done | _Failed]:
         db = self._connection()
         now = isoformat(self._clock())
         outcomes: list[_Done | _Failed] = []
-        try:
-            begin_write(db)
-        except psycopg.OperationalError as e:
-            # Lost while idle (a restart, a proxy's timeout): none of the batch was sent,
-            # so it runs on a new connection; if that fails too, the caller hears it.
-            logger.warning("the PostgreSQL write connection was lost (%s); connecting again",
-                           " ".join(str(e).split()))
-            db.raw.close()
-            db = self._pg = connect(self._url)
-            self.backend_pid = db.raw.info.backend_pid
-            begin_write(db)
+        db.begin(self._sequence)
         try:
             if len(ops) == 1:
                 # Alone in its transaction: a failure rolls the transaction back, so the
@@ -388,25 +563,53 @@ class PgWriter(GroupWriter):
                 except Exception as e:
                     if _lost(e):
                         raise
-                    db.raw.execute("ROLLBACK")
+                    db.abort()
                     return [_Failed(e)]
             else:
                 for op in ops:
-                    outcomes.append(_run_op(db, op, now, isolate))  # type: ignore[arg-type]
+                    outcomes.append(_run_queued_op(db, op, now, isolate))
             earlier, seen = self._events_before(db, outcomes)  # type: ignore[arg-type]
-            if any(isinstance(o, _Done) and o.events for o in outcomes):
-                db.raw.execute(f"SELECT pg_notify('{CHANNEL}', ''); COMMIT")
-            else:
-                db.raw.execute("COMMIT")
+            events = any(isinstance(o, _Done) and o.events for o in outcomes)
+            try:
+                db.commit(self._sequence, notify=events)
+            except Exception as e:
+                if len(ops) > 1 and not isolate and not _lost(e):
+                    # A queued statement of one of the writes failed (its error came with
+                    # the COMMIT's answer): find which, with a savepoint per write.
+                    raise _RetryIsolated from e
+                raise
         except BaseException:
-            if not db.raw.closed and db.in_transaction:
-                db.raw.execute("ROLLBACK")
+            db.abort()
             raise
         self._seen_event_id = seen
         if earlier:
             first = next(o for o in outcomes if isinstance(o, _Done))
             first.events[:0] = earlier
         return outcomes
+
+
+def _run_queued_op(db: PgConnection, op: WriteOp, now: str, isolate: bool) -> _Done | _Failed:
+    """storage._run_op with queued statements: a write with a savepoint sends what it
+    queued before its RELEASE, so their errors are its own."""
+    txn = _Txn(db, now)  # type: ignore[arg-type]
+    if not isolate:
+        try:
+            return _Done(op(txn), txn.events)
+        except Exception as e:
+            if _lost(e):
+                raise
+            raise _RetryIsolated from e
+    db.execute("SAVEPOINT op")
+    try:
+        result = op(txn)
+        db.sync()
+    except Exception as e:
+        if _lost(e):
+            raise
+        db.roll_back_to("op")
+        return _Failed(e)
+    db.execute("RELEASE op")
+    return _Done(result, txn.events)
 
 
 # ------------------------------------------------------------------- store

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -87,6 +88,55 @@ async def test_out_of_order_commit_cannot_hide_an_earlier_event(
     assert [e.id for e in await store.events_after(0, user_id="alice")] == [early, later[0]]
     await store.catch_up()  # what the LISTEN wake-up does in another process
     assert delivered == [early, later[0]]
+
+
+async def test_event_ids_given_by_two_writers_follow_the_sequence(
+        database_url: str, open_test_store) -> None:
+    """The writer gives event ids itself (it holds the lock) and moves the sequence on
+    with its COMMIT: two stores writing in turn never give an id twice, and a plain
+    INSERT afterwards (nextval) takes the next id."""
+    a: TaskStore = await open_test_store()
+    b: TaskStore = await open_test_store()
+    await a.add_user("alice", 0)
+    await b.add_user("bob", 0)
+    for n in range(1, 6):
+        await asyncio.gather(a.grant_credits("alice", n), b.grant_credits("bob", n))
+    ids = [e.id for e in await a.events_after(0, user_id="alice")] + \
+        [e.id for e in await a.events_after(0, user_id="bob")]
+    assert len(ids) == len(set(ids)) == 10
+    plain = storage_pg.connect(database_url)
+    try:
+        plain.raw.execute("BEGIN")
+        later = append(plain, "alice", "plain")
+        plain.raw.execute("COMMIT")
+    finally:
+        plain.raw.close()
+    assert later > max(ids)
+    await a.grant_credits("alice", 1)  # and the writer goes on above it
+    assert (await a.events_after(later, user_id="alice"))[0].id > later
+
+
+async def test_a_queued_statement_that_fails_fails_only_its_own_write(
+        open_test_store) -> None:
+    """Events are sent without waiting for their answer; one that fails (here a NOT NULL)
+    is found with the batch's COMMIT, and the batch runs again with a savepoint per
+    write, so only its own write fails."""
+    store: TaskStore = await open_test_store()
+    await store.add_user("alice", 0)
+
+    def note(user: str | None):
+        return lambda txn: _append_event(txn, None, user, "note", {"n": 1}).id  # type: ignore
+
+    # Queued in one loop iteration: one batch, one transaction.
+    futures = [store._writer.submit(note(u)) for u in ("alice", None, "alice")]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert [e.id for e in await store.events_after(0, user_id="alice")][-2:] == \
+        [results[0], results[2]]
+    # Alone in its transaction, the same failure rolls it back and the writer goes on.
+    with pytest.raises(sqlite3.IntegrityError):
+        await store._writer.run(note(None))
+    assert await store.grant_credits("alice", 1) == 1
 
 
 async def test_a_notification_wakes_another_process_store(open_test_store) -> None:
