@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import multiprocessing.forkserver
 import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -579,8 +581,6 @@ async def test_parsers_killed_under_load_lose_no_read_and_leak_nothing(tmp_path:
     """60 reads over 2 parsers while parsers are killed from outside: every read ends
     (an answer, or a refusal naming SIGKILL for a document being read when its parser
     died), nothing stays running, and every parser process is reaped."""
-    import psutil
-
     document = tmp_path / "doc.txt"
     document.write_text("Hello world. " * 2000 + "\n")
     async with running_sandbox(workers=2, per_user=2) as sandbox:
@@ -603,7 +603,21 @@ async def test_parsers_killed_under_load_lose_no_read_and_leak_nothing(tmp_path:
         assert sandbox.in_flight == 0 and len(sandbox._idle) <= 2
         assert (await sandbox.stats(document, user="u")).words == 4000
     # Every parser (a child of the forkserver) has been killed and reaped: none lives on.
-    [forkserver] = [child for child in psutil.Process().children()
-                    if "forkserver" in " ".join(child.cmdline())]
-    _, alive = psutil.wait_procs(forkserver.children(), timeout=10)
-    assert not alive
+    forkserver = multiprocessing.forkserver._forkserver._forkserver_pid
+    deadline = time.monotonic() + 10
+    while (parsers := children_of(forkserver)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not parsers
+
+
+def children_of(pid: int) -> list[int]:
+    """The PIDs whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
