@@ -23,7 +23,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -422,8 +422,8 @@ async def _parsed(ctx: TaskContext, work: Callable[[sandbox.DocumentSandbox], Aw
 
 
 async def _open(ctx: TaskContext) -> sandbox.ParsedDocument:
-    if ctx._sandbox is not None and (kept := await asyncio.to_thread(
-            _kept_parse, ctx._sandbox, ctx.input_path, ctx.user_id, ctx.work_dir)):
+    if ctx._sandbox is not None and (kept := await ctx._sandbox.reopen(
+            ctx.input_path, user=ctx.user_id, work_dir=ctx.work_dir)):
         return kept  # read once at create (pricing): no second parse, nothing to report
     await ctx.progress(0, "reading the document", stage="parsing")
     return await _parsed(ctx, lambda documents: documents.open(
@@ -435,24 +435,6 @@ async def _open(ctx: TaskContext) -> sandbox.ParsedDocument:
 # what it measured stay in the task's work folder, so the attempt does not parse
 # the same file again (each parse is a sandboxed read). The render still reads the
 # file in the sandbox: rebuilding needs the document itself.
-@dataclass(frozen=True)
-class _KeptParse:
-    """What :class:`sandbox.ParsedDocument` needs of a parse besides its spool file."""
-
-    stats: formats.DocumentStats
-    result_suffix: str
-    extension: str
-
-
-def _kept_parse_path(source: Path, work_dir: Path) -> Path:
-    return work_dir / f"{source.name}.parsed.json"
-
-
-def _spool_path(source: Path, work_dir: Path) -> Path:
-    # Where DocumentSandbox.open spools the segments of ``source`` in ``work_dir``.
-    return work_dir / f"{source.name}.segments.jsonl"
-
-
 async def parse_for_task(documents: sandbox.DocumentSandbox, source: Path, *, user: str,
                          work_dir: Path, still_wanted: Callable[[], bool] | None = None,
                          ) -> sandbox.ParsedDocument:
@@ -461,36 +443,8 @@ async def parse_for_task(documents: sandbox.DocumentSandbox, source: Path, *, us
     The statistics price the task; the spooled segments feed the translation
     memory lookup at once and, later, the attempt (see :func:`_open`).
     """
-    document = await documents.open(source, user=user, work_dir=work_dir,
-                                    still_wanted=still_wanted)
-    kept = _KeptParse(document.stats, Path(document.result_name("x" + document.extension)).suffix,
-                      document.extension)
-    await asyncio.to_thread(_keep_parse, kept, _kept_parse_path(source, work_dir))
-    return document
-
-
-def _keep_parse(kept: _KeptParse, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"stats": asdict(kept.stats),
-                               "resultSuffix": kept.result_suffix,
-                               "extension": kept.extension}), encoding="utf-8")
-    tmp.replace(path)  # whole or absent: a torn file would be parsed again, never trusted
-
-
-def _kept_parse(documents: sandbox.DocumentSandbox, source: Path, user: str,
-                work_dir: Path) -> sandbox.ParsedDocument | None:
-    """The parse made at create, if its files are there (blocking: run it in a thread)."""
-    spool = _spool_path(source, work_dir)
-    try:
-        saved = json.loads(_kept_parse_path(source, work_dir).read_text(encoding="utf-8"))
-        kept = _KeptParse(formats.DocumentStats(**saved["stats"]), str(saved["resultSuffix"]),
-                          str(saved["extension"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # none kept (an older task, a retry after cancel): parse again
-    if not spool.is_file():
-        return None
-    return sandbox.ParsedDocument(documents, user, source, spool, work_dir,
-                                  kept)  # type: ignore[arg-type]
+    return await documents.open(source, user=user, work_dir=work_dir,
+                                still_wanted=still_wanted, keep=True)
 
 
 @processor("analyze", extensions=DOCUMENT_EXTENSIONS, cost=flat(1),

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -236,15 +237,42 @@ def _stats_job(limits: ParseLimits, path: str) -> formats.DocumentStats:
     return formats.document_stats(_open(path, limits))
 
 
-def _spool_job(limits: ParseLimits, path: str, segments_path: str) -> _Spooled:
-    """Write the segments, one JSON string a line, to ``segments_path``; measure them."""
+def _spool_job(limits: ParseLimits, path: str, segments_path: str,
+               kept_path: str | None = None) -> _Spooled:
+    """Write the segments, one JSON string a line, to ``segments_path``; measure them.
+
+    With ``kept_path``, what was measured is written there too (see ``reopen``).
+    """
     document = _open(path, limits)
     tmp = Path(segments_path + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         stats = formats.document_stats(_Spool(document, f))  # type: ignore[arg-type]
     tmp.replace(segments_path)
     suffix = Path(document.result_name("document" + document.extension)).suffix
-    return _Spooled(stats, suffix, document.extension)
+    spooled = _Spooled(stats, suffix, document.extension)
+    if kept_path is not None:
+        _write_whole(Path(kept_path), json.dumps({
+            "stats": dataclasses.asdict(stats), "resultSuffix": suffix,
+            "extension": document.extension}))
+    return spooled
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a torn one is never read as whole)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_kept(segments_path: Path, kept_path: Path) -> _Spooled | None:
+    """A parse kept by ``open(keep=True)``, if both its files are there and whole."""
+    try:
+        saved = json.loads(kept_path.read_text(encoding="utf-8"))
+        spooled = _Spooled(formats.DocumentStats(**saved["stats"]),
+                           str(saved["resultSuffix"]), str(saved["extension"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none kept (an older task, a retry after a cancel), or torn
+    return spooled if segments_path.is_file() else None
 
 
 def _render_job(limits: ParseLimits, path: str, translations_path: str, out: str,
@@ -433,11 +461,30 @@ class DocumentSandbox:
         return await self._run(user, _stats_job, (str(path),), still_wanted=still_wanted)
 
     async def open(self, path: Path, *, user: str, work_dir: Path,
-                   still_wanted: Callable[[], bool] | None = None) -> ParsedDocument:
-        """Parse the document; its segments are spooled to ``work_dir`` for the caller."""
-        segments_path = work_dir / f"{path.name}.segments.jsonl"
-        spooled = await self._run(user, _spool_job, (str(path), str(segments_path)),
-                                  still_wanted=still_wanted)
+                   still_wanted: Callable[[], bool] | None = None,
+                   keep: bool = False) -> ParsedDocument:
+        """Parse the document; its segments are spooled to ``work_dir`` for the caller.
+
+        With ``keep``, what the parse measured is kept beside the segments, so a
+        later :meth:`reopen` (a task's attempt, after pricing at create) gives the
+        same document without parsing the file again.
+        """
+        segments_path, kept_path = _parse_files(path, work_dir)
+        spooled = await self._run(
+            user, _spool_job, (str(path), str(segments_path), str(kept_path) if keep else None),
+            still_wanted=still_wanted)
+        return ParsedDocument(self, user, path, segments_path, work_dir, spooled)
+
+    async def reopen(self, path: Path, *, user: str, work_dir: Path) -> ParsedDocument | None:
+        """The parse kept by ``open(keep=True)`` in ``work_dir``; None if it is not there whole.
+
+        Nothing is parsed: the segments were spooled by a parser, and the render
+        still reads the file in a parser.
+        """
+        segments_path, kept_path = _parse_files(path, work_dir)
+        spooled = await asyncio.to_thread(_read_kept, segments_path, kept_path)
+        if spooled is None:
+            return None
         return ParsedDocument(self, user, path, segments_path, work_dir, spooled)
 
     async def extract_text(self, path: Path, out: Path, *, user: str) -> None:
@@ -718,6 +765,12 @@ class ParsedDocument:
     def discard(self) -> None:
         """Remove the spooled segments (blocking file I/O: run it in a thread)."""
         self._segments_path.unlink(missing_ok=True)
+
+
+def _parse_files(source: Path, work_dir: Path) -> tuple[Path, Path]:
+    """Where a parse of ``source`` spools its segments, and where it is kept."""
+    return (work_dir / f"{source.name}.segments.jsonl",
+            work_dir / f"{source.name}.parsed.json")
 
 
 def _fits_in_a_request(translations: list[str]) -> bool:
