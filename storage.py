@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -781,6 +782,9 @@ class TaskStore:
         self._watcher: asyncio.Task[None] | None = None
         self._change_callbacks: list[ChangeCallback] = []
         self._reader: aiosqlite.Connection | None = None
+        #: point reads on the loop's own thread (see :meth:`_fetch_point`), and that thread
+        self._point_reader: sqlite3.Connection | None = None
+        self._point_thread: int | None = None
         #: how completed events name their result's URL (set by the server to its route)
         self.result_url: Callable[[int], str] = default_result_url
 
@@ -797,6 +801,8 @@ class TaskStore:
             await store._writer.start()
             store._delivered_through = store._writer.start_event_id
             store._reader = await _connect_reader(path)
+            store._point_reader = _connect_point_reader(path)
+            store._point_thread = threading.get_ident()
         except BaseException:
             await store.close()
             raise
@@ -813,6 +819,9 @@ class TaskStore:
             except StoreError as e:
                 logger.warning("could not unlist this process's wake-up port: %s", e)
         self._wake.close()
+        if self._point_reader is not None:
+            self._point_reader.close()
+            self._point_reader = None
         if self._reader is not None:
             await self._reader.close()
         await self._writer.close()
@@ -959,6 +968,25 @@ class TaskStore:
         rows = await self._fetchall(sql, args)
         return rows[0] if rows else None
 
+    async def _fetch_point(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
+        """A read of a few rows by key (a token, a task), without a hop to the reader thread.
+
+        Each hop costs a thread's and the loop's wake-up, more than such a read itself
+        (tens of microseconds, pages in cache). A reader in WAL mode does not wait for the
+        writer; its rare waits (recovery after a crash, a log being restarted) fail at once
+        here (``busy_timeout`` 0), and the read then takes the reader thread like any other.
+        Only for statements bounded by a key: anything that scans goes through
+        :meth:`_fetchall`. Other stores (PostgreSQL) have no point reader.
+        """
+        db = self._point_reader
+        if db is not None and threading.get_ident() == self._point_thread:
+            try:
+                rows = db.execute(sql, tuple(args)).fetchall()  # to the end: no open snapshot
+                return rows[0] if rows else None
+            except sqlite3.OperationalError as e:
+                logger.debug("a point read goes to the reader thread: %s", e)
+        return await self._fetchone(sql, args)
+
     async def ping(self) -> None:
         await self._fetchone("SELECT 1")
 
@@ -1067,7 +1095,7 @@ class TaskStore:
         Read on every request, never cached, so a revocation by any process
         (or by ``zhiyi user revoke``) holds from its commit on.
         """
-        row = await self._fetchone(
+        row = await self._fetch_point(
             """SELECT t.user_id, t.token_hash, t.kind, t.expires_at, t.last_used_at
                FROM api_tokens t JOIN users u ON u.id = t.user_id
                WHERE t.token_hash = ? AND u.disabled_at IS NULL
@@ -1885,7 +1913,7 @@ class TaskStore:
         subject, args = ("processing_tasks WHERE id = ?", [task_id]) if task_id is not None \
             else ("users WHERE id = ?", [user_id])
         owner = "user_id" if task_id is not None else "id"
-        row = await self._fetchone(
+        row = await self._fetch_point(
             f"""SELECT {owner} AS owner,
                        (SELECT MAX(id) FROM task_events WHERE {column} = ?) AS latest,
                        (SELECT data FROM task_events WHERE {column} = ? AND type = 'status_update'
@@ -1983,6 +2011,15 @@ async def open_store(path: Path | str, url: str | None = None, *,
     import storage_pg
 
     return await storage_pg.PgTaskStore.open_url(url, clock=clock)
+
+
+def _connect_point_reader(path: Path) -> sqlite3.Connection:
+    """The loop thread's read-only connection for point reads: it never waits for a lock."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA query_only = ON")
+    db.execute("PRAGMA busy_timeout = 0")
+    return db
 
 
 async def _connect_reader(path: Path) -> aiosqlite.Connection:

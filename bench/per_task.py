@@ -6,7 +6,8 @@ The real app (``create_app``, SQLite, in-process workers) on a loopback port; ``
 tasks one at a time, each the outside driver's (bench/outside.py): a ``translate``
 with the ``pseudo`` engine of its 2 KB ``.txt``, created by multipart upload, its
 SSE stream read to the final event. After a warm-up of 5 tasks, it counts per task:
-database reads (statements through the reader), write operations and write
+database reads (statements through the reader thread), point reads (on the loop's
+thread when it can; those that cannot are also counted as reads), write operations and write
 transactions (COMMITs of the group writer), hops to a thread pool
 (``run_in_executor``, which ``asyncio.to_thread`` and aiofiles use), wake-ups of
 the event loop from other threads (``call_soon_threadsafe``: the reader's answers,
@@ -60,6 +61,8 @@ def _counted(name: str, original: Any) -> Any:
 def count_calls() -> None:
     """Wrap the entry points counted (this process only)."""
     storage.TaskStore._fetchall = _counted("reads", storage.TaskStore._fetchall)
+    if hasattr(storage.TaskStore, "_fetch_point"):  # on the loop's thread (no hop) if it can
+        storage.TaskStore._fetch_point = _counted("point reads", storage.TaskStore._fetch_point)
     storage.TaskStore._write = _counted("write ops", storage.TaskStore._write)
     storage.GroupWriter._run_batch = _counted("write transactions",
                                               storage.GroupWriter._run_batch)

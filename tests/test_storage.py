@@ -402,6 +402,37 @@ async def test_a_stream_starts_from_one_read_of_owner_snapshot_and_pruning(
     assert pruned.pruned_through == await store.events_pruned_through() > 0
 
 
+@pytest.mark.sqlite_only
+async def test_point_reads_skip_the_reader_thread_and_fall_back_to_it(
+        store: TaskStore, tmp_path: Path, monkeypatch) -> None:
+    """A token check and a stream's start read on the loop's thread; when that connection
+    cannot read (here: a file without the tables), the reader thread answers the same."""
+    await store.add_user("alice", 5)
+    token = await store.issue_token("alice")
+    task, _ = await store.create_processing_task(new_task("alice"))
+    threaded: list[str] = []
+    read = store._fetchall
+
+    async def counted(sql: str, args=()):
+        threaded.append(sql)
+        return await read(sql, args)
+
+    monkeypatch.setattr(store, "_fetchall", counted)
+    credential = await store.credential_for_token(token)
+    start = await store.stream_start(user_id="alice", task_id=task.id)
+    assert credential is not None and credential.user_id == "alice"
+    assert start.state is not None and start.state["taskId"] == task.id
+    assert threaded == []  # no hop
+    assert await store.credential_for_token("not a token") is None
+
+    empty = sqlite3.connect(tmp_path / "empty.db", isolation_level=None)
+    monkeypatch.setattr(store, "_point_reader", empty)
+    assert await store.credential_for_token(token) == credential
+    assert await store.stream_start(user_id="alice", task_id=task.id) == start
+    assert len(threaded) == 2  # both went to the reader thread
+    empty.close()
+
+
 async def test_listeners_get_each_event_once_in_id_order(store: TaskStore) -> None:
     """Own commits and the cross-process catch-up can bring the same events: once each."""
     seen: list[int] = []
