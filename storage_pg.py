@@ -305,9 +305,11 @@ class PgConnection:
         assert cursor is not None
         return _answer(cursor, plan.wants_id)
 
-    def _enqueue(self, text: str, args: tuple[Any, ...] = (), *, keep: bool = False) -> None:
+    def _enqueue(self, text: str, args: tuple[Any, ...] | None = None, *,
+                 keep: bool = False) -> None:
+        """Queue ``text`` (with ``args`` inlined; None: ``text`` is already final SQL)."""
         assert self._queue is not None
-        self._queue.append((self._literal.mogrify(text, args) if args else text, keep))
+        self._queue.append((text if args is None else self._literal.mogrify(text, args), keep))
 
     def _send(self, last: str | None = None) -> psycopg.Cursor[Any] | None:
         """Send the queue (and ``last``) as one message; the cursor is left on the answer
