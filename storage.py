@@ -872,8 +872,11 @@ class TaskStore:
             except Exception:
                 logger.exception("reading which processes to wake failed")
             try:
-                await asyncio.wait_for(self._wake.poked.wait(), max(
-                    0.0, min(next_look, next_refresh) - loop.time()))
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that arrives as the ping does, and this loop would go on
+                # after close() cancelled it (close would wait for ever).
+                async with asyncio.timeout(max(0.0, min(next_look, next_refresh) - loop.time())):
+                    await self._wake.poked.wait()
             except TimeoutError:
                 if loop.time() < next_look:
                     continue  # only the peer list was due

@@ -725,7 +725,10 @@ class PgTaskStore(TaskStore):
         last_seen: int | None = None
         while True:
             try:
-                await asyncio.wait_for(self._notified.wait(), self._watch_seconds)
+                # Not wait_for: on Python 3.11 it swallows a cancellation that arrives
+                # as a notification does, and this loop would outlive close().
+                async with asyncio.timeout(self._watch_seconds):
+                    await self._notified.wait()
                 woken = True
             except TimeoutError:
                 woken = False

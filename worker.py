@@ -370,7 +370,10 @@ class WorkerPool:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._idle.append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout)
+            # Not wait_for: on Python 3.11 it swallows a cancellation (the pool stopping)
+            # that arrives as a wake-up does, and the worker would claim another task.
+            async with asyncio.timeout(timeout):
+                await waiter
         except TimeoutError:
             pass
 

@@ -559,3 +559,21 @@ async def test_task_numbers_are_per_user_and_never_reused(store: TaskStore) -> N
     repeat, created_again = await store.create_processing_task(new_task("alice", key="k"))
     assert created and not created_again and repeat.user_task_no == again.user_task_no == 4
     assert (await store.get_user("alice")).tasks_made == 4
+
+
+async def test_close_is_not_lost_to_a_wake_up_arriving_with_it(
+        tmp_path: Path, database_url: str | None) -> None:
+    """A commit's wake-up (SQLite: a peer's ping; PostgreSQL: a NOTIFY) set in the same
+    moment as close() cancels the watcher: on Python 3.11, asyncio.wait_for returns the
+    wake-up and drops the cancellation, and the watcher's loop then ran for ever."""
+    from storage import open_store
+
+    for _ in range(3):
+        store = await open_store(tmp_path / "zhiyi.db", database_url)
+        store.add_listener(lambda event: None)  # starts the watcher
+        wake_up = getattr(store, "_notified", None) or store._wake.poked  # type: ignore[attr-defined]
+        while not wake_up._waiters:  # the watcher waits for a wake-up (or its poll)
+            await asyncio.sleep(0.01)
+        wake_up.set()
+        async with asyncio.timeout(30):  # a bound on a hang, not a measure of speed
+            await store.close()
