@@ -25,6 +25,7 @@ import functools
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,7 @@ from aiohttp import web
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
-from loadgen import _follow  # noqa: E402
-from outside import DOCUMENT, PARAMS  # noqa: E402
+from outside import one_task  # noqa: E402
 
 import sandbox  # noqa: E402
 import storage  # noqa: E402
@@ -76,42 +76,37 @@ def count_calls() -> None:
                                                loop_class.call_soon_threadsafe)
 
 
-async def one_task(session: aiohttp.ClientSession, base: str, headers: dict[str, str]) -> None:
-    form = aiohttp.FormData()
-    form.add_field("taskType", "translate")
-    form.add_field("params", PARAMS)
-    form.add_field("file", DOCUMENT, filename="doc.txt", content_type="text/plain")
-    async with session.post(base + "/api/tasks/create", data=form, headers=headers) as resp:
-        created = await resp.json()
-        assert resp.status == 201, created
-    async with session.get(base + created["sseUrl"], headers=headers) as resp:
-        _, status = await _follow(resp.content)
-        assert status == "completed", status
+async def counted_run(config: Config, n: int,
+                      start_counting: Callable[[], None]) -> None:
+    """The real app on a loopback port; 5 tasks to warm up, then ``start_counting()``
+    and ``n`` tasks one at a time (each the outside driver's, which must complete)."""
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}"
+    store = app[STORE]
+    await store.add_user("bench", 10**9)
+    headers = {"Authorization": f"Bearer {await store.issue_token('bench')}"}
+    try:
+        async with aiohttp.ClientSession() as session:
+            for n_tasks, then in ((5, start_counting), (n, None)):
+                for _ in range(n_tasks):
+                    _, status = await one_task(session, base, headers)
+                    assert status == "completed", status
+                await asyncio.sleep(0.2)  # the last task's trailing writes
+                if then is not None:
+                    then()
+    finally:
+        await runner.cleanup()
 
 
 async def run(n: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        app = create_app(Config(data_path=Path(tmp) / "data", log_level="WARNING"))
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        base = f"http://127.0.0.1:{port}"
-        store = app[STORE]
-        await store.add_user("bench", 10**9)
-        headers = {"Authorization": f"Bearer {await store.issue_token('bench')}"}
-        try:
-            async with aiohttp.ClientSession() as session:
-                for _ in range(5):
-                    await one_task(session, base, headers)
-                await asyncio.sleep(0.2)  # the last task's trailing writes
-                count_calls()
-                for _ in range(n):
-                    await one_task(session, base, headers)
-                await asyncio.sleep(0.2)
-        finally:
-            await runner.cleanup()
+        await counted_run(Config(data_path=Path(tmp) / "data", log_level="WARNING"), n,
+                          count_calls)
     return {name: count / n for name, count in sorted(COUNTS.items())}
 
 

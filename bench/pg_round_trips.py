@@ -5,7 +5,7 @@ Usage: ``.venv/bin/python bench/pg_round_trips.py [--n 50]
 
 The real app (``create_app``, the PostgreSQL store, in-process workers) on a loopback
 port, over a database this run makes on ``--pg``'s server and drops; ``n`` tasks one
-at a time, each the outside driver's (bench/per_task.py's ``one_task``). After a
+at a time, each the outside driver's (bench/per_task.py's ``counted_run``). After a
 warm-up of 5 tasks it counts, per task, the statements psycopg sent: each
 ``execute`` is one message and one wait for its answer, i.e. one round trip, by the
 writer thread (write transactions, however many statements a message carries) and
@@ -27,17 +27,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import psycopg
-from aiohttp import web
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
-from per_task import one_task  # noqa: E402
+from per_task import counted_run  # noqa: E402
 
 import storage  # noqa: E402
-from zhiyi_server import STORE, Config, create_app  # noqa: E402
+from zhiyi_server import Config  # noqa: E402
 
 COUNTS: collections.Counter[str] = collections.Counter()
 
@@ -72,28 +70,8 @@ def count_round_trips() -> None:
 
 async def run(n: int, url: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        app = create_app(Config(data_path=Path(tmp) / "data", database_url=url,
-                                log_level="WARNING"))
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        base = f"http://127.0.0.1:{port}"
-        store = app[STORE]
-        await store.add_user("bench", 10**9)
-        headers = {"Authorization": f"Bearer {await store.issue_token('bench')}"}
-        try:
-            async with aiohttp.ClientSession() as session:
-                for _ in range(5):
-                    await one_task(session, base, headers)
-                await asyncio.sleep(0.2)  # the last task's trailing writes
-                count_round_trips()
-                for _ in range(n):
-                    await one_task(session, base, headers)
-                await asyncio.sleep(0.2)
-        finally:
-            await runner.cleanup()
+        await counted_run(Config(data_path=Path(tmp) / "data", database_url=url,
+                                 log_level="WARNING"), n, count_round_trips)
     per_task = {name: count / n for name, count in sorted(COUNTS.items())}
     per_task["round trips"] = per_task.get("writer round trips", 0) + per_task.get(
         "read round trips", 0)
