@@ -15,8 +15,10 @@ Usage: ``.venv/bin/python bench/outside.py [--m 1000] [--c 50] [--rounds 3]``
   within a round (A B C, B C A, C A B), so drifting load hits each alike:
   ``zhiyi-w0``: ``zhiyi serve --workers 0`` (workers in the HTTP process);
   ``zhiyi-default``: ``zhiyi serve`` with its default worker processes (one
-  per core = 2, all on core 0 here); ``saq``: bench/ref_pubsub.py (aiohttp
-  front + SAQ worker + its own ``redis-server --save '' --appendonly no``);
+  per core the server may use: under ``taskset -c 0`` that is none, workers in the
+  HTTP process, since ee950a5; it was 2 worker processes on core 0 before);
+  ``saq``: bench/ref_pubsub.py (aiohttp front + SAQ worker + its own
+  ``redis-server --save '' --appendonly no``);
   ``zhiyi-pg`` (not in the default ``--servers``): ``zhiyi serve --workers 0`` on
   the PostgreSQL store, a database of its own made on ``--pg``'s server for the
   run and dropped after it. PostgreSQL's processes are the shared server's, not
