@@ -48,7 +48,6 @@ __all__ = [
     "TaskType",
     "TransientError",
     "default_registry",
-    "parse_for_task",
     "processor",
 ]
 
@@ -422,29 +421,14 @@ async def _parsed(ctx: TaskContext, work: Callable[[sandbox.DocumentSandbox], Aw
 
 
 async def _open(ctx: TaskContext) -> sandbox.ParsedDocument:
+    """The task's document, parsed: the parse kept from pricing at create if it is there
+    (see ``zhiyi_server._parse_upload``), else parsed now in the sandbox."""
     if ctx._sandbox is not None and (kept := await ctx._sandbox.reopen(
             ctx.input_path, user=ctx.user_id, work_dir=ctx.work_dir)):
         return kept  # read once at create (pricing): no second parse, nothing to report
     await ctx.progress(0, "reading the document", stage="parsing")
     return await _parsed(ctx, lambda documents: documents.open(
         ctx.input_path, user=ctx.user_id, work_dir=ctx.work_dir))
-
-
-# ------------------------------------------------- one parse per task (issue 13)
-# Pricing a task at create parses its document; the parse's spooled segments and
-# what it measured stay in the task's work folder, so the attempt does not parse
-# the same file again (each parse is a sandboxed read). The render still reads the
-# file in the sandbox: rebuilding needs the document itself.
-async def parse_for_task(documents: sandbox.DocumentSandbox, source: Path, *, user: str,
-                         work_dir: Path, still_wanted: Callable[[], bool] | None = None,
-                         ) -> sandbox.ParsedDocument:
-    """Parse the document in the sandbox once, and keep the parse for the task's attempts.
-
-    The statistics price the task; the spooled segments feed the translation
-    memory lookup at once and, later, the attempt (see :func:`_open`).
-    """
-    return await documents.open(source, user=user, work_dir=work_dir,
-                                still_wanted=still_wanted, keep=True)
 
 
 @processor("analyze", extensions=DOCUMENT_EXTENSIONS, cost=flat(1),

@@ -762,10 +762,6 @@ class ParsedDocument:
         finally:
             await asyncio.to_thread(feed.unlink, True)
 
-    def discard(self) -> None:
-        """Remove the spooled segments (blocking file I/O: run it in a thread)."""
-        self._segments_path.unlink(missing_ok=True)
-
 
 def _parse_files(source: Path, work_dir: Path) -> tuple[Path, Path]:
     """Where a parse of ``source`` spools its segments, and where it is kept."""

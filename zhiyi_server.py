@@ -59,7 +59,6 @@ from processors import (
     default_registry,
     glossary_problem,
     memory_scope,
-    parse_for_task,
     remembered,
     segment_keys,
     translate_cost,
@@ -1767,10 +1766,13 @@ async def _price(request: web.Request, user_id: str, task_type: TaskType,
 
 async def _parse_upload(request: web.Request, user_id: str, path: Path,
                         work_dir: Path) -> ParsedDocument:
+    """Parse the document once for the task: its statistics price it, its spooled segments
+    feed the memory lookup now, and the parse is kept in ``work_dir`` for the attempt
+    (which then reads the file only to write the result)."""
     try:
-        return await parse_for_task(request.config_dict[SANDBOX], path, user=user_id,
-                                    work_dir=work_dir,
-                                    still_wanted=lambda: _client_connected(request))
+        return await request.config_dict[SANDBOX].open(
+            path, user=user_id, work_dir=work_dir, keep=True,
+            still_wanted=lambda: _client_connected(request))
     except OSError as e:
         if is_disk_full(e):
             raise _disk_full() from e
