@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 #: only by the CLI, which checks it there). tests/test_packaging.py holds this to the tree.
 EAGER_MODULES = (
     "backup", "engines", "external", "formats", "messages", "metrics", "processors", "sandbox",
-    "sse", "storage", "translation_memory", "worker",
+    "sse", "storage", "translation_memory", "worker", "zhiyi_config",
 )
 
 HOME = Path(__file__).resolve().parent
