@@ -25,7 +25,7 @@ import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -35,7 +35,6 @@ import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
-from yarl import URL
 
 import zhiyi_modules
 
@@ -63,6 +62,29 @@ from processors import (
     remembered,
     segment_keys,
     translate_cost,
+)
+from request_guards import (
+    MIN_UPLOAD_BYTES_PER_SECOND,
+    MULTIPART_SLACK_BYTES,
+    RESULT_CSP,
+    SAFE_METHODS,
+    SECURITY_HEADERS,
+    SESSION_COOKIE,
+    SESSION_MAX_BYTES,
+    SLID_SESSION,
+    WEBHOOK_MAX_BYTES,
+    ApiError,
+    add_security_headers,
+    cross_site,
+    current_credential,
+    current_user,
+    is_top_level_navigation,
+    metered_body,
+    read_body,
+    refresh_session_cookie,
+    require_same_origin,
+    same_origin,
+    set_session_cookie,
 )
 from sandbox import (
     DocumentRefused,
@@ -97,7 +119,6 @@ from storage import (
     UserExists,
     UserNotFound,
     open_store,
-    parse_time,
     utcnow,
 )
 from translation_memory import (
@@ -138,11 +159,16 @@ from zhiyi_config import (
     usable_cores,
 )
 
-# With zhiyi_config's names, which cli.py, tests and embedding apps import from here.
+# With the names it re-exports from zhiyi_config and request_guards and does not use itself
+# (cli.py, tests and embedding apps import them from here, as before the split).
 __all__ = [
     "CONFIG",
     "HUB",
+    "MIN_UPLOAD_BYTES_PER_SECOND",
     "POOL",
+    "SAFE_METHODS",
+    "SECURITY_HEADERS",
+    "SLID_SESSION",
     "STORE",
     "Config",
     "ConfigError",
@@ -162,7 +188,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RESOURCE_DIRS = (Path(__file__).parent, Path(__file__).parent / "zhiyi_resources")
-SESSION_COOKIE = "zhiyi_session"
 LOCAL_USER = "local"
 LOCAL_TOKEN_FILE = ".local-token"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -176,25 +201,7 @@ def resource(name: str) -> Path:
     raise FileNotFoundError(name)
 
 
-# ------------------------------------------------------------------ app state
-#: the session token whose expiry this request slid: its cookie is set again
-SLID_SESSION = web.RequestKey("zhiyi.slid_session", str)
-
-
 # --------------------------------------------------------------------- errors
-class ApiError(Exception):
-    """An answer other than success: status, stable ``code``, a sentence for a person."""
-
-    def __init__(self, status: int, code: str, message: str, *,
-                 headers: dict[str, str] | None = None, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}  #: e.g. Retry-After
-        self.extra = extra
-
-
 #: how long a client should wait before sending again a request the locked database refused
 STORE_RETRY_AFTER_SECONDS = 2
 
@@ -303,71 +310,10 @@ async def error_middleware(
 
 
 # ----------------------------------------------------------------------- auth
-async def current_credential(request: web.Request) -> Credential:
-    """The valid token or session of the request (Bearer first, then the cookie); 401 otherwise.
-
-    Looked up in the database on every request (no cache), so a revocation
-    by any process holds at once. A session in use slides its expiry, with at
-    most one write per token per :func:`_slide_interval`.
-    """
-    store = request.config_dict[STORE]
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else None
-    if not token and (token := request.cookies.get(SESSION_COOKIE)):
-        require_same_origin(request)  # a cookie rides along cross-site; a bearer token cannot
-    credential = await store.credential_for_token(token) if token else None
-    if credential is None:
-        raise ApiError(401, "unauthenticated",
-                       "User not authenticated: send 'Authorization: Bearer <token>' "
-                       "or log in at the page.")
-    assert token is not None  # a credential was found for it
-    _record_use(request, credential, token)
-    return credential
-
-
-async def current_user(request: web.Request) -> str:
-    """The user of a Bearer token or of the session cookie; 401 otherwise."""
-    return (await current_credential(request)).user_id
-
-
-def _slide_interval(lifetime: timedelta) -> timedelta:
-    return min(timedelta(hours=1), lifetime / 10)
-
-
-def _record_use(request: web.Request, credential: Credential, token: str) -> None:
-    """Note the use (for ``zhiyi user tokens``); a session's expiry slides with it."""
-    store = request.config_dict[STORE]
-    lifetime = request.config_dict[CONFIG].session_lifetime
-    last = parse_time(credential.last_used_at) if credential.last_used_at else None
-    if last is not None and store.now() - last < _slide_interval(lifetime):
-        return
-    # Queued, not awaited: bookkeeping must neither delay a request nor, with the database
-    # locked or full, turn a read into a 503 (a failed note is logged; the next use retries).
-    written = store.queue_record_use(credential.token_hash, lifetime)
-    written.add_done_callback(_log_use_not_recorded)
-    if credential.kind == "session" and request.cookies.get(SESSION_COOKIE) == token:
-        request[SLID_SESSION] = token
-
-
-def _log_use_not_recorded(written: asyncio.Future[None]) -> None:
-    if not written.cancelled() and written.exception() is not None:
-        logger.warning("a token's last use was not recorded: %s", written.exception())
-
-
-async def _refresh_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: a slid session's cookie lives as long as the session."""
-    token = request.get(SLID_SESSION)
-    if token is not None and SESSION_COOKIE not in response.cookies:
-        _put_session_cookie(request, response, token)
-        # aiohttp may already have turned ``response.cookies`` into headers by now.
-        morsel = response.cookies.pop(SESSION_COOKIE)
-        response.headers.add(hdrs.SET_COOKIE, morsel.OutputString())
-
-
 async def create_session(request: web.Request) -> web.Response:
     """``POST /api/session {"token"}``: exchange an API token for a session cookie."""
     if same_origin(request) is False:
-        raise _cross_site()
+        raise cross_site()
     body = await _json_body(request, SESSION_MAX_BYTES)
     token = body.get("token")
     store = request.config_dict[STORE]
@@ -375,7 +321,7 @@ async def create_session(request: web.Request) -> web.Response:
     if user is None:
         raise ApiError(401, "unauthenticated", "That token is not valid.")
     response = web.json_response({"success": True, "userId": user})
-    await _set_session_cookie(request, response, user)
+    await set_session_cookie(request, response, user)
     return response
 
 
@@ -391,161 +337,6 @@ async def delete_session(request: web.Request) -> web.Response:
     return response
 
 
-async def _set_session_cookie(request: web.Request, response: web.StreamResponse,
-                              user: str) -> None:
-    lifetime = request.config_dict[CONFIG].session_lifetime
-    session = await request.config_dict[STORE].issue_token(user, kind="session",
-                                                           lifetime=lifetime)
-    _put_session_cookie(request, response, session)
-
-
-def _put_session_cookie(request: web.Request, response: web.StreamResponse,
-                        session: str) -> None:
-    config = request.config_dict[CONFIG]
-    secure = request.secure or (config.public_url or "").lower().startswith("https://")
-    response.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="Strict", path="/",
-                        max_age=int(config.session_lifetime.total_seconds()), secure=secure)
-
-
-# ------------------------------------------------------------- request guards
-SAFE_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS})
-WEBHOOK_MAX_BYTES = 1024 * 1024
-SESSION_MAX_BYTES = 4 * 1024
-#: the multipart body of a create: the file cap plus room for the small fields and headers
-MULTIPART_SLACK_BYTES = 256 * 1024
-#: an upload slower than this on average (after its first BODY_TIMEOUT_SECONDS) is 408
-MIN_UPLOAD_BYTES_PER_SECOND = 4 * 1024
-#: every response; the page loads only its own files and needs no inline script or style
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
-        "frame-ancestors 'none'"),
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "same-origin",
-}
-#: a result is never rendered as a page of this origin, even if opened in place
-RESULT_CSP = "default-src 'none'; sandbox; frame-ancestors 'none'"
-
-
-async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: the same protective headers on every answer."""
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-
-
-def _origin_key(text: str) -> tuple[str, str, int | None] | None:
-    try:
-        url = URL(text)
-    except (ValueError, TypeError):
-        return None
-    if not url.absolute or not url.host:
-        return None
-    return url.scheme.lower(), url.host.lower(), url.port
-
-
-def _own_origins(request: web.Request) -> set[tuple[str, str, int | None]]:
-    """This server's origins: as the request reached it, and as ``PUBLIC_URL`` names it."""
-    candidates = [f"{request.scheme}://{request.host}",
-                  request.config_dict[CONFIG].public_url or ""]
-    return {key for text in candidates if text and (key := _origin_key(text))}
-
-
-def same_origin(request: web.Request) -> bool | None:
-    """Whether the browser says this request comes from this server's own pages.
-
-    ``Sec-Fetch-Site`` when sent (every current browser), else ``Origin``, else
-    the origin of ``Referer``; None when the request says nothing (not a browser).
-    """
-    site = request.headers.get("Sec-Fetch-Site")
-    if site is not None:
-        return site.strip().lower() == "same-origin"
-    source = request.headers.get(hdrs.ORIGIN) or request.headers.get(hdrs.REFERER)
-    if not source:
-        return None
-    key = _origin_key(source)
-    return key is not None and key in _own_origins(request)
-
-
-def _cross_site() -> ApiError:
-    return ApiError(403, "cross_site",
-                    "Refused: a change made with the session cookie must come from this "
-                    "server's own page. Scripts should send 'Authorization: Bearer <token>'.")
-
-
-def require_same_origin(request: web.Request) -> None:
-    """403 ``cross_site`` for an unsafe request that does not prove it is same-origin."""
-    if request.method not in SAFE_METHODS and same_origin(request) is not True:
-        raise _cross_site()
-
-
-def is_top_level_navigation(request: web.Request) -> bool:
-    """A page load in the address bar or from a link, not an image, script or frame."""
-    dest = request.headers.get("Sec-Fetch-Dest")
-    mode = request.headers.get("Sec-Fetch-Mode")
-    if dest is not None or mode is not None:
-        return dest == "document" and mode in (None, "navigate")
-    # No Fetch Metadata (an old browser): a navigation asks for HTML, sub-requests do not.
-    return "text/html" in request.headers.get(hdrs.ACCEPT, "")
-
-
-def _too_large_body(limit: int) -> ApiError:
-    size = f"{limit // 1024} KB" if limit < 1024 * 1024 else f"{limit // (1024 * 1024)} MB"
-    return ApiError(413, "too_large", f"The request body is larger than this route's "
-                    f"{size} limit.", limit=limit)
-
-
-def _slow_body(seconds: float) -> ApiError:
-    return ApiError(408, "request_timeout",
-                    f"The request body did not arrive in time ({seconds:g} s); send it again.")
-
-
-@contextlib.asynccontextmanager
-async def metered_body(request: web.Request, limit: int, *, rolling: bool = False,
-                       too_large: ApiError | None = None) -> AsyncIterator[Callable[[], None]]:
-    """Read a body under a size cap and a deadline; yields ``progress()`` to call per piece.
-
-    ``progress()`` refuses the body (413) once more than ``limit`` bytes were
-    received. The deadline is ``BODY_TIMEOUT_SECONDS`` for the whole body, or
-    with ``rolling`` for each pause between pieces (large uploads), and then
-    the upload must also average ``MIN_UPLOAD_BYTES_PER_SECOND`` after its first
-    ``BODY_TIMEOUT_SECONDS``, so a trickle cannot hold a connection; past it, 408.
-    ``too_large`` replaces the generic 413 (an upload's says which file cap).
-    """
-    refusal = too_large or _too_large_body(limit)
-    if request.content_length is not None and request.content_length > limit:
-        raise refusal
-    seconds = request.config_dict[CONFIG].body_timeout_seconds
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    try:
-        async with asyncio.timeout(seconds) as deadline:
-
-            def progress() -> None:
-                received = request.content.total_bytes
-                if received > limit:
-                    raise refusal
-                if rolling:
-                    earned = started + seconds + received / MIN_UPLOAD_BYTES_PER_SECOND
-                    deadline.reschedule(min(loop.time() + seconds, earned))
-
-            yield progress
-    except TimeoutError as e:
-        raise _slow_body(seconds) from e
-
-
-async def read_body(request: web.Request, limit: int, *,
-                    too_large: ApiError | None = None) -> bytes:
-    """The whole body, within ``limit`` bytes and the body deadline."""
-    data = bytearray()
-    async with metered_body(request, limit, too_large=too_large) as progress:
-        while chunk := await request.content.readany():
-            data += chunk
-            progress()
-    return bytes(data)
-
-
 # ---------------------------------------------------------------------- pages
 async def index(request: web.Request) -> web.StreamResponse:
     """The page; ``/?token=...`` logs in (as Jupyter does) and redirects to a clean URL."""
@@ -559,7 +350,7 @@ async def index(request: web.Request) -> web.StreamResponse:
         if user is None:
             raise web.HTTPFound(str(target.with_fragment("login-failed")))
         response = web.HTTPFound(str(target))
-        await _set_session_cookie(request, response, user)
+        await set_session_cookie(request, response, user)
         raise response
     return web.FileResponse(resource("static") / "index.html",
                             headers={"Cache-Control": "no-cache"})
@@ -2037,7 +1828,7 @@ def create_app(config: Config | None = None, *, registry: Registry | None = None
                             _pool_ctx, _disk_watch_ctx])
     app.on_shutdown.append(_close_streams)
     app.on_response_prepare.append(add_security_headers)
-    app.on_response_prepare.append(_refresh_session_cookie)
+    app.on_response_prepare.append(refresh_session_cookie)
     _add_routes(app)
     return app
 
