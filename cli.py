@@ -1,8 +1,8 @@
 """The ``zhiyi`` command: every subcommand, its parser and its messages, in one place.
 
 The command-line layer sits above the others and only calls into them: the server's app
-and settings (zhiyi_server.py), the store (storage.py), backups (backup.py), engines
-(engines.py) and the HTTP client (client.py). Server-side commands (``serve``,
+and settings (zhiyi_server.py, zhiyi_config.py), the store (storage.py), backups
+(backup.py), engines (engines.py) and the HTTP client (client.py). Server-side commands (``serve``,
 ``worker``, ``user``, ``backup``, ``restore``) work on a data folder (``--data``, else
 ``DATA_STORAGE_PATH``, else ./data) and, but for ``serve`` and ``restore``, refuse one
 without a database; client-side commands (``submit``, ``tasks``, ``login``, ``quote``,
