@@ -309,9 +309,14 @@ class _TokenDocument(_BaseDocument):
     def _tokens(self) -> Iterator[_Token]:
         raise NotImplementedError
 
+    def _each_token(self) -> Iterator[_Token]:
+        """One pass over the tokens; each call starts over (`_tokens`, unless a format
+        keeps what an earlier pass read)."""
+        return self._tokens()
+
     def segments(self) -> Iterator[str]:
         """The translatable segments in document order; each call starts over."""
-        for token in self._tokens():
+        for token in self._each_token():
             if isinstance(token, _Segment):
                 yield from token.texts()
 
@@ -332,7 +337,7 @@ class _TokenDocument(_BaseDocument):
             _atomic_output(out) as tmp,
             tmp.open("w", encoding="utf-8", newline="", errors="replace") as f,
         ):
-            for token in self._tokens():
+            for token in self._each_token():
                 if isinstance(token, str):
                     f.write(token)
                     continue
@@ -361,5 +366,5 @@ class _TokenDocument(_BaseDocument):
 
     def plain_text(self) -> Iterator[str]:
         """The document's text as it is, in chunks."""
-        return _chunked(t if isinstance(t, str) else t.raw for t in self._tokens())
+        return _chunked(t if isinstance(t, str) else t.raw for t in self._each_token())
 

@@ -153,6 +153,7 @@ def guess_language(sample: str) -> str:
     if script != "latin":
         return _SCRIPT_LANGUAGE.get(script, "unknown")
     words = Counter(map(str.lower, _WORD.findall(sample)))
-    hits = {lang: sum(words[w] for w in stop) for lang, stop in _STOPWORD_SETS.items()}
+    hits = {lang: sum(words[w] for w in stop & words.keys())
+            for lang, stop in _STOPWORD_SETS.items()}
     (best, top), (_, runner_up) = sorted(hits.items(), key=lambda item: -item[1])[:2]
     return best if top > runner_up else "unknown"  # a tie on "de" or "la" says nothing

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import io
 import logging
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import charset_normalizer
 
@@ -42,27 +44,53 @@ _EOL = re.compile(r"\r\n|\r|\n")
 _DETECT_SAMPLE_BYTES = 1 << 18
 
 
-def _detect_encoding(path: Path, extension: str, declared: str | None = None) -> TextEncoding:
+def _detect_encoding(path: Path, extension: str, declared: str | None = None,
+                     data: bytes | None = None) -> TextEncoding:
     """UTF-8/16/32 by byte-order mark, else UTF-8, `declared`, charset-normalizer's
     guesses (Windows-1252, Latin-1, Shift-JIS, Big5, EUC-KR ...), GB18030: the first
-    that decodes the whole file."""
-    with path.open("rb") as f:
-        head = f.read(_DETECT_SAMPLE_BYTES)
+    that decodes the whole file. `data`, when given, is the whole file already read."""
+    if data is not None:
+        head = data[:_DETECT_SAMPLE_BYTES]
+    else:
+        with path.open("rb") as f:
+            head = f.read(_DETECT_SAMPLE_BYTES)
+
+    def decodes(encoding: str) -> bool:
+        blocks = [data] if data is not None else _blocks(path)
+        return _decodes_as_text(blocks, encoding, extension)
+
     for bom, decode, codec in _BOMS:
         if head.startswith(bom):
-            if _decodes_as_text(path, decode, extension):
+            if decodes(decode):
                 return TextEncoding(decode, codec, bom)
             break
     else:
-        candidates = ["utf-8", *([declared] if declared else []), *_guesses(head), "gb18030"]
-        for encoding in dict.fromkeys(candidates):
-            if _decodes_as_text(path, encoding, extension):
+        for encoding in _candidates(head, declared):
+            if decodes(encoding):
                 return TextEncoding(encoding, encoding)
     raise BadDocument(
         f"This {extension} file is not readable text in any encoding the server recognises "
         "(UTF-8, UTF-16 with a byte-order mark, Windows-1252, Latin-1, Shift-JIS, Big5, "
         "EUC-KR, GB18030 ...); save it as UTF-8 and upload it again."
     )
+
+
+def _candidates(head: bytes, declared: str | None) -> Iterator[str]:
+    """The encodings to try, in order, once each. charset-normalizer is asked only when
+    neither UTF-8 nor the declared encoding fits (a generator runs no further than
+    asked): most files are UTF-8, and its guess cost more than the rest of reading a
+    short one."""
+    tried: set[str] = set()
+
+    def untried(encodings: Iterable[str]) -> Iterator[str]:
+        for encoding in encodings:
+            if encoding not in tried:
+                tried.add(encoding)
+                yield encoding
+
+    yield from untried(["utf-8", *([declared] if declared else [])])
+    yield from untried(_guesses(head))
+    yield from untried(["gb18030"])
 
 
 def _guesses(head: bytes) -> list[str]:
@@ -72,14 +100,20 @@ def _guesses(head: bytes) -> list[str]:
     return [match.encoding for match in charset_normalizer.from_bytes(head)]
 
 
-def _decodes_as_text(path: Path, encoding: str, extension: str) -> bool:
-    """Decode the whole file in blocks (validation must not load a 20 MB file at once)."""
+def _blocks(path: Path) -> Iterator[bytes]:
+    """The file in 1 MB blocks (validation must not load a 20 MB file at once)."""
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            yield block
+
+
+def _decodes_as_text(blocks: Iterable[bytes], encoding: str, extension: str) -> bool:
+    """Whether the whole of `blocks` decodes in `encoding` (and is text, not binary)."""
     decoder = codecs.getincrementaldecoder(encoding)()
     try:
-        with path.open("rb") as f:
-            while block := f.read(1 << 20):
-                _reject_binary(decoder.decode(block), extension)
-            _reject_binary(decoder.decode(b"", final=True), extension)
+        for block in blocks:
+            _reject_binary(decoder.decode(block), extension)
+        _reject_binary(decoder.decode(b"", final=True), extension)
     except UnicodeDecodeError:
         return False
     return True
@@ -93,12 +127,13 @@ def _reject_binary(text: str, extension: str) -> None:
         )
 
 
-def _read_lines(path: Path, encoding: str) -> Iterator[tuple[str, str]]:
-    """(content, line ending) pairs, streamed; "\\r\\n" is never split across reads.
+def _read_lines(f: TextIO) -> Iterator[tuple[str, str]]:
+    """(content, line ending) pairs of the text stream `f` (opened with ``newline=""``),
+    streamed; "\\r\\n" is never split across reads.
 
     A line longer than `_MAX_LINE_CHARS` comes in pieces with an empty line ending.
     """
-    with path.open(encoding=encoding, newline="") as f:
+    with f:
         buffer = ""
         while True:
             chunk = f.read(_READ_CHARS)
@@ -247,13 +282,54 @@ def _subtitle_tokens(lines: Iterable[tuple[str, str]]) -> Iterator[_Token]:
         yield from _paragraph_tokens(cue)
 
 
+# A text file up to this size is read from disk once and decoded once: opening it,
+# measuring it and rendering it each pass over its lines, and for a short file the
+# opens and decodes cost more than the passes.
+_WHOLE_TEXT_BYTES = 1 << 20
+
+
+def _read_if_small(path: Path) -> bytes | None:
+    """The whole file if it is at most `_WHOLE_TEXT_BYTES`, else None (read it in blocks)."""
+    with path.open("rb") as f:
+        data = f.read(_WHOLE_TEXT_BYTES + 1)
+    return data if len(data) <= _WHOLE_TEXT_BYTES else None
+
+
 class _TextFileDocument(_TokenDocument):
     def __init__(self, path: Path, extension: str) -> None:
         super().__init__(path, extension)
-        self.encoding = _detect_encoding(path, extension)
+        data = _read_if_small(path)
+        self.encoding = _detect_encoding(path, extension, data=data)
+        self._text = None if data is None else data.decode(self.encoding.decode)
+        self._read: list[_Token] = []  # the tokens read so far (a small file only)
+        self._reading: Iterator[_Token] | None = None
+
+    def _each_token(self) -> Iterator[_Token]:
+        """A small file's tokens are read once and kept: opening a document checks its
+        first segment, measuring or rendering it reads it all, and each pass picks up
+        where the reading stands (passes may interleave)."""
+        if self._text is None:
+            return self._tokens()
+        if self._reading is None:
+            self._reading = self._tokens()
+        return self._replay()
+
+    def _replay(self) -> Iterator[_Token]:
+        assert self._reading is not None
+        i = 0
+        while True:
+            if i == len(self._read):
+                token = next(self._reading, None)
+                if token is None:
+                    return
+                self._read.append(token)
+            yield self._read[i]
+            i += 1
 
     def _lines(self) -> Iterator[tuple[str, str]]:
-        return _read_lines(self.path, self.encoding.decode)
+        if self._text is not None:
+            return _read_lines(io.StringIO(self._text, newline=""))
+        return _read_lines(self.path.open(encoding=self.encoding.decode, newline=""))
 
     def _source_encoding(self) -> TextEncoding | None:
         return self.encoding
@@ -274,7 +350,7 @@ class SubtitleDocument(_TextFileDocument):
 
     def plain_text(self) -> Iterator[str]:
         """The cues' text, a blank line between cues."""
-        return _chunked(t.text + "\n\n" for t in self._tokens() if isinstance(t, _Segment))
+        return _chunked(t.text + "\n\n" for t in self._each_token() if isinstance(t, _Segment))
 
     def _no_text_message(self) -> str:
         if not any(_SRT_TIMING.match(content) for content, _ in self._lines()):

@@ -20,6 +20,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pypdf import PdfWriter
 
+import formats.text as formats_text
 from formats import (
     SUPPORTED_EXTENSIONS,
     BadDocument,
@@ -895,3 +896,87 @@ def test_script_counts_match_the_character_by_character_definition(sample: str) 
 
     slow = Counter(s for ch in sample if ch.isalpha() and (s := stats._script(ch)))
     assert stats._script_counts(sample) == slow
+
+
+# ------------------------------------------------------------- small text files, read once
+
+
+_TEXT_PIECES = st.lists(
+    st.sampled_from(["Hello there.", "Zweite Zeile", "  indented", "", "你好。", "- item",
+                     "> quoted", "```", "x" * 700, "1", "00:00:01,000 --> 00:00:02,000"]),
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pieces=_TEXT_PIECES, eol=st.sampled_from(["\n", "\r\n", "\r"]),
+       name=st.sampled_from(["a.txt", "a.md", "a.srt"]))
+def test_small_text_in_memory_reads_like_the_stream(
+        pieces: list[str], eol: str, name: str,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A small file is decoded once and its tokens kept between passes; what it gives must
+    be exactly what reading the file in blocks gives (line endings, long lines, markup)."""
+    path = tmp_path_factory.mktemp("whole") / name
+    path.write_bytes((eol.join(pieces) + "x").encode("utf-8"))
+
+    def read(*, in_blocks: bool) -> tuple[Document, list[str], bytes]:
+        with pytest.MonkeyPatch.context() as patch:
+            if in_blocks:  # as a big file is read
+                patch.setattr(formats_text, "_WHOLE_TEXT_BYTES", 0)
+            doc = open_document(path)
+            segments = list(doc.segments())
+            out = path.with_name(f"out-{in_blocks}{path.suffix}")
+            doc.render(iter(pseudo(s) for s in segments), out)
+            return doc, segments, out.read_bytes()
+
+    try:
+        whole = read(in_blocks=False)
+    except BadDocument as e:
+        with pytest.raises(BadDocument, match=re.escape(str(e))):
+            read(in_blocks=True)
+        return
+    streamed = read(in_blocks=True)
+    assert whole[0]._text is not None and streamed[0]._text is None  # type: ignore[attr-defined]
+    assert whole[1:] == streamed[1:]
+
+
+def test_small_text_file_is_read_and_split_once(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening (which checks the first segment), measuring and rendering a small file read
+    it from disk and split it into paragraphs once, even with passes interleaved."""
+    path = write(tmp_path, "notes.txt", "One.\nTwo.\n\nThree.\n\n" * 20)
+    splits = []
+    real = formats_text._text_tokens
+
+    def counted(lines: Iterable[tuple[str, str]]) -> Iterable[object]:
+        splits.append(1)
+        return real(lines)
+
+    monkeypatch.setattr(formats_text, "_text_tokens", counted)
+    doc = open_document(path)
+    path.unlink()  # everything after the open comes from memory
+    first, second = doc.segments(), doc.segments()
+    assert next(first) == next(second) == "One.\nTwo."
+    assert document_stats(doc).segments == 40
+    assert list(first) == list(second) == ["Three.", "One.\nTwo."] * 19 + ["Three."]
+    doc.render(iter(pseudo(s) for s in doc.segments()), tmp_path / "out.txt")
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8").startswith("[ONE.\nTWO.]\n\n")
+    assert len(splits) == 1
+
+
+def test_charset_guess_only_when_utf8_does_not_fit(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    guessed = []
+    real = formats_text._guesses
+
+    def counted(head: bytes) -> list[str]:
+        guessed.append(head)
+        return real(head)
+
+    monkeypatch.setattr(formats_text, "_guesses", counted)
+    utf8 = write(tmp_path, "utf8.txt", "Grüße aus Köln, ça va ? 你好。")
+    assert "Grüße" in next(open_document(utf8).segments())
+    assert guessed == []
+    legacy = write(tmp_path, "legacy.txt", "Grüße aus Köln, ça va très bien ? " * 4, "cp1252")
+    assert "Grüße" in next(open_document(legacy).segments())
+    assert len(guessed) == 1
