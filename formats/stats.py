@@ -23,8 +23,19 @@ _CJK = re.compile(
 _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
 
 
+# `_WORD` on ASCII text, where it means exactly this; about twice as fast as the Unicode
+# classes, and most segments are ASCII.
+_ASCII_WORD = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")
+
+
+def _words(text: str) -> list[str]:
+    return (_ASCII_WORD if text.isascii() else _WORD).findall(text)
+
+
 def count_words(text: str) -> int:
     """Words in `text`; each CJK character (Han, Kana, Hangul) counts as one word."""
+    if text.isascii():
+        return len(_ASCII_WORD.findall(text))
     cjk = len(_CJK.findall(text))
     return cjk + len(_WORD.findall(_CJK.sub(" ", text) if cjk else text))
 
@@ -152,7 +163,7 @@ def guess_language(sample: str) -> str:
         return "ar"
     if script != "latin":
         return _SCRIPT_LANGUAGE.get(script, "unknown")
-    words = Counter(map(str.lower, _WORD.findall(sample)))
+    words = Counter(map(str.lower, _words(sample)))
     hits = {lang: sum(words[w] for w in stop & words.keys())
             for lang, stop in _STOPWORD_SETS.items()}
     (best, top), (_, runner_up) = sorted(hits.items(), key=lambda item: -item[1])[:2]

@@ -898,6 +898,15 @@ def test_script_counts_match_the_character_by_character_definition(sample: str) 
     assert stats._script_counts(sample) == slow
 
 
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=80))
+def test_ascii_words_are_counted_as_the_unicode_pattern_counts_them(text: str) -> None:
+    from formats import stats
+
+    assert stats._words(text) == stats._WORD.findall(text)
+    assert count_words(text) == len(stats._WORD.findall(text))
+
+
 # ------------------------------------------------------------- small text files, read once
 
 
