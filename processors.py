@@ -512,8 +512,8 @@ class SegmentTranslation:
     order. Each finished batch appends ``[index, translation]`` lines to a journal in
     the task's work directory (flushed per batch), so a resumed attempt sends no
     segment the journal already holds, whatever order the batches ended in; the
-    checkpoint counts segments done. The translations are kept until the document
-    is rendered (about the size of its text).
+    progress reported counts segments done. The translations are kept until the
+    document is rendered (about the size of its text).
     """
 
     def __init__(self, ctx: TaskContext, doc: sandbox.ParsedDocument,
@@ -665,11 +665,11 @@ class SegmentTranslation:
             if memory.normalise(text)])
 
     async def _journal_batch(self, done: list[tuple[int, str]]) -> None:
+        # The journal is what a resumed attempt starts from; no database checkpoint is
+        # written beside it (it would be one more transaction per batch, read by nobody).
         async with self._journal_lock:
             await asyncio.to_thread(self._append, done)
             self.translations.update(done)
-            await self.ctx.save_checkpoint({"segmentsDone": len(self.translations),
-                                            "segmentsTotal": self.total})
         await self._report()
 
     async def _translate(self, batch: list[str]) -> list[str]:
