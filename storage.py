@@ -22,7 +22,7 @@ import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1353,27 +1353,26 @@ class TaskStore:
             if new.max_storage:
                 _check_storage(txn.db, new.user_id, new.file_size, new.max_storage)
             # A counter on the user, not MAX()+1: numbers of deleted tasks are not reused.
-            txn.db.execute("UPDATE users SET tasks_made = tasks_made + 1 WHERE id = ?",
-                           (new.user_id,))
-            number = _scalar(txn.db, "SELECT tasks_made FROM users WHERE id = ?", (new.user_id,))
+            number = _scalar(txn.db, "UPDATE users SET tasks_made = tasks_made + 1"
+                                     " WHERE id = ? RETURNING tasks_made", (new.user_id,))
             try:
-                cursor = txn.db.execute(
+                row = txn.db.execute(
                     """INSERT INTO processing_tasks (user_id, task_type, params, file_name,
                        file_size, file_path, credits_cost, credits_held, idempotency_key,
                        created_at, updated_at, status_message, user_task_no, detected_lang)
-                       VALUES (?,?,?,?,?,?,?,?,?,?,?, 'waiting for a worker', ?, ?)""",
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?, 'waiting for a worker', ?, ?)
+                       RETURNING *""",
                     (new.user_id, new.task_type, json.dumps(new.params), new.file_name,
                      new.file_size, new.file_path, new.credits_cost, new.credits_cost,
                      new.idempotency_key, txn.now, txn.now, number, new.detected_lang),
-                )
+                ).fetchone()
             except sqlite3.IntegrityError as e:
                 if new.idempotency_key and "idempotency_key" in str(e):
                     raise _IdempotentRace from e
                 raise
-            task_id = cursor.lastrowid
-            assert task_id is not None
-            _charge(txn, new.user_id, new.credits_cost, task_id)
-            return self._status_event(txn, task_id)
+            task = Task.from_row(row)
+            _charge(txn, task, new.credits_cost)
+            return self._status_event(txn, task)
         return await self._write(_op)
 
     async def find_by_idempotency_key(self, user_id: str, key: str) -> Task | None:
@@ -1454,26 +1453,16 @@ class TaskStore:
     async def claim_next_task(self, owner: str, lease_seconds: float) -> Task | None:
         """Take the oldest runnable pending task: ``processing``, one more attempt, a lease."""
         def _op(txn: _Txn) -> Any:
-            row = (
-                txn.db.execute(
-                    """SELECT id FROM processing_tasks
-                       WHERE status = 'pending' AND (run_after IS NULL OR run_after <= ?)
-                       ORDER BY id LIMIT 1""",
-                    (txn.now,),
-                )
-            ).fetchone()
-            if row is None:
-                return None
             lease = isoformat(parse_time(txn.now) + timedelta(seconds=lease_seconds))
-            txn.db.execute(
-                """UPDATE processing_tasks SET status = 'processing', attempts = attempts + 1,
+            row = txn.db.execute(
+                f"""UPDATE processing_tasks SET status = 'processing', attempts = attempts + 1,
                    progress = 0, status_message = 'starting', stage = 'starting',
                    eta_seconds = NULL, run_after = NULL, lease_owner = ?, lease_until = ?,
                    started_at = COALESCE(started_at, ?), updated_at = ?
-                   WHERE id = ?""",
-                (owner, lease, txn.now, txn.now, row["id"]),
-            )
-            return self._status_event(txn, row["id"])
+                   WHERE id = ({CLAIM_SQL}) RETURNING *""",
+                (owner, lease, txn.now, txn.now, txn.now),
+            ).fetchone()
+            return None if row is None else self._status_event(txn, Task.from_row(row))
         return await self._write(_op)
 
     async def next_run_after(self) -> datetime | None:
@@ -1565,16 +1554,14 @@ class TaskStore:
     ) -> Task | None:
         """The task now waits for an external service: no lease, a deadline instead."""
         def _op(txn: _Txn) -> Any:
-            cursor = txn.db.execute(
+            row = txn.db.execute(
                 """UPDATE processing_tasks SET external_task_id = ?, external_deadline = ?,
                    lease_owner = NULL, lease_until = NULL, stage = 'waiting',
                    status_message = 'sent to the external service', updated_at = ?
-                   WHERE id = ? AND attempts = ? AND status = 'processing'""",
+                   WHERE id = ? AND attempts = ? AND status = 'processing' RETURNING *""",
                 (external_task_id, isoformat(deadline), txn.now, task_id, attempt),
-            )
-            if cursor.rowcount != 1:
-                return None
-            return self._status_event(txn, task_id)
+            ).fetchone()
+            return None if row is None else self._status_event(txn, Task.from_row(row))
         return await self._write(_op)
 
     async def update_external_progress(
@@ -1582,14 +1569,12 @@ class TaskStore:
     ) -> Task | None:
         """A ``processing`` callback from the external service."""
         def _op(txn: _Txn) -> Any:
-            cursor = txn.db.execute(
+            row = txn.db.execute(
                 """UPDATE processing_tasks SET progress = MAX(progress, ?), status_message = ?,
-                   updated_at = ? WHERE id = ? AND status = 'processing'""",
+                   updated_at = ? WHERE id = ? AND status = 'processing' RETURNING *""",
                 (max(0, min(100, int(progress))), message, txn.now, task_id),
-            )
-            if cursor.rowcount != 1:
-                return None
-            return self._status_event(txn, task_id)
+            ).fetchone()
+            return None if row is None else self._status_event(txn, Task.from_row(row))
         return await self._write(_op)
 
     async def complete_task(
@@ -1599,18 +1584,17 @@ class TaskStore:
     ) -> Task | None:
         """Mark the task completed with its result; ``None`` if it was no longer running."""
         def _op(txn: _Txn) -> Any:
-            cursor = txn.db.execute(
+            row = txn.db.execute(
                 f"""UPDATE processing_tasks SET status = 'completed', progress = 100,
                    status_message = ?, stage = 'done', eta_seconds = 0,
                    result_name = ?, result_size = ?, lease_owner = NULL, lease_until = NULL,
                    external_deadline = NULL, completed_at = ?, updated_at = ?
-                   WHERE id = ? AND status = 'processing' {_attempt_clause(attempt)}""",
+                   WHERE id = ? AND status = 'processing' {_attempt_clause(attempt)}
+                   RETURNING *""",
                 (message, result_name, result_size, txn.now, txn.now, task_id,
                  *_attempt_args(attempt)),
-            )
-            if cursor.rowcount != 1:
-                return None
-            return self._status_event(txn, task_id)
+            ).fetchone()
+            return None if row is None else self._status_event(txn, Task.from_row(row))
         return await self._write(_op)
 
     async def fail_task(
@@ -1623,18 +1607,17 @@ class TaskStore:
     ) -> Task | None:
         """Fail a running (or pending) task and refund its credits exactly once."""
         def _op(txn: _Txn) -> Any:
-            cursor = txn.db.execute(
+            row = txn.db.execute(
                 f"""UPDATE processing_tasks SET status = 'failed', error_message = ?,
                    error_code = ?, status_message = ?, eta_seconds = NULL, lease_owner = NULL,
                    lease_until = NULL, external_deadline = NULL, completed_at = ?, updated_at = ?
                    WHERE id = ? AND status IN ('pending', 'processing')
-                   {_attempt_clause(attempt)}""",
+                   {_attempt_clause(attempt)} RETURNING *""",
                 (message, code, message, txn.now, txn.now, task_id, *_attempt_args(attempt)),
-            )
-            if cursor.rowcount != 1:
+            ).fetchone()
+            if row is None:
                 return None
-            _refund(txn, task_id)
-            return self._status_event(txn, task_id)
+            return self._status_event(txn, _refund(txn, Task.from_row(row)))
         return await self._write(_op)
 
     async def schedule_retry(
@@ -1643,16 +1626,14 @@ class TaskStore:
         """After a transient error: back to ``pending`` until ``now + delay`` (no new charge)."""
         def _op(txn: _Txn) -> Any:
             run_after = isoformat(parse_time(txn.now) + timedelta(seconds=delay_seconds))
-            cursor = txn.db.execute(
+            row = txn.db.execute(
                 """UPDATE processing_tasks SET status = 'pending', run_after = ?,
                    status_message = ?, stage = 'waiting', eta_seconds = NULL,
                    lease_owner = NULL, lease_until = NULL, updated_at = ?
-                   WHERE id = ? AND attempts = ? AND status = 'processing'""",
+                   WHERE id = ? AND attempts = ? AND status = 'processing' RETURNING *""",
                 (run_after, message, txn.now, task_id, attempt),
-            )
-            if cursor.rowcount != 1:
-                return None
-            return self._status_event(txn, task_id)
+            ).fetchone()
+            return None if row is None else self._status_event(txn, Task.from_row(row))
         return await self._write(_op)
 
     async def requeue_orphans(
@@ -1679,22 +1660,22 @@ class TaskStore:
             changed = []
             for row in rows:
                 if row["attempts"] >= max_attempts:
-                    txn.db.execute(
+                    task = _refund(txn, Task.from_row(txn.db.execute(
                         """UPDATE processing_tasks SET status = 'failed',
                            error_code = 'interrupted', error_message = ?, status_message = ?,
                            lease_owner = NULL, lease_until = NULL, completed_at = ?, updated_at = ?
-                           WHERE id = ?""",
+                           WHERE id = ? RETURNING *""",
                         (INTERRUPTED, INTERRUPTED, txn.now, txn.now, row["id"]),
-                    )
-                    _refund(txn, row["id"])
+                    ).fetchone()))
                 else:
-                    txn.db.execute(
+                    task = Task.from_row(txn.db.execute(
                         """UPDATE processing_tasks SET status = 'pending', run_after = NULL,
                            status_message = 'interrupted; waiting to resume', stage = 'waiting',
-                           lease_owner = NULL, lease_until = NULL, updated_at = ? WHERE id = ?""",
+                           lease_owner = NULL, lease_until = NULL, updated_at = ? WHERE id = ?
+                           RETURNING *""",
                         (txn.now, row["id"]),
-                    )
-                changed.append(self._status_event(txn, row["id"]))
+                    ).fetchone())
+                changed.append(self._status_event(txn, task))
             return changed
         return await self._write(_op)
 
@@ -1708,16 +1689,16 @@ class TaskStore:
         def _op(txn: _Txn) -> Any:
             released = []
             for task_id, attempt in attempts:
-                updated = txn.db.execute(
+                row = txn.db.execute(
                     """UPDATE processing_tasks SET status = 'pending', run_after = NULL,
                        attempts = MAX(attempts - 1, 0), stage = 'waiting',
                        status_message = 'the server is restarting; waiting to resume',
                        lease_owner = NULL, lease_until = NULL, updated_at = ?
                        WHERE id = ? AND attempts = ? AND status = 'processing'
-                       AND external_task_id IS NULL""",
-                    (txn.now, task_id, attempt)).rowcount
-                if updated:
-                    released.append(self._status_event(txn, task_id))
+                       AND external_task_id IS NULL RETURNING *""",
+                    (txn.now, task_id, attempt)).fetchone()
+                if row is not None:
+                    released.append(self._status_event(txn, Task.from_row(row)))
             return released
         return await self._write(_op)
 
@@ -1765,8 +1746,7 @@ class TaskStore:
             status = _owned_status(txn.db, task_id, user_id)
             if status.is_final:
                 raise InvalidTransition(status, "cancel")
-            _cancel(txn, task_id)
-            return self._status_event(txn, task_id)
+            return self._status_event(txn, _cancel(txn, task_id))
         return await self._write(_op)
 
     async def retry_task(self, task_id: int, user_id: str, *, max_active: int = 100) -> Task:
@@ -1776,25 +1756,21 @@ class TaskStore:
             if status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
                 raise InvalidTransition(status, "retry")
             _check_active_limit(txn.db, user_id, max_active)
-            row = (
-                txn.db.execute(
-                    "SELECT credits_cost, files_expired FROM processing_tasks WHERE id = ?",
-                    (task_id,),
-                )
-            ).fetchone()
-            if row["files_expired"]:
-                raise FilesExpired(status)
-            txn.db.execute(
+            row = txn.db.execute(
                 """UPDATE processing_tasks SET status = 'pending', progress = 0, attempts = 0,
                    status_message = 'waiting for a worker', stage = NULL, eta_seconds = NULL,
                    error_message = NULL, error_code = NULL, external_task_id = NULL,
                    external_deadline = NULL, run_after = NULL, completed_at = NULL,
-                   result_name = NULL, result_size = 0, credits_held = ?, updated_at = ?
-                   WHERE id = ?""",
-                (row["credits_cost"], txn.now, task_id),
-            )
-            _charge(txn, user_id, row["credits_cost"], task_id)
-            return self._status_event(txn, task_id)
+                   result_name = NULL, result_size = 0, credits_held = credits_cost,
+                   updated_at = ?
+                   WHERE id = ? AND files_expired = 0 RETURNING *""",
+                (txn.now, task_id),
+            ).fetchone()
+            if row is None:
+                raise FilesExpired(status)
+            task = Task.from_row(row)
+            _charge(txn, task, task.credits_cost)
+            return self._status_event(txn, task)
         return await self._write(_op)
 
     async def delete_task(self, task_id: int, user_id: str) -> Task:
@@ -1802,12 +1778,9 @@ class TaskStore:
         def _op(txn: _Txn) -> Any:
             status = _owned_status(txn.db, task_id, user_id)
             if not status.is_final:
-                _cancel(txn, task_id)
-                self._status_event(txn, task_id)
-            row = (
-                txn.db.execute("SELECT * FROM processing_tasks WHERE id = ?", (task_id,))
-            ).fetchone()
-            txn.db.execute("DELETE FROM processing_tasks WHERE id = ?", (task_id,))
+                self._status_event(txn, _cancel(txn, task_id))
+            row = txn.db.execute("DELETE FROM processing_tasks WHERE id = ? RETURNING *",
+                                 (task_id,)).fetchone()
             _append_event(txn, task_id, user_id, "task_deleted", {"taskId": task_id})
             return Task.from_row(row)
         return await self._write(_op)
@@ -1941,12 +1914,9 @@ class TaskStore:
         )
         return row["m"] or 0 if row else 0
 
-    def _status_event(self, txn: _Txn, task_id: int) -> Task:
-        """Append the task's current state as a ``status_update`` event; return the task."""
-        row = (
-            txn.db.execute("SELECT * FROM processing_tasks WHERE id = ?", (task_id,))
-        ).fetchone()
-        task = Task.from_row(row)
+    def _status_event(self, txn: _Txn, task: Task) -> Task:
+        """Append ``task`` (as the write left it: its statement's ``RETURNING *``, not
+        read again) as a ``status_update`` event; return it."""
         _append_event(txn, task.id, task.user_id, "status_update", self.status_data(task))
         return task
 
@@ -1983,6 +1953,13 @@ INTERRUPTED = "interrupted too many times (the server stopped while it ran)"
 
 class _IdempotentRace(StoreError):
     """Two creates with one key raced; the caller looks the winner up."""
+
+
+#: the claim's choice: the oldest runnable pending task (the PostgreSQL store adds
+#: ``FOR UPDATE SKIP LOCKED`` to exactly this text)
+CLAIM_SQL = """SELECT id FROM processing_tasks
+               WHERE status = 'pending' AND (run_after IS NULL OR run_after <= ?)
+               ORDER BY id LIMIT 1"""
 
 
 def _attempt_clause(attempt: int | None) -> str:
@@ -2168,13 +2145,12 @@ def _move_credits(
     txn: _Txn, user_id: str, amount: int, reason: str, task_id: int | None
 ) -> int:
     """Change a balance and write its ledger row; never below zero."""
-    cursor = txn.db.execute(
-        "UPDATE users SET credits = credits + ? WHERE id = ? AND credits + ? >= 0",
-        (amount, user_id, amount),
-    )
-    balance = _scalar(txn.db, "SELECT credits FROM users WHERE id = ?", (user_id,))
-    if cursor.rowcount != 1:
-        raise InsufficientCredits(-amount, balance or 0)
+    balance = _scalar(
+        txn.db, "UPDATE users SET credits = credits + ? WHERE id = ? AND credits + ? >= 0"
+        " RETURNING credits", (amount, user_id, amount))
+    if balance is None:  # refused: read the balance only to say it
+        current = _scalar(txn.db, "SELECT credits FROM users WHERE id = ?", (user_id,))
+        raise InsufficientCredits(-amount, current or 0)
     txn.db.execute(
         """INSERT INTO credit_ledger (user_id, amount, reason, task_id, balance_after, created_at)
            VALUES (?,?,?,?,?,?)""",
@@ -2183,17 +2159,12 @@ def _move_credits(
     return balance
 
 
-def _charge(txn: _Txn, user_id: str, cost: int, task_id: int) -> None:
+def _charge(txn: _Txn, task: Task, cost: int) -> None:
     if cost:
-        balance = _move_credits(txn, user_id, -cost, "charge", task_id)
-        _credits_notice(txn, user_id, balance, f"{cost} credits charged for task {task_id}",
-                        "credits_charged", {"amount": cost, "taskId": task_id,
-                                            "taskNo": _task_no(txn, task_id)})
-
-
-def _task_no(txn: _Txn, task_id: int) -> int | None:
-    """The task's number among its user's tasks (what a page shows as "#N")."""
-    return _scalar(txn.db, "SELECT user_task_no FROM processing_tasks WHERE id = ?", (task_id,))
+        balance = _move_credits(txn, task.user_id, -cost, "charge", task.id)
+        _credits_notice(txn, task.user_id, balance, f"{cost} credits charged for task {task.id}",
+                        "credits_charged", {"amount": cost, "taskId": task.id,
+                                            "taskNo": task.user_task_no})
 
 
 def _credits_notice(txn: _Txn, user_id: str, balance: int, message: str,
@@ -2205,32 +2176,33 @@ def _credits_notice(txn: _Txn, user_id: str, balance: int, message: str,
                    "code": code, "params": params})
 
 
-def _refund(txn: _Txn, task_id: int) -> None:
-    """Give back what the task holds, once: ``credits_held`` drops to zero here."""
-    row = (
-        txn.db.execute(
-            "SELECT user_id, credits_held FROM processing_tasks WHERE id = ?", (task_id,)
-        )
-    ).fetchone()
-    if row and row["credits_held"] > 0:
-        txn.db.execute(
-            "UPDATE processing_tasks SET credits_held = 0 WHERE id = ?", (task_id,)
-        )
-        balance = _move_credits(txn, row["user_id"], row["credits_held"], "refund", task_id)
-        _credits_notice(txn, row["user_id"], balance,
-                        f"{row['credits_held']} credits refunded for task {task_id}",
-                        "credits_refunded", {"amount": row["credits_held"], "taskId": task_id,
-                                             "taskNo": _task_no(txn, task_id)})
+def _refund(txn: _Txn, task: Task) -> Task:
+    """Give back what the task holds, once: ``credits_held`` drops to zero here.
+
+    ``task`` is the row as this transaction's last write of it returned it; the
+    task is returned as the refund leaves it.
+    """
+    held = task.credits_held
+    if held <= 0:
+        return task
+    txn.db.execute("UPDATE processing_tasks SET credits_held = 0 WHERE id = ?", (task.id,))
+    balance = _move_credits(txn, task.user_id, held, "refund", task.id)
+    _credits_notice(txn, task.user_id, balance, f"{held} credits refunded for task {task.id}",
+                    "credits_refunded", {"amount": held, "taskId": task.id,
+                                         "taskNo": task.user_task_no})
+    return replace(task, credits_held=0)
 
 
-def _cancel(txn: _Txn, task_id: int) -> None:
-    txn.db.execute(
+def _cancel(txn: _Txn, task_id: int) -> Task:
+    """Cancel the task with its refund; returns it as left."""
+    row = txn.db.execute(
         """UPDATE processing_tasks SET status = 'cancelled', status_message = 'cancelled',
            eta_seconds = NULL, lease_owner = NULL, lease_until = NULL,
-           external_deadline = NULL, completed_at = ?, updated_at = ? WHERE id = ?""",
+           external_deadline = NULL, completed_at = ?, updated_at = ? WHERE id = ?
+           RETURNING *""",
         (txn.now, txn.now, task_id),
-    )
-    _refund(txn, task_id)
+    ).fetchone()
+    return _refund(txn, Task.from_row(row))
 
 
 def _append_event(

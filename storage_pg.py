@@ -136,10 +136,13 @@ def pg_sql(sql: str) -> str:
     if "INSERT OR IGNORE INTO" in text:
         text = text.replace("INSERT OR IGNORE INTO", "INSERT INTO") + " ON CONFLICT DO NOTHING"
     # The claim: a task another process is claiming is skipped, not waited for.
-    if re.search(r"FROM processing_tasks\s+WHERE status = 'pending' AND \(run_after", text) \
-            and text.rstrip().endswith("LIMIT 1"):
-        text += " FOR UPDATE SKIP LOCKED"
+    if _CLAIM in text:
+        text = text.replace(_CLAIM, _CLAIM + " FOR UPDATE SKIP LOCKED")
     return text
+
+
+#: storage.CLAIM_SQL as pg_sql gives it (before the claim's own rule)
+_CLAIM = storage.CLAIM_SQL.replace("?", "%s")
 
 
 #: tables whose INSERT hands back ``lastrowid``

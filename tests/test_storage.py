@@ -22,6 +22,7 @@ from storage import (
     InvalidTransition,
     SQLiteTooOld,
     StreamStart,
+    Task,
     TaskNotFound,
     TaskStatus,
     TaskStore,
@@ -113,8 +114,9 @@ async def test_user_exists_and_negative_grant(store: TaskStore) -> None:
     await store.add_user("alice", 3)
     with pytest.raises(UserExists):
         await store.add_user("alice")
-    with pytest.raises(InsufficientCredits):
+    with pytest.raises(InsufficientCredits) as refused:
         await store.grant_credits("alice", -4)
+    assert (refused.value.needed, refused.value.balance) == (4, 3)
     assert await store.grant_credits("alice", -3) == 0
     assert await ledger_sum(store, "alice") == 0
 
@@ -142,6 +144,94 @@ async def test_stale_attempt_cannot_complete(store: TaskStore) -> None:
     assert second is not None and second.attempts == first.attempts + 1
     assert await store.complete_task(task.id, "r.txt", attempt=first.attempts) is None
     assert await store.complete_task(task.id, "r.txt", attempt=second.attempts) is not None
+
+
+async def test_a_stale_or_ended_attempt_is_refused_by_every_guarded_write(
+        store: TaskStore) -> None:
+    """The writes that update the row and return it in one statement (``RETURNING``)
+    still refuse an attempt that moved on: nothing changes and no event is written."""
+    await store.add_user("alice", 5)
+    task, _ = await store.create_processing_task(new_task("alice", cost=2))
+    first = await store.claim_next_task("w", 60)
+    await store.requeue_orphans(3, dead_owners=["w"])
+    second = await store.claim_next_task("w", 60)
+    assert first is not None and second is not None and second.id == task.id
+    before = await everything(store, "alice")
+    stale = first.attempts
+    assert await store.complete_task(task.id, "r.txt", attempt=stale) is None
+    assert await store.fail_task(task.id, "boom", attempt=stale) is None
+    assert await store.schedule_retry(task.id, stale, 0, "again") is None
+    assert await store.set_external(task.id, stale, "ext-1", store.now()) is None
+    assert await store.release_tasks([(task.id, stale)]) == []
+    assert not await store.update_task_status(task.id, stale, progress=50, message="late")
+    assert await store.claim_next_task("w", 60) is None  # the one task is taken
+    assert await everything(store, "alice") == before
+    assert await store.complete_task(task.id, "r.txt", attempt=second.attempts) is not None
+    ended = await everything(store, "alice")
+    assert await store.fail_task(task.id, "late") is None
+    assert await store.update_external_progress(task.id, 10, "late") is None
+    assert await store.complete_task(task.id, "again.txt") is None
+    assert await everything(store, "alice") == ended
+
+
+async def test_each_state_change_returns_and_announces_the_row_as_stored(
+        store: TaskStore) -> None:
+    """A state change's task and its event come from its own statement (``RETURNING``),
+    not from a second read: both must be what a fresh read finds, refunds included."""
+    await store.add_user("alice", 10)
+    seen: list[Event] = []
+    store.add_listener(seen.append)
+
+    async def as_stored(changed: object) -> None:
+        assert isinstance(changed, Task)
+        stored = await store.get_task_by_id(changed.id)
+        assert changed == stored
+        last = [e for e in seen if e.task_id == stored.id and e.type == "status_update"][-1]
+        assert last.data == store.status_data(stored)
+
+    async def claim() -> Task:
+        claimed = await store.claim_next_task("w", 60)
+        await as_stored(claimed)
+        assert claimed is not None
+        return claimed
+
+    done, _ = await store.create_processing_task(new_task("alice", cost=2))
+    await as_stored(done)
+    attempt = (await claim()).attempts
+    await as_stored(await store.set_external(done.id, attempt, "ext-1", store.now()))
+    await as_stored(await store.update_external_progress(done.id, 40, "halfway"))
+    await as_stored(await store.complete_task(done.id, "r.txt", attempt=attempt))
+
+    failed, _ = await store.create_processing_task(new_task("alice", cost=2))
+    attempt = (await claim()).attempts
+    refunded = await store.fail_task(failed.id, "boom", attempt=attempt)
+    await as_stored(refunded)
+    assert refunded is not None and refunded.credits_held == 0
+
+    again = await store.retry_task(failed.id, "alice")
+    await as_stored(again)
+    assert again.credits_held == 2
+    attempt = (await claim()).attempts
+    await as_stored(await store.schedule_retry(failed.id, attempt, 0, "once more"))
+    await claim()
+    (requeued,) = await store.requeue_orphans(3, dead_owners=["w"])
+    await as_stored(requeued)
+    assert requeued.status is TaskStatus.PENDING
+    attempt = (await claim()).attempts
+    (released,) = await store.release_tasks([(failed.id, attempt)])
+    await as_stored(released)
+    await claim()
+    (out_of_attempts,) = await store.requeue_orphans(1, dead_owners=["w"])
+    await as_stored(out_of_attempts)
+    assert out_of_attempts.status is TaskStatus.FAILED and out_of_attempts.credits_held == 0
+
+    cancelled, _ = await store.create_processing_task(new_task("alice", cost=2))
+    await as_stored(await store.cancel_task(cancelled.id, "alice"))
+    deleted, _ = await store.create_processing_task(new_task("alice", cost=2))
+    gone = await store.delete_task(deleted.id, "alice")
+    assert (gone.id, gone.status, gone.credits_held) == (deleted.id, TaskStatus.CANCELLED, 0)
+    assert (await store.get_user("alice")).credits == 10 - 2  # only the completed task paid
+    assert await store.balance_drift() == {}
 
 
 async def test_concurrent_charges_never_overdraw(store: TaskStore) -> None:

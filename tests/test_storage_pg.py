@@ -139,6 +139,25 @@ async def test_a_queued_statement_that_fails_fails_only_its_own_write(
     assert await store.grant_credits("alice", 1) == 1
 
 
+async def test_a_claim_skips_a_task_another_connection_has_locked(open_test_store) -> None:
+    """The claim chooses its row and takes it in one UPDATE; the choice still skips a
+    row locked elsewhere (``FOR UPDATE SKIP LOCKED``) rather than waiting for it."""
+    store = await open_test_store()
+    await store.add_user("alice", 5)
+    first, _ = await store.create_processing_task(new_task("alice"))
+    second, _ = await store.create_processing_task(new_task("alice"))
+    async with await psycopg.AsyncConnection.connect(store._url) as other:
+        await other.execute("SELECT id FROM processing_tasks WHERE id = %s FOR UPDATE",
+                            (first.id,))
+        claim = asyncio.ensure_future(store.claim_next_task("w", 60))
+        # Skipping, the claim ends at once; waiting for the lock, it would take the first
+        # task once the lock goes (and this wait is all the test would cost).
+        await asyncio.wait({claim}, timeout=5)
+        await other.rollback()
+    claimed = await claim
+    assert claimed is not None and claimed.id == second.id
+
+
 async def test_a_notification_wakes_another_process_store(open_test_store) -> None:
     """Two stores (two processes' worth): the one that did not write hears of it."""
     writer: TaskStore = await open_test_store()
