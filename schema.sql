@@ -9,7 +9,11 @@ CREATE TABLE IF NOT EXISTS users (
     created_at  TEXT NOT NULL,
     disabled_at TEXT,                          -- set by `zhiyi user disable`: no token works
     tasks_made  INTEGER NOT NULL DEFAULT 0,   -- tasks ever created: the next one's user_task_no
-    is_admin    INTEGER NOT NULL DEFAULT 0     -- `zhiyi user add NAME --admin`: the admin API
+    is_admin    INTEGER NOT NULL DEFAULT 0,    -- `zhiyi user add NAME --admin`: the admin API
+    -- bytes of the files the user's tasks keep (file_size + result_size while
+    -- files_expired = 0), kept in the transactions that change them: the quota
+    -- check must not sum the user's whole history on every upload
+    storage_bytes INTEGER NOT NULL DEFAULT 0
 );
 
 -- API tokens and browser sessions; only a SHA-256 of the secret is stored.
@@ -67,6 +71,8 @@ CREATE TABLE IF NOT EXISTS processing_tasks (
 );
 CREATE INDEX IF NOT EXISTS idx_tasks_user ON processing_tasks (user_id, id);
 CREATE INDEX IF NOT EXISTS idx_tasks_queue ON processing_tasks (status, id);
+-- the active-task limit counts a user's pending and processing tasks on every create
+CREATE INDEX IF NOT EXISTS idx_tasks_user_status ON processing_tasks (user_id, status);
 
 -- The durable event log and outbox: every state change appends here in its
 -- own transaction; the id is the SSE `id:`. No foreign key to the task, so a

@@ -90,7 +90,15 @@ RECONNECT_SECONDS = 0.5
 PG_BASELINE = 8
 #: Steps that move an older PostgreSQL database forward: version -> SQL, one for every
 #: version of storage.MIGRATIONS above PG_BASELINE (tests/test_storage_pg.py holds this).
-PG_MIGRATIONS: dict[int, str] = {}
+PG_MIGRATIONS: dict[int, str] = {
+    9: """
+        ALTER TABLE users ADD COLUMN storage_bytes BIGINT NOT NULL DEFAULT 0;
+        UPDATE users SET storage_bytes = (
+            SELECT COALESCE(SUM(file_size + result_size), 0) FROM processing_tasks
+            WHERE user_id = users.id AND files_expired = 0);
+        CREATE INDEX IF NOT EXISTS idx_tasks_user_status ON processing_tasks (user_id, status);
+    """,
+}
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
 

@@ -97,6 +97,40 @@ async def test_results_count_toward_the_quota(app_client: MakeClient) -> None:
     assert used == task["fileSize"] + len(result)
 
 
+@pytest.mark.both_stores
+async def test_the_running_total_follows_every_change_of_a_users_files(
+        app_client: MakeClient, clock: FakeClock) -> None:
+    """Upload, result, retry, expiry and delete each move ``storage_used`` in their own
+    transaction; at every step it equals the sum over the user's tasks."""
+    client = await app_client(failed_retention_hours=1)
+    store, pool = client.app[STORE], client.app[POOL]
+    headers = await add_user(client)
+    ids = [(await upload(client, headers, size))[1]["taskId"] for size in (1000, 2000, 3000)]
+    done, failed, pending = ids
+    assert await store.storage_used("alice") == 6000 and await store.storage_drift() == {}
+
+    claimed = await store.claim_next_task("test", 60)
+    assert claimed is not None and claimed.id == done
+    await store.complete_task(done, "out.txt", attempt=claimed.attempts, result_size=500)
+    claimed = await store.claim_next_task("test", 60)
+    assert claimed is not None and claimed.id == failed
+    await store.fail_task(failed, "the engine broke", attempt=claimed.attempts)
+    assert await store.storage_used("alice") == 6500 and await store.storage_drift() == {}
+
+    resp = await client.post(f"/api/tasks/{failed}/retry", headers=headers)
+    assert resp.status == 200
+    resp = await client.post(f"/api/tasks/{failed}/cancel", headers=headers)
+    assert resp.status == 200
+    clock.advance(hours=2)
+    await pool.apply_retention()  # the cancelled upload goes
+    assert await store.storage_used("alice") == 4500 and await store.storage_drift() == {}
+
+    for task_id in (pending, done, failed):  # active, completed, already expired
+        assert (await client.delete(f"/api/tasks/{task_id}", headers=headers)).status == 200
+        assert await store.storage_drift() == {}
+    assert await store.storage_used("alice") == 0
+
+
 async def test_a_quota_of_zero_means_none(app_client: MakeClient) -> None:
     client = await app_client(max_storage_mb_per_user=0, max_upload_mb=2)
     headers = await add_user(client)

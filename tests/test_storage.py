@@ -73,6 +73,8 @@ async def test_older_schema_migrates_without_losing_rows(tmp_path: Path) -> None
         numbers = [(t.user_id, t.user_task_no) for t in
                    [await store.get_task_by_id(i) for i in (1, 2, 3)]]
         assert numbers == [("alice", 1), ("bob", 1), ("alice", 2)]
+        # Version 9: the files each user's tasks keep, summed once at the migration.
+        assert await store.storage_used("alice") == 6 and await store.storage_drift() == {}
         made, _ = await store.create_processing_task(new_task("alice", cost=0))
         assert made.user_task_no == 3
         assert task.detected_lang is None  # version 8: not known for tasks made before

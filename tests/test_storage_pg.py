@@ -323,3 +323,20 @@ async def test_a_newer_postgresql_database_is_refused(database_url: str,
         db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
     with pytest.raises(StoreError, match="newer than this Zhiyi"):
         await open_test_store()
+
+
+async def test_a_version_8_postgresql_database_moves_forward(database_url: str,
+                                                             open_test_store) -> None:
+    """PG_MIGRATIONS[9]: each user's kept files summed into the running total."""
+    store = await open_test_store()
+    await store.add_user("alice", 10)
+    for _ in range(2):
+        await store.create_processing_task(new_task("alice"))
+    await store.close()
+    with psycopg.connect(database_url, autocommit=True) as db:  # as version 8 left it
+        db.execute("ALTER TABLE users DROP COLUMN storage_bytes")
+        db.execute("DROP INDEX idx_tasks_user_status")
+        db.execute("UPDATE schema_version SET version = 8")
+    store = await open_test_store()
+    assert await store.storage_used("alice") == 2 * new_task("alice").file_size
+    assert await store.storage_drift() == {}
