@@ -1355,6 +1355,13 @@ def engine_statuses(settings: EngineSettings) -> list[EngineStatus]:
     return [_STATUSES[name](settings) for name in ENGINE_NAMES]
 
 
+def is_available(name: str, settings: EngineSettings) -> bool:
+    """Whether the engine called ``name`` exists and can be used (one engine's check, where
+    :func:`engine_statuses` checks them all)."""
+    status = _STATUSES.get(name)
+    return status is not None and status(settings).available
+
+
 def make_engine(
     name: str,
     settings: EngineSettings,

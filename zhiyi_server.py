@@ -1243,11 +1243,20 @@ def _check_params(task_type: TaskType, params: dict[str, Any], config: Config) -
             raise ApiError(400, "bad_params", f"The parameter {name} must be one of "
                            f"{', '.join(spec.choices)}.")
     if "engine" in task_type.params:
-        available = [s["name"] for s in engine_statuses(config) if s["available"]]
-        if params.get("engine") not in available:
-            raise ApiError(400, "unknown_engine",
-                           f"The engine {params.get('engine')!r} is not available; "
-                           f"available engines: {', '.join(available)}.", available=available)
+        _check_engine(params.get("engine"), config)
+
+
+def _check_engine(engine: Any, config: Config) -> None:
+    """400 ``unknown_engine`` unless ``engine`` can be used here. Every create asks: the
+    one engine's check comes first, the whole list only to name the choices (and for
+    ``external``, which is this server's, not an engine of engines.py)."""
+    if isinstance(engine, str) and engines.is_available(engine, config.engine_settings()):
+        return
+    available = [s["name"] for s in engine_statuses(config) if s["available"]]
+    if engine not in available:
+        raise ApiError(400, "unknown_engine",
+                       f"The engine {engine!r} is not available; "
+                       f"available engines: {', '.join(available)}.", available=available)
 
 
 NO_TEXT = formats.DocumentStats(characters=0, words=0, segments=0, language="unknown")
