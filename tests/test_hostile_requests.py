@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import MakeClient
 from helpers import add_user, create, form, get_task, wait_status
 from hypothesis import example, given
 from hypothesis import settings as hypothesis_settings
@@ -349,13 +350,12 @@ def test_content_disposition_read_as_aiohttp_reads_it(header: str) -> None:
     """The fast path for simple multipart headers gives what aiohttp's parser gives."""
     import warnings
 
-    from aiohttp.multipart import parse_content_disposition
-
-    from zhiyi_server import disposition_params
+    from zhiyi_server import _AIOHTTP_DISPOSITION, _fast_content_disposition, disposition_params
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert disposition_params(header) == parse_content_disposition(header)[1]
+        assert disposition_params(header) == _AIOHTTP_DISPOSITION(header)[1]
+        assert _fast_content_disposition(header) == _AIOHTTP_DISPOSITION(header)
 
 
 @pytest.mark.parametrize("header", [
@@ -366,3 +366,24 @@ def test_content_disposition_fast_path_is_taken(header: str) -> None:
 
     assert _SIMPLE_DISPOSITION.fullmatch(header)
     assert disposition_params(header)["name"] in ("file", "taskType", "params")
+
+
+async def test_an_upload_never_waits_for_aiohttps_slow_header_parser(
+        app_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp's multipart reader parses each part's Content-Disposition again; with the
+    server's app made, it reads the simple ones through the fast path."""
+    import aiohttp.multipart
+
+    import zhiyi_server
+
+    slow = []
+    original = zhiyi_server._AIOHTTP_DISPOSITION
+    monkeypatch.setattr(zhiyi_server, "_AIOHTTP_DISPOSITION",
+                        lambda header: slow.append(header) or original(header))
+    client = await app_client()
+    assert aiohttp.multipart.parse_content_disposition is zhiyi_server._fast_content_disposition
+    headers = await add_user(client)
+    resp = await client.post("/api/tasks/create", headers=headers,
+                             data=form(b"Hello there.", task_type="analyze"))
+    assert resp.status == 201, await resp.text()
+    assert slow == []
