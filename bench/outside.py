@@ -1,7 +1,8 @@
 """The outside driver's pipeline (issue 13, "Figures"), rebuilt so anyone can rerun it.
 
 Usage: ``.venv/bin/python bench/outside.py [--m 1000] [--c 50] [--rounds 3]``
-(``--profile zhiyi-w0`` records that server with py-spy in round 1).
+(``--profile zhiyi-w0`` records that server with py-spy in round 1; with ``--gil``
+only the thread holding the GIL is sampled: Python's CPU, not its waits).
 
 - Load: ``m`` tasks, ``c`` in flight; each task is a real ``translate``
   (params ``{"targetLang": "fr", "engine": "pseudo"}``) of a 2 KB ``.txt`` created over HTTP
@@ -266,7 +267,7 @@ def backend_cpu(pids: list[int]) -> dict[int, float]:
 def measure(dep: Deployment, opts: argparse.Namespace, profile: bool) -> dict[str, float]:
     before = cpu_seconds(dep.pids())
     pg_before = backend_cpu(dep.pg_backends())
-    spy = start_profiler(dep) if profile else None
+    spy = start_profiler(dep, opts.gil) if profile else None
     rate, times = asyncio.run(drive(dep.base, dep.headers, opts.m, opts.c))
     if spy is not None:
         spy.send_signal(2)
@@ -288,11 +289,17 @@ def measure(dep: Deployment, opts: argparse.Namespace, profile: bool) -> dict[st
             "pg_backends_ms_per_task": pg_cpu / opts.m * 1e3}
 
 
-def start_profiler(dep: Deployment) -> subprocess.Popen[bytes]:
-    """py-spy (raw collapsed stacks, every server process) in bench/results/."""
+def start_profiler(dep: Deployment, gil: bool) -> subprocess.Popen[bytes]:
+    """py-spy (raw collapsed stacks, every server process) in bench/results/.
+
+    Without ``gil``, a thread waiting for the GIL (after a query or a system call that
+    let it go) counts as busy at the line it waits on; with it, only the GIL's holder
+    is sampled, which is closer to where the CPU goes.
+    """
     out = RESULTS / f"profile-outside-{dep.kind}.txt"
     return subprocess.Popen(
         [str(Path(PYTHON).parent / "py-spy"), "record", "--format", "raw", "--subprocesses",
+         *(["--gil"] if gil else []),
          "-r", "250", "-o", str(out), "-p", str(dep.processes[0].pid)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -350,6 +357,8 @@ def main() -> int:
     parser.add_argument("--saq-concurrency", type=int, default=10,
                         help="SAQ Worker concurrency (Zhiyi keeps its default, 4 per process)")
     parser.add_argument("--profile", choices=KINDS, default=None)
+    parser.add_argument("--gil", action="store_true",
+                        help="with --profile: sample only the thread holding the GIL")
     opts = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.sched_setaffinity(0, {DRIVER_CPU})
