@@ -567,8 +567,10 @@ class SegmentTranslation:
         return out
 
     def _begin(self) -> tuple[int, dict[int, str], Iterator[tuple[int, str]], _Chunk]:
-        """(segments in all, the journal, the segments' reader, its first chunk): blocking."""
-        total = _count(self.doc.segments())
+        """(segments in all, the journal, the segments' reader, its first chunk): blocking.
+
+        The parse counted the segments it spooled: no pass over them to count again."""
+        total = self.doc.stats.segments
         journal = self._load_journal()
         segments = enumerate(self.doc.segments())
         return total, journal, segments, _next_chunk(segments, frozenset(journal), MEMORY_CHUNK)
@@ -788,10 +790,6 @@ BATCH_MAX_CHARS = 4000
 BATCH_MAX_ITEMS = 25
 #: segments read and looked up in the translation memory at once
 MEMORY_CHUNK = 500
-
-
-def _count(items: Iterator[str]) -> int:
-    return sum(1 for _ in items)
 
 
 def _count_terms(terms: memory.TermPlan, segments: Iterator[str]) -> list[str]:
