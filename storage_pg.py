@@ -728,9 +728,41 @@ class PgTaskStore(TaskStore):
         async with conn:
             await conn.execute(f"LISTEN {CHANNEL}")
             self._notified.set()  # the first look catches up on what came before LISTEN
-            async for notify in conn.notifies():
-                if notify.pid != self._writer.backend_pid:  # type: ignore[attr-defined]
-                    self._notified.set()
+            await self._hear(conn.pgconn)
+
+    async def _hear(self, pgconn: psycopg.pq.abc.PGconn) -> None:
+        """Read notifications as they come, until the connection is lost (raised).
+
+        Most of them are this store's own commits (every commit with events notifies,
+        and PostgreSQL tells its sender's listener too), to be dropped: a reader kept
+        on the socket drains them in one plain call per wake-up, where psycopg's
+        ``notifies()`` makes a future and registers the socket again for each one.
+        """
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[None] = loop.create_future()
+        writer: PgWriter = self._writer  # type: ignore[assignment]
+
+        def readable() -> None:
+            try:
+                pgconn.consume_input()
+            except psycopg.Error as e:
+                loop.remove_reader(fd)
+                if not lost.done():
+                    lost.set_exception(e)
+                return
+            foreign = False
+            while (notify := pgconn.notifies()) is not None:
+                foreign = foreign or notify.be_pid != writer.backend_pid
+            if foreign:
+                self._notified.set()
+
+        fd = pgconn.socket
+        loop.add_reader(fd, readable)
+        readable()  # what libpq read with the LISTEN's answer would not wake the reader
+        try:
+            await lost
+        finally:
+            loop.remove_reader(fd)
 
     async def _poll(self) -> None:
         last_seen: int | None = None

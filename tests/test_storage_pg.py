@@ -171,6 +171,33 @@ async def test_a_notification_wakes_another_process_store(open_test_store) -> No
     assert [e.id for e in got] == sorted(e.id for e in got)
 
 
+async def test_only_another_stores_commits_make_a_store_look(database_url: str) -> None:
+    """Every commit with events notifies, and PostgreSQL tells the sender's own listener
+    too: a store drops its own notifications (it handed those events on as it committed)
+    and looks only for another store's. The poll is an hour here, so only a
+    notification can make it look."""
+    one, other = [await storage_pg.PgTaskStore.open_url(database_url, watch_seconds=3600)
+                  for _ in range(2)]
+    try:
+        looks: list[int] = []
+
+        async def looked() -> None:
+            looks.append(1)
+
+        one.on_foreign_commit(looked)
+        await eventually(lambda: looks, "the first look, as it starts to listen")
+        looks.clear()
+        await one.add_user("alice", 0)
+        for _ in range(5):
+            await one.grant_credits("alice", 1)
+        await other.grant_credits("alice", 1)  # heard after the five, in commit order
+        await eventually(lambda: looks, "a look for the other store's commit")
+        assert len(looks) == 1
+    finally:
+        await one.close()
+        await other.close()
+
+
 async def test_a_dropped_connection_is_made_again(database_url: str, open_test_store) -> None:
     """Every connection of the store killed by the server: writes, reads and the
     listening connection come back, and no write is refused for it."""
