@@ -1242,6 +1242,19 @@ class TaskStore:
         )
         return [(Scope(r["source_lang"], r["target_lang"], r["engine"]), r["n"]) for r in rows]
 
+    async def memory_holds(self, user_id: str, scope: Scope | None = None) -> bool:
+        """Whether the user's memory holds any segment (of ``scope``).
+
+        One row found by key, however large the memory: every translate create asks,
+        where counting (``memory_summary``) grew with everything the user ever translated.
+        """
+        where, args = "user_id = ?", [user_id]
+        if scope is not None:
+            where += " AND source_lang = ? AND target_lang = ? AND engine = ?"
+            args += [scope.source, scope.target, scope.engine]
+        return await self._fetch_point(
+            f"SELECT 1 FROM translation_memory WHERE {where} LIMIT 1", args) is not None
+
     async def memory_lookup(self, user_id: str, scope: Scope,
                             keys: Iterable[str]) -> dict[str, str]:
         """The remembered translations of those source keys: ``{key: translation}``."""

@@ -1304,16 +1304,17 @@ async def _price(request: web.Request, user_id: str, task_type: TaskType,
     if not task_type.parses_document:
         quote = Quote(upload.file_size, None)
         return quote, task_type.cost(quote, params)
-    held: MemoryHeld = None
+    remembers: bool | None = None
     if check_balance:
-        least, held = await _least_cost(request, user_id, task_type, params, upload.file_size)
+        least, remembers = await _least_cost(request, user_id, task_type, params,
+                                             upload.file_size)
         await _check_balance_floor(request, user_id, least)
     assert upload.work_dir is not None
     # One parse per task: what it spools is kept for the attempt (and the memory lookup).
     document = await _parse_upload(request, user_id, upload.file_path, upload.work_dir)
     quote = Quote(upload.file_size, document.stats)
     if task_type.cost is translate_cost:
-        quote = await _with_memory(request, user_id, params, document, quote, held)
+        quote = await _with_memory(request, user_id, params, document, quote, remembers)
     return quote, task_type.cost(quote, params)
 
 
@@ -1332,35 +1333,31 @@ async def _parse_upload(request: web.Request, user_id: str, path: Path,
         raise
 
 
-#: what the user's translation memory holds per scope, when it was read already
-MemoryHeld = list[tuple[Scope, int]] | None
-
-
 async def _least_cost(request: web.Request, user_id: str, task_type: TaskType,
-                      params: dict[str, Any], file_size: int) -> tuple[int, MemoryHeld]:
-    """What the task costs at the least, whatever the document holds; and the memory's
-    summary if it was read for that (the quote needs it next)."""
+                      params: dict[str, Any], file_size: int) -> tuple[int, bool | None]:
+    """What the task costs at the least, whatever the document holds; and whether the
+    user's memory holds anything, if that was read for it (the quote needs it next)."""
     least = task_type.cost(Quote(file_size, NO_TEXT), params)
-    held = None
+    remembers = None
     if least and task_type.cost is translate_cost and params.get("memory") != "ignore":
-        held = await request.config_dict[STORE].memory_summary(user_id)
-        if held:
+        remembers = await request.config_dict[STORE].memory_holds(user_id)
+        if remembers:
             least = 0  # every segment may be remembered, and then it costs nothing
-    return least, held
+    return least, remembers
 
 
 async def _with_memory(request: web.Request, user_id: str, params: dict[str, Any],
-                       document: ParsedDocument, quote: Quote, held: MemoryHeld = None,
+                       document: ParsedDocument, quote: Quote, remembers: bool | None = None,
                        ) -> Quote:
-    """The quote with the segments found in the user's translation memory."""
+    """The quote with the segments found in the user's translation memory (``remembers``:
+    whether it holds anything at all, when that is known)."""
     assert quote.stats is not None
     store = request.config_dict[STORE]
     glossary = await _glossary_of(request, user_id, params, quote.stats.language)
     scope = memory_scope(params, quote.stats.language, glossary)
     if scope is None or params.get("memory") == "ignore":
         return quote
-    if not (dict(held).get(scope) if held is not None
-            else await store.memory_summary(user_id, scope)):
+    if remembers is False or not await store.memory_holds(user_id, scope):
         return quote  # nothing remembered for this pair: no segment to hash and look up
     keys = await asyncio.to_thread(segment_keys, document)
     found = await store.memory_lookup(user_id, scope, [key for key, _ in keys])

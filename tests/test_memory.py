@@ -120,10 +120,11 @@ async def test_chunks_of_any_size_send_each_changed_segment_once_in_order(
     assert result.strip().split("\n\n") == [f"<fr>{p}" for p in original]
 
 
-async def test_pricing_reads_the_memory_summary_once_and_no_balance_it_needs_not(
+async def test_pricing_asks_the_memory_by_key_and_no_balance_it_needs_not(
         make_client, monkeypatch) -> None:
-    """The summary read for the least cost also says whether the pair has segments to look
-    up; with a memory the least cost is 0, which any balance covers: the user is not read."""
+    """Pricing asks whether the memory holds anything (for the least cost, then for the
+    pair) by key, never by counting it (that grew with everything the user translated);
+    with a memory the least cost is 0, which any balance covers: the user is not read."""
     client = await make_client()
     headers = await add_user(client, credits=1000)
     pseudo = {"targetLang": "fr", "engine": "pseudo"}
@@ -131,16 +132,20 @@ async def test_pricing_reads_the_memory_summary_once_and_no_balance_it_needs_not
     await translate(client, headers, text, params=pseudo)
     store = client.app[STORE]
     statements: list[str] = []
-    read = store._fetchall
 
-    async def counted(sql: str, args=()):
-        statements.append(" ".join(sql.split()))
-        return await read(sql, args)
+    def counted(read):
+        def run(sql: str, args=()):
+            statements.append(" ".join(sql.split()))
+            return read(sql, args)
+        return run
 
-    monkeypatch.setattr(store, "_fetchall", counted)
+    for name in ("_fetchall", "_fetch_point"):
+        monkeypatch.setattr(store, name, counted(getattr(store, name)))
     created = await create(client, headers, content=text, params=pseudo)
     assert created["quote"]["fromMemory"] == 10 and created["quote"]["credits"] == 0
-    assert len([sql for sql in statements if "COUNT(*) AS n FROM translation_memory" in sql]) == 1
+    memory = [sql for sql in statements if "FROM translation_memory" in sql]
+    assert len(memory) == 3, memory  # anything remembered; for the pair; the keys
+    assert not [sql for sql in memory if "COUNT(" in sql]
     assert not [sql for sql in statements if sql.startswith("SELECT * FROM users")]
 
 
