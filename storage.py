@@ -981,6 +981,11 @@ class TaskStore:
         return rows[0] if rows else None
 
     async def _fetch_point(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
+        """The first row of :meth:`_fetch_keyed`."""
+        rows = await self._fetch_keyed(sql, args)
+        return rows[0] if rows else None
+
+    async def _fetch_keyed(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
         """A read of a few rows by key (a token, a task), without a hop to the reader thread.
 
         Each hop costs a thread's and the loop's wake-up, more than such a read itself
@@ -993,11 +998,10 @@ class TaskStore:
         db = self._point_reader
         if db is not None and threading.get_ident() == self._point_thread:
             try:
-                rows = db.execute(sql, tuple(args)).fetchall()  # to the end: no open snapshot
-                return rows[0] if rows else None
+                return db.execute(sql, tuple(args)).fetchall()  # to the end: no open snapshot
             except sqlite3.OperationalError as e:
                 logger.debug("a point read goes to the reader thread: %s", e)
-        return await self._fetchone(sql, args)
+        return await self._fetchall(sql, args)
 
     async def ping(self) -> None:
         await self._fetchone("SELECT 1")
@@ -1260,9 +1264,12 @@ class TaskStore:
         """The remembered translations of those source keys: ``{key: translation}``."""
         found: dict[str, str] = {}
         unique = list(dict.fromkeys(keys))
+        # A short document's few keys are a few primary-key probes: read on the loop's
+        # thread, like a token; a long one's chunks of 500 go to the reader thread.
+        fetch = self._fetch_keyed if len(unique) <= MEMORY_KEYS_READ_AT_ONCE else self._fetchall
         for start in range(0, len(unique), MEMORY_LOOKUP_CHUNK):
             chunk = unique[start:start + MEMORY_LOOKUP_CHUNK]
-            rows = await self._fetchall(
+            rows = await fetch(
                 f"""SELECT source_key, target_text FROM translation_memory
                     WHERE user_id = ? AND source_lang = ? AND target_lang = ? AND engine = ?
                     AND source_key IN ({", ".join("?" * len(chunk))})""",
@@ -2001,6 +2008,8 @@ def _status_payload(task_id: int, status: TaskStatus, progress: int, message: st
 
 #: keys per memory lookup statement (SQLite's default variable limit is far above)
 MEMORY_LOOKUP_CHUNK = 500
+#: up to this many keys, a memory lookup is a point read (see ``_fetch_keyed``)
+MEMORY_KEYS_READ_AT_ONCE = 32
 #: characters of a token kept in clear ("zy_" and 8 more): enough to name it, not to use it
 TOKEN_PREFIX_LENGTH = 11
 INTERRUPTED = "interrupted too many times (the server stopped while it ran)"

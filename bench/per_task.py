@@ -61,8 +61,12 @@ def _counted(name: str, original: Any) -> Any:
 def count_calls() -> None:
     """Wrap the entry points counted (this process only)."""
     storage.TaskStore._fetchall = _counted("reads", storage.TaskStore._fetchall)
-    if hasattr(storage.TaskStore, "_fetch_point"):  # on the loop's thread (no hop) if it can
-        storage.TaskStore._fetch_point = _counted("point reads", storage.TaskStore._fetch_point)
+    # on the loop's thread (no hop) if it can: _fetch_keyed since it came, _fetch_point before
+    for point in ("_fetch_keyed", "_fetch_point"):
+        if hasattr(storage.TaskStore, point):
+            setattr(storage.TaskStore, point,
+                    _counted("point reads", getattr(storage.TaskStore, point)))
+            break
     storage.TaskStore._write = _counted("write ops", storage.TaskStore._write)
     storage.GroupWriter._run_batch = _counted("write transactions",
                                               storage.GroupWriter._run_batch)

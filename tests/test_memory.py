@@ -139,7 +139,7 @@ async def test_pricing_asks_the_memory_by_key_and_no_balance_it_needs_not(
             return read(sql, args)
         return run
 
-    for name in ("_fetchall", "_fetch_point"):
+    for name in ("_fetchall", "_fetch_keyed"):
         monkeypatch.setattr(store, name, counted(getattr(store, name)))
     created = await create(client, headers, content=text, params=pseudo)
     assert created["quote"]["fromMemory"] == 10 and created["quote"]["credits"] == 0
