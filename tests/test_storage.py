@@ -669,3 +669,35 @@ async def test_close_is_not_lost_to_a_wake_up_arriving_with_it(
         wake_up.set()
         async with asyncio.timeout(30):  # a bound on a hang, not a measure of speed
             await store.close()
+
+
+def test_the_writer_thread_answers_in_order_and_outlives_a_closed_loop() -> None:
+    """WriterThread: results and errors come back to the loop in order; submit() serves
+    run_in_executor; an answer for a loop that has gone is dropped, not raised in the
+    thread, which goes on serving the next loop."""
+    from storage import WriterThread
+
+    lane = WriterThread("test-writer")
+    gate = threading.Event()
+
+    async def first() -> asyncio.Future[bool]:
+        order: list[int] = []
+        answers = await asyncio.gather(*(lane.run(lambda i=i: order.append(i) or i * i)
+                                         for i in range(50)))
+        assert answers == [i * i for i in range(50)] and order == list(range(50))
+        with pytest.raises(ZeroDivisionError):
+            await lane.run(lambda: 1 // 0)
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(lane, pow, 2, 10) == 1024
+        return lane.run(gate.wait)  # still blocked when this loop closes
+
+    async def second() -> str:
+        return await lane.run(lambda: "still serving")
+
+    try:
+        late = asyncio.run(first())
+        gate.set()  # the blocked call ends and answers a closed loop
+        assert asyncio.run(second()) == "still serving"
+        assert not late.done()
+    finally:
+        lane.shutdown()
