@@ -34,6 +34,7 @@ This module knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import sqlite3
@@ -85,6 +86,8 @@ READ_POOL_SIZE = 16
 READ_WAIT_SECONDS = 5.0
 #: how long a lost listening connection waits before it connects again
 RECONNECT_SECONDS = 0.5
+#: statements the writer keeps prepared on its connection, at most
+MAX_PREPARED = 256
 
 #: the first schema version a PostgreSQL database was made at (schema.sql as it was then)
 PG_BASELINE = 8
@@ -192,6 +195,24 @@ def _plan(sql: str) -> _Plan:
     return _Plan(text + " RETURNING id", True)
 
 
+@lru_cache(maxsize=1024)
+def _prepared_form(text: str) -> tuple[str, str, str]:
+    """``text`` (``%s`` placeholders) as a named prepared statement: its name, its
+    ``PREPARE`` and its ``EXECUTE`` (with ``%s`` for the values)."""
+    count = 0
+
+    def number(match: re.Match[str]) -> str:
+        nonlocal count
+        if match.group() == "%%":
+            return "%"
+        count += 1
+        return f"${count}"
+
+    body = re.sub(r"%%|%s", number, text)
+    name = "zhiyi_" + hashlib.blake2s(text.encode(), digest_size=8).hexdigest()
+    return name, f"PREPARE {name} AS {body}", f"EXECUTE {name}({', '.join(['%s'] * count)})"
+
+
 def schema_ddl() -> list[str]:
     """schema.sql in PostgreSQL's types: one schema definition for both stores.
 
@@ -277,7 +298,10 @@ class PgConnection:
     companions) wait in a queue, as text with their values inlined, and go in
     one message with the next statement whose answer is needed: one round trip
     for the lot (PostgreSQL's simple query protocol runs them in order and stops
-    at the first error, which is then raised).
+    at the first error, which is then raised). A statement with values goes as
+    the ``EXECUTE`` of a statement this connection PREPAREd the first time it
+    was sent (the PREPARE in the same message), so PostgreSQL parses and plans
+    it once per connection, not once per message.
     """
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
@@ -292,6 +316,11 @@ class PgConnection:
         self._last_event_id: int | None = None
         #: whether this transaction's COMMIT was sent (if lost after, its outcome is unknown)
         self.committing = False
+        #: statements PREPAREd on this connection (by name), those whose PREPARE is in the
+        #: message being made, and whether a failed message leaves that unknown
+        self._prepared: set[str] = set()
+        self._preparing: list[str] = []
+        self._prepared_unknown = False
 
     def execute(self, sql: str, args: Iterable[Any] = ()) -> PgCursor:
         plan = _plan(sql)
@@ -310,9 +339,7 @@ class PgConnection:
                 return PgCursor([], 1, event_id)
             self._enqueue(plan.deferred, args)
             return PgCursor([], 1, None)
-        if not self._queue:  # nothing waiting: a prepared statement as usual
-            return _answer(self.raw.execute(plan.text, args), plan.wants_id)
-        cursor = self._send(self._literal.mogrify(plan.text, args))
+        cursor = self._send(self._inline(plan.text, args))
         assert cursor is not None
         return _answer(cursor, plan.wants_id)
 
@@ -320,7 +347,23 @@ class PgConnection:
                  keep: bool = False) -> None:
         """Queue ``text`` (with ``args`` inlined; None: ``text`` is already final SQL)."""
         assert self._queue is not None
-        self._queue.append((text if args is None else self._literal.mogrify(text, args), keep))
+        self._queue.append((text if args is None else self._inline(text, args), keep))
+
+    def _inline(self, text: str, args: tuple[Any, ...]) -> str:
+        """``text`` with ``args`` for a message of several statements: the EXECUTE of a
+        statement PREPAREd on this connection (its PREPARE queued first, the first time),
+        so PostgreSQL parses and plans it once, not once per message."""
+        if not args:
+            return self._literal.mogrify(text, args)
+        name, prepare, execute = _prepared_form(text)
+        if name not in self._prepared:
+            if len(self._prepared) >= MAX_PREPARED:  # (texts made with lists of any length)
+                return self._literal.mogrify(text, args)
+            assert self._queue is not None
+            self._queue.append((prepare, False))
+            self._prepared.add(name)
+            self._preparing.append(name)
+        return self._literal.mogrify(execute, args)
 
     def _send(self, last: str | None = None) -> psycopg.Cursor[Any] | None:
         """Send the queue (and ``last``) as one message; the cursor is left on the answer
@@ -330,7 +373,14 @@ class PgConnection:
         texts = [text for text, _ in queued] + ([last] if last is not None else [])
         if not texts:
             return None
-        cursor = self.raw.execute("; ".join(texts))
+        preparing, self._preparing = self._preparing, []
+        try:
+            cursor = self.raw.execute("; ".join(texts))
+        except BaseException:
+            # A PREPARE before the statement that failed stands (PREPARE is not undone by
+            # a ROLLBACK), one after it never ran: ask PostgreSQL before the next write.
+            self._prepared_unknown = self._prepared_unknown or bool(preparing)
+            raise
         for _, keep in queued:
             if keep:
                 self._sequence_row = cursor.fetchone()
@@ -358,6 +408,7 @@ class PgConnection:
         needed. End it with :meth:`commit` or :meth:`abort`."""
         self.committing = False
         self._next_event_id = self._last_event_id = self._sequence_row = None
+        self._know_prepared()
         self._queue = []
         self._enqueue("BEGIN")
         self._enqueue(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
@@ -410,11 +461,21 @@ class PgConnection:
         self.settle()
         self.execute(f"ROLLBACK TO {savepoint}")
         self.execute(f"RELEASE {savepoint}")
+        self._know_prepared()
+
+    def _know_prepared(self) -> None:
+        """After a message with a PREPARE failed, ask which statements are prepared."""
+        if self._prepared_unknown:
+            self._prepared = {r[0] for r in self.raw.execute(
+                "SELECT name FROM pg_prepared_statements")}
+            self._prepared_unknown = False
 
     def abort(self) -> None:
         """Roll the transaction back, dropping what is queued; quiet on a lost connection
         (the server rolls back a transaction whose connection is gone)."""
         self._queue = None
+        self._prepared.difference_update(self._preparing)  # queued, never sent
+        self._preparing = []
         try:
             if not self.raw.closed and self.in_transaction:
                 self.raw.execute("ROLLBACK")
@@ -433,7 +494,10 @@ def _answer(cursor: psycopg.Cursor[Any], wants_id: bool) -> PgCursor:
 
 def connect(url: str) -> PgConnection:
     """A synchronous connection in storage.py's terms (autocommit: BEGIN is explicit)."""
-    conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory, connect_timeout=5)
+    # prepare_threshold=None: the writer prepares its statements itself (PgConnection._inline);
+    # psycopg's own would have it send DEALLOCATE ALL after any ROLLBACK, theirs and ours.
+    conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory, connect_timeout=5,
+                           prepare_threshold=None)
     _configure(conn)
     return PgConnection(conn)
 

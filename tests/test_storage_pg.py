@@ -158,6 +158,76 @@ async def test_a_claim_skips_a_task_another_connection_has_locked(open_test_stor
     assert claimed is not None and claimed.id == second.id
 
 
+async def test_the_writer_prepares_a_statement_once_and_executes_it_after(
+        open_test_store) -> None:
+    """A write's statements go as EXECUTEs of statements the writer PREPAREd on its
+    connection the first time: PostgreSQL parses and plans the progress update once
+    for the six sent here."""
+    store: TaskStore = await open_test_store()
+    await store.add_user("alice", 1)
+    await store.create_processing_task(new_task("alice"))
+    claimed = await store.claim_next_task("w", 60)
+    assert claimed is not None
+    for progress in range(6):
+        assert await store.update_task_status(claimed.id, claimed.attempts,
+                                              progress=progress, message="working")
+
+    def prepared(txn: _Txn) -> list[tuple[str, int]]:
+        return [(r[0], r[1]) for r in txn.db.execute(
+            "SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements"
+            " WHERE from_sql").fetchall()]
+
+    runs = [n for statement, n in await store._writer.run(prepared)
+            if "SET progress = GREATEST(progress, $1)" in statement]
+    assert runs == [6]
+
+
+async def test_the_writer_keeps_at_most_max_prepared_statements(open_test_store,
+                                                                monkeypatch) -> None:
+    """Texts made with lists of any length could prepare without end: past the cap a
+    statement goes with its values inlined, as before."""
+    monkeypatch.setattr(storage_pg, "MAX_PREPARED", 3)
+    store: TaskStore = await open_test_store()
+    await store.add_user("alice", 5)
+    task, _ = await store.create_processing_task(new_task("alice", cost=2))
+    await store.cancel_task(task.id, "alice")
+    assert (await store.get_user("alice")).credits == 5
+    count = await store._writer.run(lambda txn: txn.db.execute(
+        "SELECT count(*) FROM pg_prepared_statements WHERE from_sql").fetchone()[0])
+    assert count == 3
+
+
+async def test_a_failed_message_leaves_the_writer_knowing_what_is_prepared(
+        open_test_store) -> None:
+    """A message runs its statements in order up to the first that fails: a PREPARE
+    before it stands, one after it never ran; a write that fails before its message
+    goes sends none. The writes after neither EXECUTE a statement that was never
+    prepared nor PREPARE one twice."""
+    store: TaskStore = await open_test_store()
+    await store.add_user("alice", 0)
+
+    def never_sent(txn: _Txn) -> None:
+        _append_event(txn, None, "alice", "note", {"n": 0})  # queued with its PREPARE
+        raise RuntimeError("the write gives up before anything is sent")
+
+    with pytest.raises(RuntimeError):
+        await store._writer.run(never_sent)
+
+    def add_one(value: int):
+        return lambda txn: txn.db.execute("SELECT ? + 1 AS n", (value,)).fetchone()[0]
+
+    def fails(txn: _Txn) -> int:
+        # The store's first event sent: its PREPARE goes, then its EXECUTE fails (NOT NULL);
+        # the statement after, with its PREPARE, is in the same message and never runs.
+        _append_event(txn, None, None, "note", {"n": 1})  # type: ignore[arg-type]
+        return add_one(1)(txn)
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await store._writer.run(fails)
+    assert await store._writer.run(add_one(2)) == 3  # prepared now, not before
+    assert await store.grant_credits("alice", 1) == 1  # its event's statement: prepared before
+
+
 async def test_a_notification_wakes_another_process_store(open_test_store) -> None:
     """Two stores (two processes' worth): the one that did not write hears of it."""
     writer: TaskStore = await open_test_store()
