@@ -164,6 +164,12 @@ _EVENT_INSERT = re.compile(r"^\s*INSERT INTO task_events \(([^)]*)\) VALUES \(",
                            re.IGNORECASE)
 #: A ledger entry: storage.py never reads it back in the write that makes it.
 _LEDGER_INSERT = re.compile(r"^\s*INSERT INTO credit_ledger\b", re.IGNORECASE)
+#: Counter updates whose row count no write function reads and that no constraint refuses:
+#: a user's kept bytes (storage._move_storage), a refunded task's hold (storage._refund).
+_QUIET_UPDATES = frozenset({
+    "UPDATE users SET storage_bytes = storage_bytes + %s WHERE id = %s",
+    "UPDATE processing_tasks SET credits_held = 0 WHERE id = %s",
+})
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,8 @@ class _Plan:
 @lru_cache(maxsize=1024)
 def _plan(sql: str) -> _Plan:
     text = pg_sql(sql)
+    if text in _QUIET_UPDATES:
+        return _Plan(text, False, text)
     if "RETURNING" in text.upper() or not _ID_TABLES.match(text):
         return _Plan(text, False)
     if (match := _EVENT_INSERT.match(text)) is not None:

@@ -158,6 +158,35 @@ async def test_a_claim_skips_a_task_another_connection_has_locked(open_test_stor
     assert claimed is not None and claimed.id == second.id
 
 
+async def test_a_completion_is_two_round_trips_and_a_refunding_failure_three(
+        open_test_store, monkeypatch) -> None:
+    """What no write reads back goes with the next statement that is answered: the kept
+    bytes a result adds and a refunded hold are counters, sent with what follows."""
+    store: TaskStore = await open_test_store()
+    await store.add_user("alice", 5)
+    tasks = [(await store.create_processing_task(new_task("alice", cost=2)))[0]
+             for _ in range(2)]
+    claimed = [await store.claim_next_task("w", 60) for _ in tasks]
+    sent: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    def counted(self, query, *args, **kwargs):  # the writer's (reads are async cursors)
+        sent.append(str(query))
+        return execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", counted)
+    done = await store.complete_task(tasks[0].id, "r.txt", attempt=claimed[0].attempts,
+                                     result_size=10)
+    assert done is not None and len(sent) == 2
+    sent.clear()
+    failed = await store.fail_task(tasks[1].id, "boom", attempt=claimed[1].attempts)
+    assert failed is not None and failed.credits_held == 0 and len(sent) == 3
+    monkeypatch.undo()
+    assert (await store.get_user("alice")).credits == 3
+    assert (await store.get_user("alice")).storage_bytes == 2 * 3 + 10
+    assert await store.balance_drift() == {}
+
+
 async def test_the_writer_prepares_a_statement_once_and_executes_it_after(
         open_test_store) -> None:
     """A write's statements go as EXECUTEs of statements the writer PREPAREd on its
