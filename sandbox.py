@@ -251,6 +251,9 @@ def _spool_job(limits: ParseLimits, path: str, segments_path: str,
     suffix = Path(document.result_name("document" + document.extension)).suffix
     spooled = _Spooled(stats, suffix, document.extension)
     if kept_path is not None:
+        tokens = formats.kept_tokens(document)
+        if tokens is not None:  # before the parse is kept: kept means complete
+            _write_whole(_tokens_file(Path(kept_path)), json.dumps(tokens, ensure_ascii=False))
         _write_whole(Path(kept_path), json.dumps({
             "stats": dataclasses.asdict(stats), "resultSuffix": suffix,
             "extension": document.extension}))
@@ -719,7 +722,9 @@ class ParsedDocument:
 
     Stands in for a ``formats.Document`` in processors: ``segments()`` streams
     the spooled segments (callers run it in a thread), ``render()`` rebuilds the
-    document in a child process (rebuilding reads the untrusted file again).
+    document in a child process (rebuilding reads the untrusted file again), or, for a
+    small plain text whose parse kept its tokens, from those in a thread (a parser's
+    round trip cost more than the whole render).
     """
 
     def __init__(self, sandbox: DocumentSandbox, user: str, source: Path, segments_path: Path,
@@ -749,6 +754,11 @@ class ParsedDocument:
         returns (segments that lost their inline formatting).
         """
         given = list(translations)
+        done, result = await asyncio.to_thread(
+            _render_kept, _tokens_file(_parse_files(self._source, self._work_dir)[1]),
+            self._source, given, out, options)
+        if done:
+            return result  # a small plain text: rebuilt from its kept tokens, no parser
         if _fits_in_a_request(given):
             # A short document's translations go with the request: no file to write,
             # read back and remove (three thread hops and a file per task).
@@ -767,6 +777,39 @@ def _parse_files(source: Path, work_dir: Path) -> tuple[Path, Path]:
     """Where a parse of ``source`` spools its segments, and where it is kept."""
     return (work_dir / f"{source.name}.segments.jsonl",
             work_dir / f"{source.name}.parsed.json")
+
+
+def _tokens_file(kept_path: Path) -> Path:
+    """Beside a kept parse: the tokens a small plain text renders from without its file."""
+    return kept_path.with_name(kept_path.name.removesuffix(".parsed.json") + ".tokens.json")
+
+
+def _render_kept(tokens_path: Path, source: Path, translations: list[str], out: Path,
+                 options: tuple[Any, ...]) -> tuple[bool, Any]:
+    """In a thread: render from the kept tokens, if there are any; ``(done, result)``.
+
+    The tokens are the parser's output, read as JSON and checked for shape (never
+    unpickled); no byte of the untrusted file is read here. Anything unexpected (a
+    torn file, an odd shape, a render that refuses the translations) returns not done,
+    and the render goes to a parser as before, which answers in its own words.
+    """
+    try:
+        data = json.loads(tokens_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False, None  # not kept: a format or a size the tokens are not kept for
+    except (OSError, ValueError) as e:
+        logger.warning("kept tokens of %s unreadable (%s); rendering in a parser",
+                       source.name, e)
+        return False, None
+    try:
+        document = formats.KeptTokens(data, source)
+        return True, document.render(iter(translations), out, *options)
+    except OSError:
+        raise  # the machine's trouble (a full disk), as a parser's os_error is
+    except Exception as e:  # the shape or the render: the parser path decides
+        logger.warning("kept tokens of %s not used (%s: %s); rendering in a parser",
+                       source.name, type(e).__name__, e)
+        return False, None
 
 
 def _fits_in_a_request(translations: list[str]) -> bool:

@@ -76,6 +76,8 @@ def count_calls() -> None:
     sandbox.DocumentSandbox._run = _counted("sandbox reads", sandbox.DocumentSandbox._run)
     loop_class = type(asyncio.get_running_loop())
     loop_class.run_in_executor = _counted("thread hops", loop_class.run_in_executor)
+    if hasattr(storage, "WriterThread"):  # the writer's hops, without run_in_executor since
+        storage.WriterThread.run = _counted("thread hops", storage.WriterThread.run)
     loop_class.call_soon_threadsafe = _counted("loop wake-ups from threads",
                                                loop_class.call_soon_threadsafe)
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from .exchange import PoDocument, XliffDocument
 from .html import HtmlDocument
 from .markdown import MarkdownDocument
-from .model import BadDocument, Document, DocumentStats, _BaseDocument
+from .model import BadDocument, Document, DocumentStats, KeptTokens, _BaseDocument
 from .opendocument import OdtDocument
 from .pdf import PdfDocument
 from .sheets import XlsxDocument
@@ -38,9 +39,11 @@ __all__ = [
     "BadDocument",
     "Document",
     "DocumentStats",
+    "KeptTokens",
     "count_words",
     "document_stats",
     "guess_language",
+    "kept_tokens",
     "open_document",
     "result_extension",
 ]
@@ -107,3 +110,10 @@ def open_document(path: Path, extension: str | None = None) -> Document:
         raise BadDocument(document._no_text_message())
     return document
 
+
+
+def kept_tokens(document: Document) -> dict[str, Any] | None:
+    """What a later render needs of ``document`` without its file, as JSON data (see
+    :class:`KeptTokens`); None for a format or a document it is not kept for."""
+    keep = getattr(document, "kept_tokens", None)
+    return keep() if keep is not None else None

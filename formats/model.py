@@ -368,3 +368,88 @@ class _TokenDocument(_BaseDocument):
         """The document's text as it is, in chunks."""
         return _chunked(t if isinstance(t, str) else t.raw for t in self._each_token())
 
+
+
+# --------------------------------------------------------------------------- kept tokens
+
+#: A document's tokens are kept for its render only up to this many characters: the
+#: render from them runs in the server's own thread pool, so only small documents.
+KEEP_TOKENS_CHARS = 256 * 1024
+
+
+def tokens_data(tokens: Sequence[_Token], encoding: TextEncoding | None, unencodable: str,
+                extension: str) -> dict[str, Any] | None:
+    """``tokens`` as JSON data for :class:`KeptTokens`, or None when JSON cannot carry
+    them (a segment with protected spans, inline tags, escaping or nested segments) or
+    they are past ``KEEP_TOKENS_CHARS``."""
+    items: list[str | list[str]] = []
+    size = 0
+    for token in tokens:
+        if isinstance(token, str):
+            items.append(token)
+            size += len(token)
+            continue
+        if token.protected or token.escape or token.markup is not None or token.nested:
+            return None
+        items.append([token.raw, token.text, token.eol, token.cont])
+        size += len(token.raw) + len(token.text)
+        if size > KEEP_TOKENS_CHARS:
+            return None
+    return {
+        "extension": extension, "unencodable": unencodable, "tokens": items,
+        "encoding": None if encoding is None else
+        [encoding.decode, encoding.codec, encoding.bom.hex()],
+    }
+
+
+class KeptTokens(_TokenDocument):
+    """A document rebuilt from :func:`tokens_data`: it renders exactly as the document
+    it was read from (the same tokens through the same ``render``) without the source
+    file. The data comes from a parser process: anything not of the expected shape is a
+    ``ValueError``, and the caller renders from the file instead."""
+
+    def __init__(self, data: Any, source: Path) -> None:
+        if not isinstance(data, dict):
+            raise ValueError("kept tokens: not an object")
+        super().__init__(source, _text(data.get("extension")))
+        self._unencodable = _text(data.get("unencodable"))
+        self._encoding = _kept_encoding(data.get("encoding"))
+        tokens = data.get("tokens")
+        if not isinstance(tokens, list):
+            raise ValueError("kept tokens: no token list")
+        self._kept = [_kept_token(item) for item in tokens]
+
+    def _tokens(self) -> Iterator[_Token]:
+        return iter(self._kept)
+
+    def _source_encoding(self) -> TextEncoding | None:
+        return self._encoding
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("kept tokens: a string was expected")
+    return value
+
+
+def _kept_token(item: Any) -> _Token:
+    if isinstance(item, str):
+        return item
+    if not (isinstance(item, list) and len(item) == 4):
+        raise ValueError("kept tokens: a segment is [raw, text, eol, cont]")
+    raw, text, eol, cont = map(_text, item)
+    return _Segment(raw, text, eol, cont)
+
+
+def _kept_encoding(value: Any) -> TextEncoding | None:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 3):
+        raise ValueError("kept tokens: an encoding is [decode, codec, bom]")
+    decode, codec, bom = map(_text, value)
+    for name in (decode, codec):
+        try:
+            codecs.lookup(name)
+        except LookupError as e:
+            raise ValueError(f"kept tokens: {e}") from e
+    return TextEncoding(decode, codec, bytes.fromhex(bom))

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import charset_normalizer
 
@@ -25,6 +25,7 @@ from .model import (
     _Segment,
     _Token,
     _TokenDocument,
+    tokens_data,
 )
 
 logger = logging.getLogger(__name__)
@@ -313,6 +314,14 @@ class _TextFileDocument(_TokenDocument):
         if self._reading is None:
             self._reading = self._tokens()
         return self._replay()
+
+    def kept_tokens(self) -> dict[str, Any] | None:
+        """The tokens as JSON data for rendering without the file (``KeptTokens``): a
+        small file whose segments JSON can carry; None for anything else."""
+        if self._text is None:
+            return None
+        return tokens_data(list(self._each_token()), self.encoding, self._unencodable,
+                           self.extension)
 
     def _replay(self) -> Iterator[_Token]:
         assert self._reading is not None

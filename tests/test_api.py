@@ -368,7 +368,7 @@ async def test_uploaded_name_is_cleaned_and_path_is_server_made(idle_client, con
     assert uploaded[0].parent.name == "original"
     assert uploaded[0].is_relative_to(config.data_path / "alice")
     assert sorted(p.name for p in stored if p.parent.name == "work") == [
-        "escape.txt.parsed.json", "escape.txt.segments.jsonl"]
+        "escape.txt.parsed.json", "escape.txt.segments.jsonl", "escape.txt.tokens.json"]
     assert {p.parent.parent for p in stored} == {uploaded[0].parent.parent}
     json.dumps(body)
 

@@ -989,3 +989,71 @@ def test_charset_guess_only_when_utf8_does_not_fit(tmp_path: Path,
     legacy = write(tmp_path, "legacy.txt", "Grüße aus Köln, ça va très bien ? " * 4, "cp1252")
     assert "Grüße" in next(open_document(legacy).segments())
     assert len(guessed) == 1
+
+
+# ---------------------------------------------------- kept tokens (a render without the file)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pieces=_TEXT_PIECES, eol=st.sampled_from(["\n", "\r\n"]),
+       name=st.sampled_from(["a.txt", "a.srt", "a.md"]),
+       encoding=st.sampled_from([("utf-8", b""), ("utf-16-le", b"\xff\xfe"), ("cp1252", b"")]),
+       output=st.sampled_from(["source", "utf-8"]))
+def test_kept_tokens_render_as_the_document_does(
+        pieces: list[str], eol: str, name: str, encoding: tuple[str, bytes], output: str,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A document rebuilt from its kept tokens (JSON, as a parser writes them) renders
+    byte for byte as the document read from its file, in either output encoding."""
+    import json
+
+    from formats import KeptTokens, kept_tokens
+
+    codec, bom = encoding
+    text = eol.join(p for p in pieces if codec != "cp1252" or p.isascii()) + "x"
+    path = tmp_path_factory.mktemp("kept") / name
+    path.write_bytes(bom + text.encode(codec))
+    try:
+        doc = open_document(path)
+    except BadDocument:
+        return
+    data = kept_tokens(doc)
+    if data is None:  # markup JSON does not carry (markdown's code spans, links ...)
+        return
+    translated = [pseudo(s) for s in doc.segments()]
+    doc.render(iter(translated), path.with_name("from-file" + path.suffix), output)
+    path.unlink()  # the kept render needs no file
+    kept = KeptTokens(json.loads(json.dumps(data)), path)
+    kept.render(iter(translated), path.with_name("from-tokens" + path.suffix), output)
+    assert (path.with_name("from-tokens" + path.suffix).read_bytes()
+            == path.with_name("from-file" + path.suffix).read_bytes())
+
+
+def test_tokens_are_kept_only_for_small_plain_text(tmp_path: Path) -> None:
+    from formats import kept_tokens
+    from formats.model import KEEP_TOKENS_CHARS
+
+    plain = write(tmp_path, "plain.txt", "One.\n\nTwo.\n")
+    assert kept_tokens(open_document(plain)) is not None
+    code = write(tmp_path, "code.md", "Run `make test` and see [the docs](https://x.org).\n")
+    assert kept_tokens(open_document(code)) is None  # protected spans and inline tags
+    big = write(tmp_path, "big.txt", "A line of text.\n\n" * (KEEP_TOKENS_CHARS // 16))
+    assert kept_tokens(open_document(big)) is None
+    html = write(tmp_path, "page.html", "<p>One.</p>")
+    assert kept_tokens(open_document(html)) is None  # not a text file's tokens
+
+
+@pytest.mark.parametrize("data", [
+    None, [], {"extension": ".txt", "unencodable": "strict", "encoding": None},
+    {"extension": ".txt", "unencodable": "strict", "encoding": None, "tokens": [1]},
+    {"extension": ".txt", "unencodable": "strict", "encoding": None, "tokens": [["a", "b"]]},
+    {"extension": ".txt", "unencodable": "strict", "encoding": ["nope", "nope", ""],
+     "tokens": []},
+    {"extension": ".txt", "unencodable": "strict", "encoding": ["utf-8", "utf-8", "zz"],
+     "tokens": []},
+    {"extension": 7, "unencodable": "strict", "encoding": None, "tokens": []},
+])
+def test_kept_tokens_of_an_unexpected_shape_are_refused(data: object, tmp_path: Path) -> None:
+    from formats import KeptTokens
+
+    with pytest.raises(ValueError):
+        KeptTokens(data, tmp_path / "a.txt")

@@ -342,21 +342,39 @@ async def stages(client: TestClient, task_id: int) -> list[str]:
     return [e.data["stage"] for e in events if e.data.get("stage")]
 
 
-async def test_a_translation_reads_its_document_once_then_renders(make_client) -> None:
-    """Pricing parses the file; the attempt uses that parse, and only the render reads
-    the file again, also when the user's memory holds segments (looked up at create)."""
+async def test_a_translation_reads_its_document_once(make_client) -> None:
+    """Pricing parses the file; the attempt uses that parse, and a small plain text is
+    rendered from the tokens the parse kept: one parser read per task, also when the
+    user's memory holds segments (looked up at create). A document whose tokens are not
+    kept (markup) is rendered by a parser, which reads the file again."""
     client = await make_client()
     alice = await add_user(client, "alice", 1000)
     first = await create(client, alice, content=TWO_LINES)
     expected = await translated(client, alice, first["taskId"])
     assert expected.count("\n") == 3 and "Hello" not in expected  # pseudo-translated
-    assert await metric(client, PARSES) == 2  # at create, then the render
+    assert await metric(client, PARSES) == 1  # at create only
     assert "parsing" not in await stages(client, first["taskId"])  # nothing parsed
 
     again = await create(client, alice, content=TWO_LINES)  # both segments remembered now
     assert again["quote"]["fromMemory"] == 2
     assert await translated(client, alice, again["taskId"]) == expected
-    assert await metric(client, PARSES) == 4
+    assert await metric(client, PARSES) == 2
+
+    marked = await create(client, alice, content="Run `make` now.\n", name="doc.md")
+    assert "`make`" in await translated(client, alice, marked["taskId"])
+    assert await metric(client, PARSES) == 4  # at create, then the render
+
+
+async def test_torn_kept_tokens_are_rendered_by_a_parser(make_client) -> None:
+    idle = await make_client(worker_concurrency=0)
+    alice = await add_user(idle, "alice", 1000)
+    created = await create(idle, alice, content=TWO_LINES)
+    [tokens] = idle.app[CONFIG].data_path.glob("alice/**/work/doc.txt.tokens.json")
+    tokens.write_text(tokens.read_text()[:20])
+    worker = await make_client(worker_concurrency=1)  # the same data, with a worker
+    text = await translated(worker, alice, created["taskId"])
+    assert text.count("\n") == 3 and "Hello" not in text
+    assert await metric(worker, PARSES) == 1  # the render, in a parser
 
 
 @pytest.mark.parametrize("damage", ["removed", "torn", "spool removed"])
@@ -376,7 +394,8 @@ async def test_an_attempt_without_the_kept_parse_parses_again(make_client,
     worker = await make_client(worker_concurrency=1)  # the same data, with a worker
     text = await translated(worker, alice, created["taskId"])
     assert text.count("\n") == 3 and "Hello" not in text
-    assert await metric(worker, PARSES) == 2  # parsed again, then the render
+    # parsed again; the render from the tokens kept at create (the same file's)
+    assert await metric(worker, PARSES) == 1
     assert "parsing" in await stages(worker, created["taskId"])
 
 
