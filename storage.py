@@ -1450,16 +1450,20 @@ class TaskStore:
 
     async def _insert_task(self, new: NewTask) -> Task:
         def _op(txn: _Txn) -> Any:
-            _check_active_limit(txn.db, new.user_id, new.max_active)
             # A counter on the user, not MAX()+1: numbers of deleted tasks are not reused.
+            # The user's active tasks are counted by the same statement; a refusal below
+            # comes after the update, which the failed write's rollback undoes.
             counted = txn.db.execute(
                 """UPDATE users SET tasks_made = tasks_made + 1,
                    storage_bytes = storage_bytes + ? WHERE id = ?
-                   RETURNING tasks_made, storage_bytes""",
-                (new.file_size, new.user_id)).fetchone()
+                   RETURNING tasks_made, storage_bytes, (SELECT COUNT(*) FROM processing_tasks
+                   WHERE user_id = ? AND status IN (?, ?))""",
+                (new.file_size, new.user_id, new.user_id, *ACTIVE_STATUSES)).fetchone()
             if counted is None:
                 raise UserNotFound(new.user_id)
-            number, stored = counted
+            number, stored, active = counted
+            if active >= new.max_active:
+                raise TooManyActiveTasks(new.user_id)
             if new.max_storage and stored > new.max_storage:
                 raise StorageQuotaExceeded(stored - new.file_size, new.file_size,
                                            new.max_storage)

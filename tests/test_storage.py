@@ -8,6 +8,7 @@ import logging
 import random
 import sqlite3
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from storage import (
     InsufficientCredits,
     InvalidTransition,
     SQLiteTooOld,
+    StorageQuotaExceeded,
     StreamStart,
     Task,
     TaskNotFound,
@@ -233,6 +235,33 @@ async def test_each_state_change_returns_and_announces_the_row_as_stored(
     gone = await store.delete_task(deleted.id, "alice")
     assert (gone.id, gone.status, gone.credits_held) == (deleted.id, TaskStatus.CANCELLED, 0)
     assert (await store.get_user("alice")).credits == 10 - 2  # only the completed task paid
+    assert await store.balance_drift() == {}
+
+
+async def test_a_refused_create_leaves_no_count_behind(store: TaskStore) -> None:
+    """The create counts the user's tasks and kept bytes in the statement that moves the
+    counters, and refuses after it: a refused create, alone or in a batch with others,
+    takes no task number and keeps no bytes."""
+    await store.add_user("alice", 10)
+
+    def create(max_active: int = 100, max_storage: int = 0):
+        return store.create_processing_task(replace(
+            new_task("alice"), max_active=max_active, max_storage=max_storage))
+
+    first, _ = await create()
+    with pytest.raises(TooManyActiveTasks):
+        await create(max_active=1)
+    with pytest.raises(StorageQuotaExceeded):
+        await create(max_storage=first.file_size + 1)
+    # In one batch: the refused writes roll back alone.
+    results = await asyncio.gather(create(max_active=1), create(), create(max_active=2),
+                                   return_exceptions=True)
+    assert isinstance(results[0], TooManyActiveTasks)
+    assert isinstance(results[2], TooManyActiveTasks)
+    assert not isinstance(results[1], BaseException)
+    assert results[1][0].user_task_no == 2
+    user = await store.get_user("alice")
+    assert (user.storage_bytes, user.credits) == (2 * first.file_size, 8)
     assert await store.balance_drift() == {}
 
 
