@@ -187,10 +187,19 @@ def _copy_task_folders(data_path: Path, files: Path, rows: list[tuple[str, str]]
 
 
 def _mark_missing(database: Path, missing: list[str]) -> None:
+    """Record in the copy that these ended tasks' files are gone, and take their bytes
+    off their users' kept total (``users.storage_bytes``, schema version 9 on) in the
+    same transaction, as retention does."""
     with sqlite3.connect(database) as db:
-        db.executemany(
-            f"UPDATE processing_tasks SET files_expired = 1 WHERE file_path = ?"
-            f" AND status IN {_ENDED}", [(rel,) for rel in missing])
+        counts_bytes = db.execute("PRAGMA user_version").fetchone()[0] >= 9
+        for rel in missing:
+            gone = db.execute(
+                f"UPDATE processing_tasks SET files_expired = 1 WHERE file_path = ?"
+                f" AND status IN {_ENDED} AND files_expired = 0"
+                f" RETURNING user_id, file_size + result_size", (rel,)).fetchall()
+            if counts_bytes:
+                db.executemany("UPDATE users SET storage_bytes = storage_bytes - ? WHERE id = ?",
+                               [(size, user) for user, size in gone])
 
 
 def _missing_ids(database: Path, missing: list[str]) -> list[int]:

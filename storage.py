@@ -35,8 +35,6 @@ import aiosqlite
 import messages
 from translation_memory import Entry, Glossary, Scope
 
-T = TypeVar("T")
-
 __all__ = [
     "SCHEMA_VERSION",
     "AmbiguousTokenPrefix",
@@ -68,6 +66,8 @@ __all__ = [
     "open_store",
     "parse_time",
 ]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -501,7 +501,8 @@ class GroupWriter:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self._db is not None:
-            await self._executor.run(self._db.close)
+            db, self._db = self._db, None
+            await self._executor.run(db.close)
         self._executor.shutdown(wait=True)
 
     def submit(self, op: WriteOp) -> asyncio.Future[Any]:
@@ -667,14 +668,18 @@ class WriterThread(Executor):
         self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         # A daemon, as the pool's threads are joined at exit only to finish their work:
         # the store's close() stops it; a process that dies mid-batch is a crash SQLite
-        # recovers from (the transaction was never committed).
+        # recovers from (the transaction was never committed). Started by the first
+        # call, as the pool's was: a writer made and replaced unused costs no thread.
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
+        self._stopped = False
 
     def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """``fn(*args)`` in the thread; the loop's future of its result (or error)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        if self._stopped:
+            future.set_exception(WriterStopped("the database writer is closed"))
+            return future
 
         def call() -> None:
             try:
@@ -683,10 +688,12 @@ class WriterThread(Executor):
                 _answer(loop, future, None, e)
             else:
                 _answer(loop, future, result, None)
-        self._calls.put(call)
+        self._put(call)
         return future
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> ThreadFuture[T]:
+        if self._stopped:
+            raise RuntimeError("cannot schedule new futures after shutdown")
         done: ThreadFuture[T] = ThreadFuture()
 
         def call() -> None:
@@ -695,13 +702,24 @@ class WriterThread(Executor):
                     done.set_result(fn(*args, **kwargs))
                 except BaseException as e:
                     done.set_exception(e)
-        self._calls.put(call)
+        self._put(call)
         return done
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop after the calls queued so far; later calls fail at once (never hang)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if not self._thread.is_alive():
+            return  # never started: nothing queued
         self._calls.put(None)
         if wait and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def _put(self, call: Callable[[], None]) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+        self._calls.put(call)
 
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
@@ -2128,6 +2146,9 @@ async def open_store(path: Path | str, url: str | None = None, *,
     scheme = url.split(":", 1)[0].lower()
     if scheme not in ("postgresql", "postgres"):
         raise StoreError(f"ZHIYI_DATABASE_URL must start with postgresql:// (got {scheme}://)")
+    import zhiyi_modules
+
+    zhiyi_modules.refuse_shadowed_modules("storage_pg")  # imported only here: checked here
     import storage_pg
 
     return await storage_pg.PgTaskStore.open_url(url, clock=clock)

@@ -406,6 +406,10 @@ class WorkerPool:
         for user, (balance, total) in (await self.store.balance_drift()).items():
             logger.error("CREDIT DRIFT: user %s has balance %d but ledger sum %d",
                          user, balance, total)
+        for user, (kept, total) in (await self.store.storage_drift()).items():
+            logger.error("STORAGE DRIFT: user %s has a kept total of %d bytes but their "
+                         "tasks' files sum to %d (the quota counts the total)",
+                         user, kept, total)
         await self.apply_retention()
 
     async def fail_overdue_external(self) -> None:

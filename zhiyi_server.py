@@ -1074,7 +1074,7 @@ async def _read_upload(request: web.Request, original_dir: Path, config: Config,
 
 # What browsers, curl and aiohttp send: form-data; name="..."; filename="..."
 _SIMPLE_DISPOSITION = re.compile(r'form-data((?:\s*;\s*[A-Za-z]+="[^"\\;]*")*)\s*',
-                                 re.IGNORECASE)
+                                 re.IGNORECASE | re.ASCII)  # ASCII: no Kelvin sign as a "K"
 _SIMPLE_PARAM = re.compile(r'\s*;\s*([A-Za-z]+)="([^"\\;]*)"')
 
 

@@ -388,11 +388,11 @@ def tokens_data(tokens: Sequence[_Token], encoding: TextEncoding | None, unencod
         if isinstance(token, str):
             items.append(token)
             size += len(token)
-            continue
-        if token.protected or token.escape or token.markup is not None or token.nested:
+        elif token.protected or token.escape or token.markup is not None or token.nested:
             return None
-        items.append([token.raw, token.text, token.eol, token.cont])
-        size += len(token.raw) + len(token.text)
+        else:
+            items.append([token.raw, token.text, token.eol, token.cont])
+            size += len(token.raw) + len(token.text)
         if size > KEEP_TOKENS_CHARS:
             return None
     return {

@@ -304,6 +304,7 @@ class _TextFileDocument(_TokenDocument):
         self._text = None if data is None else data.decode(self.encoding.decode)
         self._read: list[_Token] = []  # the tokens read so far (a small file only)
         self._reading: Iterator[_Token] | None = None
+        self._broken: BaseException | None = None  # what ended the reading early, if any
 
     def _each_token(self) -> Iterator[_Token]:
         """A small file's tokens are read once and kept: opening a document checks its
@@ -328,7 +329,16 @@ class _TextFileDocument(_TokenDocument):
         i = 0
         while True:
             if i == len(self._read):
-                token = next(self._reading, None)
+                if self._broken is not None:
+                    # What was read is not the whole document: no pass may end quietly
+                    # at the point where the reading broke off.
+                    raise RuntimeError("this document's reading failed earlier") \
+                        from self._broken
+                try:
+                    token = next(self._reading, None)
+                except BaseException as e:
+                    self._broken = e
+                    raise
                 if token is None:
                     return
                 self._read.append(token)

@@ -134,6 +134,11 @@ async def test_a_result_gone_before_its_copy_answers_410_after_restore(
     expired = await restored.get(f"/api/tasks/{gone}/result", headers=auth)
     assert expired.status == 410
     assert (await expired.json())["code"] == "expired"
+    # The gone task's bytes left the user's kept total with its files.
+    assert await restored.app[STORE].storage_drift() == {}
+    kept_task = await restored.app[STORE].get_task_by_id(kept)
+    assert (await restored.app[STORE].storage_used("bob")
+            == kept_task.file_size + kept_task.result_size)
 
 
 def zhiyi(*args: str) -> subprocess.CompletedProcess[str]:

@@ -270,3 +270,17 @@ def test_user_add_makes_a_private_data_folder(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert mode(data) == 0o700 and mode(data / "zhiyi.db") == 0o600
+
+
+async def test_a_drifted_kept_total_is_named_by_the_reconciler(
+        app_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
+    client = await app_client()
+    store = client.app[STORE]
+    headers = await add_user(client)
+    assert (await upload(client, headers, 1000))[0] == 201
+    await store._write(lambda txn: txn.db.execute(
+        "UPDATE users SET storage_bytes = 1 WHERE id = 'alice'"))  # as a bug would leave it
+    assert await store.storage_drift() == {"alice": (1, 1000)}
+    with caplog.at_level("ERROR", logger="worker"):
+        await client.app[POOL].reconcile()
+    assert "STORAGE DRIFT: user alice has a kept total of 1 bytes" in caplog.text

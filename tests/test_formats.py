@@ -1038,6 +1038,9 @@ def test_tokens_are_kept_only_for_small_plain_text(tmp_path: Path) -> None:
     assert kept_tokens(open_document(code)) is None  # protected spans and inline tags
     big = write(tmp_path, "big.txt", "A line of text.\n\n" * (KEEP_TOKENS_CHARS // 16))
     assert kept_tokens(open_document(big)) is None
+    # past the cap in text that is no segment (punctuation lines are kept as they are)
+    marks = write(tmp_path, "marks.txt", "Word.\n\n" + "---\n\n" * (KEEP_TOKENS_CHARS // 5))
+    assert kept_tokens(open_document(marks)) is None
     html = write(tmp_path, "page.html", "<p>One.</p>")
     assert kept_tokens(open_document(html)) is None  # not a text file's tokens
 
@@ -1057,3 +1060,24 @@ def test_kept_tokens_of_an_unexpected_shape_are_refused(data: object, tmp_path: 
 
     with pytest.raises(ValueError):
         KeptTokens(data, tmp_path / "a.txt")
+
+
+def test_a_reading_that_broke_off_is_never_taken_for_the_whole_document(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens are kept between passes; a pass whose reading failed must not leave later
+    passes ending quietly where it broke off."""
+    path = write(tmp_path, "notes.txt", "One.\n\nTwo.\n\nThree.\n")
+    real = formats_text._text_tokens
+
+    def breaking(lines: Iterable[tuple[str, str]]) -> Iterable[object]:
+        for number, token in enumerate(real(lines)):
+            if number == 3:
+                raise MemoryError("simulated")
+            yield token
+
+    monkeypatch.setattr(formats_text, "_text_tokens", breaking)
+    doc = formats_text.TextDocument(path, ".txt")
+    with pytest.raises(MemoryError):
+        list(doc.segments())
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        list(doc.segments())

@@ -331,10 +331,14 @@ _DISPOSITION_CHARS = 'aZ09 ;="\\/*\'%é\t.-_'
 @example('form-data; name="/file"; filename="//etc/passwd"')
 @example('form-data; name="a\\"b"')
 @example('form-data; name="file"; name="params"')
+@example('form-data; name="file"; k="1"; \u212a="2"')  # the Kelvin sign lower-cases to "k"
+@example('form-data; name="file"; \u017f="1"')  # long s: "S" to an IGNORECASE [A-Za-z]
+@example('form-data;\xa0name="file"')
 @given(st.one_of(
     st.text(alphabet=_DISPOSITION_CHARS, max_size=40),
     st.lists(st.tuples(st.sampled_from(["; ", ";", " ; ", ";\t"]),
-                       st.sampled_from(["name", "filename", "NAME", "filename*", "name*0", "x"]),
+                       st.sampled_from(["name", "filename", "NAME", "filename*", "name*0", "x",
+                                        "\u212a", "k", "\u017f"]),
                        st.sampled_from(["=", " = ", "="]),
                        st.one_of(st.text(alphabet=_DISPOSITION_CHARS, max_size=12),
                                  st.text(alphabet="aZ0 /é.-_\t%*'", max_size=12)),

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -133,8 +135,8 @@ async def test_pricing_asks_the_memory_by_key_and_no_balance_it_needs_not(
     store = client.app[STORE]
     statements: list[str] = []
 
-    def counted(read):
-        def run(sql: str, args=()):
+    def counted(read: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        def run(sql: str, args: Any = ()) -> Awaitable[Any]:
             statements.append(" ".join(sql.split()))
             return read(sql, args)
         return run

@@ -730,3 +730,29 @@ def test_the_writer_thread_answers_in_order_and_outlives_a_closed_loop() -> None
         assert not late.done()
     finally:
         lane.shutdown()
+
+    async def after_shutdown() -> None:
+        with pytest.raises(WriterStopped):
+            await lane.run(lambda: "never")  # fails at once, never hangs
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            lane.submit(pow, 2, 2)
+    asyncio.run(after_shutdown())
+    lane.shutdown()  # twice: nothing more
+
+
+def test_a_writer_thread_never_used_starts_no_thread() -> None:
+    """A store's writer replaced before use (the PostgreSQL store's) leaves no thread."""
+    from storage import WriterThread
+
+    before = {t.name for t in threading.enumerate()}
+    unused = WriterThread("test-unused-writer")
+    assert "test-unused-writer" not in {t.name for t in threading.enumerate()} - before
+    unused.shutdown()
+
+
+async def test_a_closed_store_refuses_writes_and_closes_again(store: TaskStore) -> None:
+    await store.add_user("alice", 1)
+    await store.close()
+    with pytest.raises(WriterStopped):
+        await asyncio.wait_for(store.add_user("bob", 1), 30)  # bounds a hang, not a speed
+    await asyncio.wait_for(store.close(), 30)

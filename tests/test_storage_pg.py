@@ -149,12 +149,10 @@ async def test_a_claim_skips_a_task_another_connection_has_locked(open_test_stor
     async with await psycopg.AsyncConnection.connect(store._url) as other:
         await other.execute("SELECT id FROM processing_tasks WHERE id = %s FOR UPDATE",
                             (first.id,))
-        claim = asyncio.ensure_future(store.claim_next_task("w", 60))
-        # Skipping, the claim ends at once; waiting for the lock, it would take the first
-        # task once the lock goes (and this wait is all the test would cost).
-        await asyncio.wait({claim}, timeout=5)
+        # Skipping, the claim ends while the lock is held; waiting for it, it would wait
+        # as long as the lock is held: 30 s bounds that hang, it measures no speed.
+        claimed = await asyncio.wait_for(store.claim_next_task("w", 60), 30)
         await other.rollback()
-    claimed = await claim
     assert claimed is not None and claimed.id == second.id
 
 
