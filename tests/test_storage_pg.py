@@ -464,3 +464,26 @@ async def test_a_version_8_postgresql_database_moves_forward(database_url: str,
     store = await open_test_store()
     assert await store.storage_used("alice") == 2 * new_task("alice").file_size
     assert await store.storage_drift() == {}
+
+
+async def test_a_killed_listening_connection_listens_again(database_url: str) -> None:
+    """The poll is an hour here: after the server kills every connection, only LISTEN
+    made again on a new connection can tell this store of another store's commit."""
+    one, other = [await storage_pg.PgTaskStore.open_url(database_url, watch_seconds=3600)
+                  for _ in range(2)]
+    try:
+        heard: list[int] = []
+        one.add_listener(lambda event: heard.append(event.id))
+        await other.add_user("alice", 5)
+        await other.create_processing_task(new_task("alice", cost=1))
+        await eventually(lambda: heard, "the first event, heard before the kill")
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        before = len(heard)
+        await other.create_processing_task(new_task("alice", cost=1))
+        await eventually(lambda: len(heard) > before,
+                         "the listener, connected again, hears the other store")
+    finally:
+        await one.close()
+        await other.close()
