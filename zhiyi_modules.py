@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 #: only by the CLI, which checks it there). tests/test_packaging.py holds this to the tree.
 EAGER_MODULES = (
     "backup", "engines", "external", "formats", "messages", "metrics", "processors",
-    "request_guards", "sandbox", "sse", "storage", "translation_memory", "worker", "zhiyi_config",
+    "request_guards", "sandbox", "sse", "storage", "store_model", "translation_memory", "worker",
+    "zhiyi_config",
 )
 
 HOME = Path(__file__).resolve().parent

@@ -236,8 +236,8 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-SERVER_FILES = ("zhiyi_server.py", "zhiyi_config.py", "request_guards.py", "storage.py", "sse.py",
-                "worker.py", "processors.py", "schema.sql")
+SERVER_FILES = ("zhiyi_server.py", "zhiyi_config.py", "request_guards.py", "storage.py",
+                "store_model.py", "sse.py", "worker.py", "processors.py", "schema.sql")
 
 
 def machine() -> dict[str, Any]:
