@@ -52,18 +52,13 @@ from psycopg.types.numeric import NumericLoader
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 import storage
+from group_writer import GroupWriter, WriteOp, _Done, _Failed, _RetryIsolated, _Txn
 from storage import (
     SCHEMA_VERSION,
     Event,
-    GroupWriter,
     StoreError,
     StoreUnavailable,
     TaskStore,
-    WriteOp,
-    _Done,
-    _Failed,
-    _RetryIsolated,
-    _Txn,
     isoformat,
     utcnow,
 )
@@ -567,7 +562,7 @@ def _migrate(db: PgConnection) -> int:
 
 # ------------------------------------------------------------------ writer
 class PgWriter(GroupWriter):
-    """storage.GroupWriter over one psycopg connection: batches under one COMMIT,
+    """group_writer.GroupWriter over one psycopg connection: batches under one COMMIT,
     the write lock first, ``NOTIFY`` when events were appended."""
 
     def __init__(self, url: str, clock: Callable[[], datetime],
@@ -674,7 +669,7 @@ class PgWriter(GroupWriter):
 
 
 def _run_queued_op(db: PgConnection, op: WriteOp, now: str, isolate: bool) -> _Done | _Failed:
-    """storage._run_op with queued statements: a write with a savepoint sends what it
+    """group_writer._run_op with queued statements: a write with a savepoint sends what it
     queued before its RELEASE, so their errors are its own."""
     txn = _Txn(db, now)  # type: ignore[arg-type]
     if not isolate:

@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 #: Zhiyi's modules imported when the server or the processors load (``client`` is imported
 #: only by the CLI, which checks it there). tests/test_packaging.py holds this to the tree.
 EAGER_MODULES = (
-    "backup", "engines", "external", "formats", "messages", "metrics", "processors",
-    "request_guards", "sandbox", "sse", "storage", "store_model", "translation_memory", "worker",
-    "zhiyi_config",
+    "backup", "engines", "external", "formats", "group_writer", "messages", "metrics",
+    "processors", "request_guards", "sandbox", "sse", "storage", "store_model",
+    "translation_memory", "worker", "zhiyi_config",
 )
 
 HOME = Path(__file__).resolve().parent

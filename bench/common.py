@@ -237,7 +237,8 @@ def remove_tree(path: Path) -> None:
 
 
 SERVER_FILES = ("zhiyi_server.py", "zhiyi_config.py", "request_guards.py", "storage.py",
-                "store_model.py", "sse.py", "worker.py", "processors.py", "schema.sql")
+                "store_model.py", "group_writer.py", "sse.py", "worker.py", "processors.py",
+                "schema.sql")
 
 
 def machine() -> dict[str, Any]:

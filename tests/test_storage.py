@@ -618,7 +618,7 @@ async def test_failed_write_in_a_batch_is_logged_and_fails_alone(
     def boom(txn) -> None:
         raise sqlite3.OperationalError("disk says no")
 
-    caplog.set_level(logging.INFO, logger="storage")
+    caplog.set_level(logging.INFO, logger="group_writer")  # GroupWriter._run_batch logs
     good = asyncio.ensure_future(store.grant_credits("alice", 2))
     await asyncio.sleep(0)  # queue the grant first, then the failing write: one batch
     bad = store._writer.submit(boom)
