@@ -26,6 +26,8 @@ only the thread holding the GIL is sampled: Python's CPU, not its waits).
   ours to pin: they run on either core, and the CPU of the run's backends (the
   postmaster's children serving the run's database) is counted apart, not in
   ``server-side CPU``; the server's WAL writer and checkpointer are not counted.
+- Between servers the driver calls ``sync`` (the last run's files flushed to disk), so no
+  server starts while the previous one's writeback is still going.
 - Figures are ratios to ``saq`` of the same round; ranges over the rounds.
 """
 
@@ -375,6 +377,10 @@ def main() -> int:
             finally:
                 dep.stop()
                 remove_tree(dep.work)
+                # The next server starts on a disk whose writeback is done: a Zhiyi run
+                # leaves ~1,000 task folders of dirty pages, and their flush would land on
+                # whoever runs next (SAQ writes nothing, so it would not pay its share).
+                os.sync()
         rounds.append(figures)
     data = report(rounds, opts)
     data |= {"machine": machine(), "options": vars(opts), "load_average": os.getloadavg()}
