@@ -754,11 +754,12 @@ class ParsedDocument:
         returns (segments that lost their inline formatting).
         """
         given = list(translations)
-        done, result = await asyncio.to_thread(
-            _render_kept, _tokens_file(_parse_files(self._source, self._work_dir)[1]),
-            self._source, given, out, options)
-        if done:
-            return result  # a small plain text: rebuilt from its kept tokens, no parser
+        if formats.may_keep_tokens(self.extension):  # else no hop to look for them
+            done, result = await asyncio.to_thread(
+                _render_kept, _tokens_file(_parse_files(self._source, self._work_dir)[1]),
+                self._source, given, out, options)
+            if done:
+                return result  # a small plain text: rebuilt from its kept tokens, no parser
         if _fits_in_a_request(given):
             # A short document's translations go with the request: no file to write,
             # read back and remove (three thread hops and a file per task).

@@ -737,10 +737,7 @@ class TaskStore:
 
         With ``scope``, that scope alone (a range of the primary key).
         """
-        where, args = "user_id = ?", [user_id]
-        if scope is not None:
-            where += " AND source_lang = ? AND target_lang = ? AND engine = ?"
-            args += [scope.source, scope.target, scope.engine]
+        where, args = _memory_rows(user_id, scope)
         rows = await self._fetchall(
             f"""SELECT source_lang, target_lang, engine, COUNT(*) AS n FROM translation_memory
                 WHERE {where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
@@ -754,10 +751,7 @@ class TaskStore:
         One row found by key, however large the memory: every translate create asks,
         where counting (``memory_summary``) grew with everything the user ever translated.
         """
-        where, args = "user_id = ?", [user_id]
-        if scope is not None:
-            where += " AND source_lang = ? AND target_lang = ? AND engine = ?"
-            args += [scope.source, scope.target, scope.engine]
+        where, args = _memory_rows(user_id, scope)
         return await self._fetch_point(
             f"SELECT 1 FROM translation_memory WHERE {where} LIMIT 1", args) is not None
 
@@ -1693,6 +1687,15 @@ def _check_active_limit(db: sqlite3.Connection, user_id: str, limit: int) -> Non
     )
     if active >= limit:
         raise TooManyActiveTasks(user_id)
+
+
+def _memory_rows(user_id: str, scope: Scope | None) -> tuple[str, list[str]]:
+    """The WHERE clause (and its values) of a user's translation memory, or of one scope
+    of it (a range of the primary key)."""
+    if scope is None:
+        return "user_id = ?", [user_id]
+    return ("user_id = ? AND source_lang = ? AND target_lang = ? AND engine = ?",
+            [user_id, scope.source, scope.target, scope.engine])
 
 
 def _move_storage(txn: _Txn, user_id: str, delta: int) -> None:

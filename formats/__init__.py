@@ -44,6 +44,7 @@ __all__ = [
     "document_stats",
     "guess_language",
     "kept_tokens",
+    "may_keep_tokens",
     "open_document",
     "result_extension",
 ]
@@ -110,6 +111,11 @@ def open_document(path: Path, extension: str | None = None) -> Document:
         raise BadDocument(document._no_text_message())
     return document
 
+
+
+def may_keep_tokens(extension: str) -> bool:
+    """Whether a document of this extension can have its tokens kept (``kept_tokens``)."""
+    return hasattr(_FORMATS.get(extension.lower()), "kept_tokens")
 
 
 def kept_tokens(document: Document) -> dict[str, Any] | None:
